@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Set up (if needed) and run every test:
+#   1. the library is in sync with the notebooks and the notebooks are clean (nbdev-export / nbdev-clean change nothing);
+#   2. pytest (tests/);
+#   3. every notebook executed in the quick profile (nbdev-test), with per-notebook timing.
+set -euo pipefail
+. "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
+export MPLBACKEND=Agg PYTHONUNBUFFERED=1
+
+echo "== 1/3 notebooks are the source: nbdev-export and nbdev-clean must not change tracked files"
+if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+  snapshot() { git diff -- nbs ssl_course; git status --porcelain --untracked-files=all -- nbs ssl_course; }
+  before="$(snapshot)"
+  nbdev-export
+  nbdev-clean
+  after="$(snapshot)"
+  if [ "$before" != "$after" ]; then
+    git --no-pager diff --stat -- nbs ssl_course
+    git status --short -- nbs ssl_course
+    echo "ERROR: ssl_course/ is out of sync with nbs/ or a notebook is not clean." >&2
+    echo "       Run 'nbdev-export && nbdev-clean' and commit the result (never edit ssl_course/*.py by hand)." >&2
+    exit 1
+  fi
+else
+  echo "(not a git checkout: sync check skipped)"
+fi
+
+echo "== 2/3 pytest"
+python -m pytest -q tests
+
+echo "== 3/3 notebooks (quick profile; budget <= 90 s each on 2 CPU cores)"
+start=$(date +%s)
+set +e
+nbdev-test --n-workers 1 --timing nbs 2>&1 | tee .nbdev-test.log
+status=${PIPESTATUS[0]}
+set -e
+python - <<'PY'
+import re
+slow = [(n, int(s)) for n, s in re.findall(r"^(\S+\.ipynb): (\d+) secs", open(".nbdev-test.log").read(), re.M) if int(s) > 90]
+for n, s in slow: print(f"warning: {n} took {s} s, over the 90 s quick-profile budget")
+PY
+rm -f .nbdev-test.log
+echo "notebooks: $(( $(date +%s) - start )) s"
+exit "$status"
