@@ -155,6 +155,17 @@ def test_ddp_two_processes_match_one_process(tmp_path):
         ddp = load_file(str(tmp_path / f"{kind}.safetensors"))
         for k, v in single.state_dict().items():
             torch.testing.assert_close(ddp[k], v, rtol=1e-5, atol=1e-6)
-        ddp_loss = eval((tmp_path / f"{kind}.loss").read_text())
+        ddp_loss = [float(v) for v in (tmp_path / f"{kind}.loss").read_text().strip("[]\n").split(",")]
         # rank 0 logs the mean over its half of the batch; the first step's loss is still close to the global one
         assert len(ddp_loss) == 6 and all(math.isfinite(x) for x in ddp_loss)
+    # DINO's center is all-reduced and MoCo's queue enqueues the gathered global batch
+    from ssl_course.dino import update_center
+    from ssl_course.moco import FeatureQueue
+    g = torch.Generator().manual_seed(5)
+    teacher = [torch.randn(8, 6, generator=g) for _ in range(2)]
+    keys = torch.randn(8, 4, generator=g)
+    st = load_file(str(tmp_path / "state.safetensors"))
+    torch.testing.assert_close(st["center"], update_center(torch.zeros(1, 6), teacher, 0.9))
+    q = FeatureQueue(10, 4); q.queue.zero_(); q.enqueue(keys); q.enqueue(keys)
+    torch.testing.assert_close(st["queue"], q.queue)
+    assert int(st["ptr"][0]) == int(q.ptr) == 6
