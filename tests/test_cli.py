@@ -69,3 +69,13 @@ def test_demo_end_to_end_on_digits(tmp_path):
     p2 = run_cli(*args, "--resume")
     assert p2.returncode == 0, p2.stderr[-3000:]
     assert json.loads((out / "report.json").read_text())["pretrain"]["last_loss"] == rep["pretrain"]["last_loss"]
+
+
+@pytest.mark.parametrize("method", ["simclr", "moco", "byol", "dino"])
+def test_pretrain_every_joint_embedding_method(method, tmp_path, capsys):
+    out = tmp_path / method
+    assert main(["pretrain", "--method", method, "--dataset", "digits", "--steps", "3", "--batch-size", "32",
+                 "--out", str(out), "--no-progress"]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["method"] == method and rep["steps"] == 3 and (out / "encoder.safetensors").stat().st_size > 0
+    assert 0.0 <= rep["knn_accuracy_100_per_class"] <= 1.0
