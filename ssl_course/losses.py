@@ -7,10 +7,11 @@ Docs: https://ssl-course.github.io/ssl-course/losses.html.md"""
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/09_losses.ipynb #20f97de6
+# %% ../nbs/09_losses.ipynb #dc84b0ff
 from .simclr import nt_xent_loss
 from .moco import moco_loss
 from .byol import byol_loss
 from .dino import dino_loss, update_center
+from .mae import mae_loss, random_masking
 
-__all__ = ["nt_xent_loss", "moco_loss", "byol_loss", "dino_loss", "update_center"]
+__all__ = ["nt_xent_loss", "moco_loss", "byol_loss", "dino_loss", "update_center", "mae_loss", "random_masking"]
