@@ -11,7 +11,8 @@ import time
 
 import torch
 
-from ssl_course.backbones import build_backbone, vit_tiny
+from ssl_course.backbones import build_backbone
+from ssl_course.vit import vit_tiny
 from ssl_course.cli import format_table, load_chapter_modules
 from ssl_course.core import get_device, get_settings, hardware_summary, seed_everything
 from ssl_course.data import load_dataset, sample_per_class

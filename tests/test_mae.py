@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from ssl_course.backbones import ViT, patchify, sincos_pos_embed, unpatchify, vit_tiny
+from ssl_course.vit import ViT, patchify, sincos_pos_embed, unpatchify, vit_tiny
 from ssl_course.data import load_dataset
 from ssl_course.mae import MAE, build_mae, mae_loss, random_masking
 from ssl_course.train import fit

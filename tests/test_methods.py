@@ -6,7 +6,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ssl_course.backbones import SmallConvNet, build_backbone, vit_tiny
+from ssl_course.backbones import SmallConvNet, build_backbone
+from ssl_course.vit import vit_tiny
 from ssl_course.byol import build_byol, byol_loss
 from ssl_course.data import load_dataset
 from ssl_course.dino import build_dino, dino_loss, update_center
