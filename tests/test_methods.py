@@ -139,3 +139,13 @@ def test_all_methods_registered_for_the_cli():
         assert hasattr(build_method(name, enc()), "training_step")
     assert hasattr(build_method("dino", vit_tiny(1, 28, dim=48, depth=1)), "teacher_encoder")
     assert build_backbone("vit_tiny", 3, image_size=32).num_patches == 64
+
+
+def test_moco_loss_falls_in_50_real_steps_once_the_queue_is_full():
+    "The queue starts with random (easy) negatives, so the loss first jumps; after that it must fall."
+    torch.manual_seed(0)
+    tr = load_dataset("digits", "train", image_size=28)
+    m = build_moco(SmallConvNet(1, width=16), queue_size=128, momentum=0.9)
+    h = fit(m, tr.without_labels(), steps=50, batch_size=64, lr=3e-3, progress=False, device="cpu", seed=0)
+    means = [sum(h["loss"][i:i + 5]) / 5 for i in range(0, 50, 5)]
+    assert max(means[1:5]) - means[-1] > 0.15
