@@ -9,13 +9,13 @@ cd "$ROOT"
 PYTHON="${PYTHON:-python3}"
 
 # 1. Offline data: Fashion-MNIST from Debian (elsewhere it is downloaded once and SHA-256 checked).
-DEB_PACKAGES="dataset-fashion-mnist"
+DEB_PACKAGES="dataset-fashion-mnist wordnet-base espeak-ng flite asterisk-core-sounds-en-wav"
 if command -v apt-get >/dev/null 2>&1 && ! dpkg -s $DEB_PACKAGES >/dev/null 2>&1; then
   SUDO=""
   if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
   echo "== installing Debian data packages: $DEB_PACKAGES"
   if ! { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $DEB_PACKAGES; }; then
-    echo "warning: could not install $DEB_PACKAGES; Fashion-MNIST will be downloaded on first use instead" >&2
+    echo "warning: could not install $DEB_PACKAGES; chapters that need them will say what to install (Fashion-MNIST is downloaded on first use instead)" >&2
   fi
 fi
 
