@@ -7,11 +7,13 @@ Docs: https://ssl-course.github.io/ssl-course/losses.html.md"""
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/09_losses.ipynb #dc84b0ff
+# %% ../nbs/09_losses.ipynb #cc9edcdc
+from .autoencoders import reconstruction_loss, gaussian_kl
+from .pretext import inpainting_loss, colorization_loss
 from .simclr import nt_xent_loss
 from .moco import moco_loss
 from .byol import byol_loss
 from .dino import dino_loss, update_center
 from .mae import mae_loss, random_masking
 
-__all__ = ["nt_xent_loss", "moco_loss", "byol_loss", "dino_loss", "update_center", "mae_loss", "random_masking"]
+__all__ = ["reconstruction_loss", "gaussian_kl", "inpainting_loss", "colorization_loss", "nt_xent_loss", "moco_loss", "byol_loss", "dino_loss", "update_center", "mae_loss", "random_masking"]
