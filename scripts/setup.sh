@@ -8,8 +8,10 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 PYTHON="${PYTHON:-python3}"
 
-# 1. Offline data: Fashion-MNIST from Debian (elsewhere it is downloaded once and SHA-256 checked).
-DEB_PACKAGES="dataset-fashion-mnist wordnet-base espeak-ng flite asterisk-core-sounds-en-wav"
+# 1. Debian packages, when apt exists: the offline data sets (Fashion-MNIST, WordNet glosses, espeak-ng/flite speech
+#    synthesis, real recorded digits) and Chromium for the slide-deck browser test. Elsewhere the chapters download
+#    what they can (SHA-256 checked) or say what to install.
+DEB_PACKAGES="dataset-fashion-mnist wordnet-base espeak-ng flite asterisk-core-sounds-en-wav chromium"
 if command -v apt-get >/dev/null 2>&1 && ! dpkg -s $DEB_PACKAGES >/dev/null 2>&1; then
   SUDO=""
   if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi

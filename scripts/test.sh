@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Set up (if needed) and run every test:
 #   1. the library is in sync with the notebooks and the notebooks are clean (nbdev-export / nbdev-clean change nothing);
-#   2. pytest (tests/);
-#   3. every notebook executed in the quick profile (nbdev-test), with per-notebook timing.
+#   2. every notebook executed in the quick profile (nbdev-test on a copy in build/executed/, kept with its outputs),
+#      with per-notebook timing;
+#   3. pytest (tests/), including the classroom kit: student/ in sync, every lesson complete, and the slide decks
+#      (built with the figures of step 2) opened offline in headless Chromium.
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
 export MPLBACKEND=Agg PYTHONUNBUFFERED=1
@@ -25,13 +27,11 @@ else
   echo "(not a git checkout: sync check skipped)"
 fi
 
-echo "== 2/3 pytest"
-python -m pytest -q tests
-
-echo "== 3/3 notebooks (quick profile; budget <= 90 s each on 2 CPU cores)"
+echo "== 2/3 notebooks (quick profile; budget <= 90 s each on 2 CPU cores)"
 start=$(date +%s)
+rm -rf build/executed && mkdir -p build/executed && cp nbs/*.ipynb build/executed/
 set +e
-nbdev-test --n-workers 1 --timing nbs 2>&1 | tee .nbdev-test.log
+nbdev-test --n-workers 1 --timing --save build/executed 2>&1 | tee .nbdev-test.log
 status=${PIPESTATUS[0]}
 set -e
 python - <<'PY'
@@ -41,4 +41,9 @@ for n, s in slow: print(f"warning: {n} took {s} s, over the 90 s quick-profile b
 PY
 rm -f .nbdev-test.log
 echo "notebooks: $(( $(date +%s) - start )) s"
-exit "$status"
+if [ "$status" -ne 0 ]; then exit "$status"; fi
+
+echo "== 3/3 pytest (with the executed chapters for the slide decks)"
+export SSL_COURSE_EXECUTED_NBS="$PWD/build/executed"
+if command -v apt-get >/dev/null 2>&1; then export SSL_COURSE_REQUIRE_BROWSER=1; fi
+python -m pytest -q tests
