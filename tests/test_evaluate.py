@@ -20,6 +20,7 @@ def test_knn_on_a_hand_built_case():
     c = torch.nn.functional.cosine_similarity(torch.tensor([[0.9, 0.1]]), torch.tensor([[1.0, 0.0]])).item()
     s1 = torch.nn.functional.cosine_similarity(torch.tensor([[0.1, 0.9]]), torch.tensor([[1.0, 0.0]])).item()
     expected = torch.tensor([[math.exp(1 / 0.5) + math.exp(c / 0.5), math.exp(s1 / 0.5), 0.0]])
+    expected = expected * math.exp(-1 / 0.5)          # scores are exp((sim - max sim) / T): the nearest has sim 1
     torch.testing.assert_close(scores, expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(DataError, match="unlabelled"):
         knn_predict(train, torch.tensor([0, 0, 1, 1, -1]), test)
@@ -72,3 +73,22 @@ def test_alignment_uniformity_rank_closed_forms():
     assert uniformity(e, t=2.0).item() == pytest.approx(-4.0, abs=1e-5)
     assert effective_rank(torch.eye(6)) == pytest.approx(6.0, rel=1e-4)
     assert effective_rank(torch.ones(10, 6)) == pytest.approx(1.0, rel=1e-3)
+
+
+def test_knn_vote_is_stable_at_tiny_temperatures():
+    "exp(sim / T) overflows for T ~ 0.01; the vote must still pick the class of the most similar neighbours."
+    import torch
+    from ssl_course.evaluate import knn_predict
+    g = torch.Generator().manual_seed(0)
+    tr = torch.randn(200, 16, generator=g); y = torch.arange(200) % 4
+    te = tr[:40] + 0.01 * torch.randn(40, 16, generator=g)          # each test item sits next to one training item
+    for t in (0.005, 0.01, 0.07):
+        scores = knn_predict(tr, y, te, k=10, temperature=t)
+        assert torch.isfinite(scores).all()
+        # at these temperatures the nearest neighbour dominates the vote
+        if t <= 0.01: assert (scores.argmax(1) == y[:40]).all()
+        # reference: the same vote computed in float64 without the shift
+        s = torch.nn.functional.normalize(te.double(), dim=1) @ torch.nn.functional.normalize(tr.double(), dim=1).T
+        sim, idx = s.topk(10, dim=1)
+        ref = torch.zeros(40, 4, dtype=torch.float64).scatter_add_(1, y[idx], (sim / t).exp())
+        if torch.isfinite(ref).all(): assert (ref.argmax(1) == scores.argmax(1)).all()
