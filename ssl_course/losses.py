@@ -7,7 +7,7 @@ Docs: https://ssl-course.github.io/ssl-course/losses.html.md"""
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/09_losses.ipynb #cc9edcdc
+# %% ../nbs/09_losses.ipynb #302f4f8c
 from .autoencoders import reconstruction_loss, gaussian_kl
 from .pretext import inpainting_loss, colorization_loss
 from .simclr import nt_xent_loss
@@ -15,5 +15,9 @@ from .moco import moco_loss
 from .byol import byol_loss
 from .dino import dino_loss, update_center
 from .mae import mae_loss, random_masking
+from .mlm import mlm_loss, mask_tokens_for_mlm
+from .wav2vec2 import wav2vec2_contrastive_loss, codebook_diversity_loss, compute_span_mask
+from .clip import clip_loss
 
-__all__ = ["reconstruction_loss", "gaussian_kl", "inpainting_loss", "colorization_loss", "nt_xent_loss", "moco_loss", "byol_loss", "dino_loss", "update_center", "mae_loss", "random_masking"]
+__all__ = ["reconstruction_loss", "gaussian_kl", "inpainting_loss", "colorization_loss", "nt_xent_loss", "moco_loss", "byol_loss", "dino_loss", "update_center", "mae_loss", "random_masking",
+           "mlm_loss", "mask_tokens_for_mlm", "wav2vec2_contrastive_loss", "codebook_diversity_loss", "compute_span_mask", "clip_loss"]
