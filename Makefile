@@ -7,5 +7,5 @@ lab: setup  ; . .venv/bin/activate && jupyter lab nbs/
 export:     ; . .venv/bin/activate && nbdev-export && nbdev-clean
 bench:      ; . .venv/bin/activate && python bench/train_throughput.py
 slides:        ; . .venv/bin/activate && ssl-course slides            # decks into slides/build/ (figures from build/executed/ when current)
-slides-figures: ; . .venv/bin/activate && ssl-course slides --execute  # run every chapter first (~25 min on 2 CPU cores)
+slides-figures: ; . .venv/bin/activate && ssl-course slides --execute  # run every chapter first (about 8 min on 2 CPU cores)
 student:       ; . .venv/bin/activate && ssl-course student           # regenerate student/ after editing nbs/
