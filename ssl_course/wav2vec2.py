@@ -585,8 +585,10 @@ class Wav2Vec2(SSLMethod):
         q = self.quantizer(unmasked[mask])                           # targets at masked frames only, (N, vq_dim)
         y = self.project_q(q["x"])
         neg_idx = sample_negatives(mask, self.num_negatives, generator)
-        same = (q["codes"][neg_idx] == q["codes"][:, None]).all(-1)    # same codewords = same target vector
-        logits = contrastive_logits_by_index(self.final_proj(c[mask]), y, neg_idx, self.logit_temp, same)
+        # a distractor identical to the positive is masked to -inf, tested on the sampled target vectors y themselves
+        # (fairseq `compute_preds`: neg_is_pos = (y == negatives).all(-1)); in training the Gumbel-sampled codeword
+        # can differ from the noise-free argmax code, so comparing `q["codes"]` would mask the wrong distractors
+        logits = contrastive_logits_by_index(self.final_proj(c[mask]), y, neg_idx, self.logit_temp)
         contrastive = F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))
         diversity = codebook_diversity_loss(q["probs"])
         loss = contrastive + self.diversity_weight * diversity + self.feature_pen_weight * pen

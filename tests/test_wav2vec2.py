@@ -306,3 +306,32 @@ def test_audio_datasets_are_registered_and_online_ones_fail_clearly(tmp_path):
         load_dataset("fsdd", "train", download=False, data_dir=tmp_path)
     with pytest.raises(DatasetUnavailableError, match="downloads are disabled"):
         load_dataset("speech_commands_digits", "train", download=False, data_dir=tmp_path)
+
+
+def test_distractors_equal_to_the_positive_are_found_by_target_vector(monkeypatch):
+    """fairseq's `compute_preds`: `neg_is_pos = (y == negatives).all(-1)` on the sampled (Gumbel, hence noisy) target
+    vectors y. A distractor is masked to -inf exactly when its target vector equals the positive's - not when the
+    noise-free argmax codes agree (in training mode the two differ)."""
+    import ssl_course.wav2vec2 as w2v
+    seen = {}
+    real = w2v.contrastive_logits_by_index
+    def spy(context, targets, negative_idx, temperature=0.1, same=None):
+        out = real(context, targets, negative_idx, temperature, same)
+        seen.update(targets=targets.detach(), idx=negative_idx, logits=out.detach())
+        return out
+    monkeypatch.setattr(w2v, "contrastive_logits_by_index", spy)
+    codes_seen = {}
+    torch.manual_seed(0)
+    m = wav2vec2_small(conv_dim=16, embed_dim=64, layers=1, num_vars=4).train()     # few codewords: many collisions
+    q_forward = m.quantizer.forward
+    def q_spy(x):
+        out = q_forward(x); codes_seen["codes"] = out["codes"]; return out
+    monkeypatch.setattr(m.quantizer, "forward", q_spy)
+    with torch.no_grad():
+        m(_speech(8), generator=torch.Generator().manual_seed(0))
+    y, idx, logits = seen["targets"], seen["idx"], seen["logits"]
+    vec_same = (y[idx] == y[:, None]).all(-1)                          # independent: equal target vectors
+    code_same = (codes_seen["codes"][idx] == codes_seen["codes"][:, None]).all(-1)
+    assert (vec_same != code_same).sum() > 100                         # the two rules really disagree here
+    assert torch.equal(torch.isinf(logits[:, 1:]), vec_same)          # -inf exactly at copies of the positive vector
+    assert torch.isfinite(logits[:, 0]).all()
