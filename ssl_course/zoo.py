@@ -1,6 +1,4 @@
-"""A minute of CPU is enough to *watch* a self-supervised method learn, but not to see what it is worth. The zoo holds
-encoders trained for longer, each with a model card that records how it was made and what one evaluation protocol
-measured, so every chapter can compare its method with honest baselines in a second.
+"""A minute of CPU is enough to *watch* a self-supervised method learn, but not to see what it is worth. The zoo holds encoders trained for longer, each with a model card that records how it was made and what one evaluation protocol measured, so every chapter can compare its method with honest baselines in a second.
 
 Docs: https://ssl-course.github.io/ssl-course/zoo.html.md"""
 
