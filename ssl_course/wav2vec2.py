@@ -552,16 +552,22 @@ def wav2vec2_contrastive_loss(context: torch.Tensor, targets: torch.Tensor, nega
 
 # %% ../nbs/18_wav2vec2.ipynb #fe40c7e8
 class Wav2Vec2(SSLMethod):
-    "wav2vec 2.0 pretraining (Baevski et al., NeurIPS 2020): masked contrastive prediction of Gumbel-quantised features."
+    """wav2vec 2.0 pretraining (Baevski et al., NeurIPS 2020): masked contrastive prediction of Gumbel-quantised features.
+
+    `feature_grad_mult` scales the gradient that reaches the conv feature encoder (the paper, sec. 4.2, and fairseq's
+    `feature_grad_mult=0.1` for BASE and LARGE pretraining); it is set on the encoder, given or built, whose own default
+    (1.0, no scaling) is the one for probes and fine-tuning."""
     def __init__(self, encoder: Wav2Vec2Encoder | None = None, num_groups: int = 2, num_vars: int = 320,
                  codevector_dim: int = 256, final_dim: int = 256, num_negatives: int = 100, mask_prob: float = 0.65,
                  mask_length: int = 10, min_masks: int = 2, logit_temp: float = 0.1, diversity_weight: float = 0.1,
                  feature_pen_weight: float = 10.0, temp: tuple[float, float, float] = (2.0, 0.5, 0.999995),
-                 dropout_features: float = 0.1, crop_samples: int | None = None, **encoder_kwargs):
+                 dropout_features: float = 0.1, crop_samples: int | None = None, feature_grad_mult: float = 0.1,
+                 **encoder_kwargs):
         super().__init__()
         self.encoder = encoder if encoder is not None else Wav2Vec2Encoder(**encoder_kwargs)
         if not isinstance(self.encoder, Wav2Vec2Encoder):
             raise ValueError(f"Wav2Vec2 needs a Wav2Vec2Encoder, got {type(self.encoder).__name__}")
+        self.encoder.feature_grad_mult = feature_grad_mult
         d, c = self.encoder.out_dim, self.encoder.conv_dim
         self.quantizer = GumbelVectorQuantizer(c, num_groups, num_vars, codevector_dim, temp)
         self.project_q, self.final_proj = nn.Linear(codevector_dim, final_dim), nn.Linear(d, final_dim)
@@ -618,7 +624,7 @@ def wav2vec2_small(conv_dim: int = 64, embed_dim: int = 128, layers: int = 2, dr
     enc = Wav2Vec2Encoder(conv_dim=conv_dim, embed_dim=embed_dim, layers=layers, pos_conv_kernel=128, pos_conv_groups=16,
                           feature_grad_mult=feature_grad_mult, dropout=dropout)
     final = min(256, embed_dim)
-    return Wav2Vec2(enc, codevector_dim=final, final_dim=final, **kw)
+    return Wav2Vec2(enc, codevector_dim=final, final_dim=final, feature_grad_mult=feature_grad_mult, **kw)
 
 @register_method("wav2vec2", "wav2vec 2.0: masked contrastive prediction of quantised speech frames", "18_wav2vec2",
                  "Baevski et al., NeurIPS 2020, arXiv:2006.11477", modality="audio", dataset="synth_words")

@@ -335,3 +335,27 @@ def test_distractors_equal_to_the_positive_are_found_by_target_vector(monkeypatc
     assert (vec_same != code_same).sum() > 100                         # the two rules really disagree here
     assert torch.equal(torch.isinf(logits[:, 1:]), vec_same)          # -inf exactly at copies of the positive vector
     assert torch.isfinite(logits[:, 0]).all()
+
+
+def _grads_with(**kw):
+    torch.manual_seed(0)
+    m = Wav2Vec2(conv_dim=16, embed_dim=64, layers=1, pos_conv_kernel=16, pos_conv_groups=4, codevector_dim=64,
+                 final_dim=64, **kw).train()
+    mask = compute_span_mask((4, 49), generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(2)                                                      # same Gumbel noise and dropout
+    m(_speech(4), mask=mask, generator=torch.Generator().manual_seed(3))["loss"].backward()
+    return m, {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+
+def test_feature_encoder_gradient_is_scaled_by_0_1_by_default():
+    "Baevski et al. 2020 (sec. 4.2) / fairseq `feature_grad_mult=0.1`: the conv encoder's gradient is scaled down 10x."
+    m, g_default = _grads_with()
+    _, g_one = _grads_with(feature_grad_mult=1.0)
+    fe = [n for n in g_one if n.startswith("encoder.feature_extractor.")]
+    assert fe and all(g_one[n].abs().sum() > 0 for n in fe)
+    for n in fe:                                                              # 0.1 x, up to float rounding
+        assert torch.allclose(g_default[n], 0.1 * g_one[n], rtol=1e-4, atol=1e-9), n
+    for n in ("final_proj.weight", "quantizer.codevectors", "encoder.post_extract_proj.weight"):
+        assert torch.equal(g_default[n], g_one[n]), n                         # the rest of the model is untouched
+    assert m.encoder.feature_grad_mult == 0.1
+    assert wav2vec2_small(conv_dim=16, embed_dim=64, layers=1, feature_grad_mult=1.0).encoder.feature_grad_mult == 1.0
