@@ -105,8 +105,9 @@ class BatchAugment(nn.Module):
         if x.shape[1] == 3:
             sat = _rand(n, 1 - 0.8 * s, 1 + 0.8 * s, dev).view(n, 1, 1, 1)
             g = _gray(y); y = ((y - g) * sat + g).clamp(0, 1)
-            y = torch.where((torch.rand(n, device=dev) < self.gray_p).view(n, 1, 1, 1), _gray(y), y)
         x = torch.where(on, y, x)
+        if x.shape[1] == 3 and self.gray_p:      # SimCLR's RandomGrayscale(p=0.2): independent of whether jitter fired
+            x = torch.where((torch.rand(n, device=dev) < self.gray_p).view(n, 1, 1, 1), _gray(x), x)
         if self.blur_p:
             k = max(3, int(0.1 * self.size) // 2 * 2 + 1)
             blurred = batch_gaussian_blur(x, _rand(n, 0.1, 2.0, dev), k)
