@@ -20,8 +20,14 @@ __all__ = ['simclr_augment', 'MultiCrop', 'batch_random_resized_crop', 'batch_ga
 
 # %% ../nbs/07_augment.ipynb #3cf617e5
 def simclr_augment(image_size: int, channels: int = 3, crop_scale=(0.08, 1.0), jitter_strength: float = 0.5,
-                   blur: bool = False, solarize_p: float = 0.0, flip: bool = True) -> v2.Compose:
-    "SimCLR/BYOL view pipeline (torchvision v2) for uint8 or float CHW tensors; returns float images in [0, 1]."
+                   blur: bool = False, solarize_p: float = 0.0, flip: bool = True, blur_p: float | None = None) -> v2.Compose:
+    """SimCLR/BYOL view pipeline (torchvision v2) for uint8 or float CHW tensors; returns float images in [0, 1].
+
+    Gaussian blur (sigma in [0.1, 2], kernel ~10% of the side) is applied with probability `blur_p`; by default
+    `blur=True` means SimCLR's p = 0.5 (Chen et al. 2020, appendix A) and `blur=False` no blur. BYOL (Grill et al. 2020)
+    and DINO (Caron et al. 2021) use uneven probabilities per view, e.g. `blur_p=1.0` and `blur_p=0.1, solarize_p=0.2`."""
+    if blur_p is None: blur_p = 0.5 if blur else 0.0
+    if not 0.0 <= blur_p <= 1.0: raise ValueError(f"blur_p must be a probability in [0, 1], got {blur_p}")
     s = jitter_strength
     ops = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
            v2.RandomResizedCrop(image_size, scale=tuple(crop_scale), antialias=True)]
@@ -30,22 +36,26 @@ def simclr_augment(image_size: int, channels: int = 3, crop_scale=(0.08, 1.0), j
         ops += [v2.RandomApply([v2.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=0.8), v2.RandomGrayscale(p=0.2)]
     else:
         ops.append(v2.RandomApply([v2.ColorJitter(0.8 * s, 0.8 * s)], p=0.8))
-    if blur:
+    if blur_p > 0:
         k = max(3, int(0.1 * image_size) // 2 * 2 + 1)  # ~10% of the image side, odd
-        ops.append(v2.RandomApply([v2.GaussianBlur(k, sigma=(0.1, 2.0))], p=0.5))
+        ops.append(v2.RandomApply([v2.GaussianBlur(k, sigma=(0.1, 2.0))], p=blur_p))
     if solarize_p: ops.append(v2.RandomSolarize(0.5, p=solarize_p))
     return v2.Compose(ops)
 
 # %% ../nbs/07_augment.ipynb #a38f25db
 class MultiCrop:
-    "DINO multi-crop: returns [global_1, global_2, local_1, ..., local_n] for one image."
+    """DINO multi-crop: returns [global_1, global_2, local_1, ..., local_n] for one image.
+
+    Blur and solarisation are uneven, as in DINO's `DataAugmentationDINO` (Caron et al. 2021, after BYOL): global view 1
+    is always blurred, global view 2 is blurred with p = 0.1 and solarised with p = 0.2, local views are blurred with
+    p = 0.5. `blur=False` turns the blur off in every view (the solarisation stays)."""
     def __init__(self, global_size: int, local_size: int, n_local: int = 4, channels: int = 3,
                  global_scale=(0.4, 1.0), local_scale=(0.05, 0.4), jitter_strength: float = 0.5, blur: bool = True):
         if local_size > global_size: raise ValueError("local crops should be smaller than global crops")
-        # Asymmetric blur/solarize as in DINO: global view 1 always blurred, view 2 sometimes, plus solarize.
-        self.g1 = simclr_augment(global_size, channels, global_scale, jitter_strength, blur=blur)
-        self.g2 = simclr_augment(global_size, channels, global_scale, jitter_strength, blur=blur, solarize_p=0.2)
-        self.local = simclr_augment(local_size, channels, local_scale, jitter_strength, blur=blur)
+        on = 1.0 if blur else 0.0
+        self.g1 = simclr_augment(global_size, channels, global_scale, jitter_strength, blur_p=1.0 * on)
+        self.g2 = simclr_augment(global_size, channels, global_scale, jitter_strength, blur_p=0.1 * on, solarize_p=0.2)
+        self.local = simclr_augment(local_size, channels, local_scale, jitter_strength, blur_p=0.5 * on)
         self.n_local = n_local
     def __call__(self, x): return [self.g1(x), self.g2(x)] + [self.local(x) for _ in range(self.n_local)]
 
