@@ -23,12 +23,13 @@ from .core import SettingsError, get_device, hardware_summary, load_settings, se
 from .data import DATASETS, DataError, DatasetUnavailableError, list_datasets, load_dataset, sample_per_class
 from .backbones import build_backbone
 from .train import CheckpointError, METHODS, build_method, fit, list_methods
+from .zoo import ZooError
 from .evaluate import (embed, knn_accuracy, label_efficiency_curve, linear_probe, plot_label_efficiency,
                                  probe_evaluator, summarize_curve, supervised_evaluator)
 
 # %% auto #0
 __all__ = ['CHAPTERS', 'Chapter', 'load_chapter_modules', 'format_table', 'list_command', 'parse_label_counts', 'run_demo',
-           'run_pretrain', 'main']
+           'run_pretrain', 'zoo_command', 'main']
 
 # %% ../nbs/08_cli.ipynb #03096b81
 @dataclass(frozen=True)
@@ -64,6 +65,7 @@ CHAPTERS = (
     Chapter("21_finetuning", "Fine-tuning: full, partial, layer-wise learning rates", "finetune"),
     Chapter("22_label_efficiency", "Label efficiency: accuracy vs labels, the label multiplier measured", "label_efficiency"),
     Chapter("23_domain_shift_and_case_studies", "Domain shift, rare-defect detection, garbage in", "case_studies"),
+    Chapter("24_zoo", "The model zoo: trained encoders, model cards, one evaluation protocol", "zoo", kind="reference"),
     Chapter("90_classroom", "Classroom kit: slide decks, student notebooks, chapter checks", "classroom", kind="reference"),
 )
 
@@ -286,6 +288,28 @@ def run_pretrain(method: str, profile: str | None = None, dataset: str | None = 
         + f"\nencoder: {out / 'encoder.safetensors'}")
     return report
 
+# %% ../nbs/08_cli.ipynb #b81f3c4e
+def zoo_command(action: str, names: list[str] | None = None, device: str | None = None, zoo_path: str | None = None,
+                resume: bool = False, recompute_baselines: bool = False, progress: bool = True) -> int:
+    "`ssl-course zoo list | train NAME | evaluate NAME | verify [NAME...]`."
+    from ssl_course import zoo
+    names = names or []
+    if action == "list":
+        print(f"zoo folder: {zoo.zoo_dir(zoo_path)}\n" + format_table(zoo.zoo_table(zoo_path)))
+        return 0
+    if action in ("train", "evaluate") and len(names) != 1:
+        raise ValueError(f"ssl-course zoo {action} takes one recipe name; choose one of: {', '.join(zoo.RECIPES)}")
+    if action == "train":
+        zoo.train_recipe(names[0], device=device, zoo=zoo_path, resume=resume, progress=progress)
+    elif action == "evaluate":
+        zoo.evaluate_recipe(names[0], device=device, zoo=zoo_path, recompute_baselines=recompute_baselines)
+    elif action == "verify":
+        rows = zoo.verify_zoo(zoo_path, names or None)
+        print(format_table(rows) + f"\n{len(rows)} zoo model(s) verified: SHA-256, size and card match, and each loads")
+    else:
+        raise ValueError(f"unknown zoo action {action!r}; use list, train, evaluate or verify")
+    return 0
+
 # %% ../nbs/08_cli.ipynb #668aef34
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ssl-course", description="Self-supervised learning course: run the demo, "
@@ -319,6 +343,14 @@ def _parser() -> argparse.ArgumentParser:
     pk.add_argument("--out", help="output folder (default: slides/build)")
     pt = sub.add_parser("student", help="write the student notebooks (solutions removed) to student/")
     pt.add_argument("--check", action="store_true", help="write nothing; fail if student/ is out of date")
+    pz = sub.add_parser("zoo", help="trained models with verified weights: list | train NAME | evaluate NAME | verify")
+    pz.add_argument("zoo_command", choices=["list", "train", "evaluate", "verify"])
+    pz.add_argument("names", nargs="*", help="recipe name(s), see `ssl-course zoo list`")
+    pz.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps")
+    pz.add_argument("--zoo", help="zoo folder (default: $SSL_COURSE_ZOO, else the repository's zoo/)")
+    pz.add_argument("--resume", action="store_true", help="train: continue from the recipe's last checkpoint")
+    pz.add_argument("--recompute-baselines", action="store_true", help="evaluate: recompute the cached baselines")
+    pz.add_argument("--no-progress", action="store_true", help="no progress bars (logs, CI)")
     sub.add_parser("check-chapters", help="list what each lesson lacks (objectives, numbers, exercises, quiz, summary)")
     pe = sub.add_parser("label-efficiency", help="chapter 22: accuracy vs labels per class for each method and a supervised "
                         "baseline, and the label multiplier (writes <reports_dir>/label_efficiency_<profile>.json)")
@@ -343,6 +375,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "pretrain":
             run_pretrain(args.method, args.profile, args.dataset, args.device, args.steps, args.epochs,
                          args.batch_size, args.lr, args.train_images, args.out, args.resume, progress=not args.no_progress)
+        elif args.command == "zoo":
+            return zoo_command(args.zoo_command, args.names, args.device, args.zoo, args.resume,
+                               args.recompute_baselines, progress=not args.no_progress)
         elif args.command == "label-efficiency":
             from ssl_course import label_efficiency
             argv2 = [f"--{k}={v}" for k, v in (("profile", args.profile), ("methods", args.methods), ("labels", args.labels),
@@ -368,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
                 for name, probs in problems.items(): print(f"{name}: " + "; ".join(probs))
                 if problems: return 1
                 print("every lesson has objectives, expected numbers, >= 3 exercises with solutions, a quiz and a summary")
-    except (SettingsError, DataError, DatasetUnavailableError, CheckpointError, KeyError, ValueError) as e:
+    except (SettingsError, DataError, DatasetUnavailableError, CheckpointError, ZooError, KeyError, ValueError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"ssl-course {args.command}: error: {msg}", file=sys.stderr)
         return 2

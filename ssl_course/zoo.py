@@ -40,7 +40,7 @@ __all__ = ['ZOO_FORMAT', 'ZOO_ENV', 'MAX_FILE_BYTES', 'MAX_ZOO_BYTES', 'RECIPES'
            'train_recipe', 'verify_weights', 'load_pretrained', 'load_card', 'supervised_steps', 'probe_curve',
            'feature_metrics', 'choose_supervised_hparams', 'supervised_curve', 'object_attention_ratio',
            'baselines_path', 'compute_baselines', 'load_baselines', 'best_baseline', 'image_targets', 'subset_figures',
-           'evaluate_recipe', 'comparison_rows', 'format_comparison', 'verify_zoo', 'zoo_table']
+           'evaluate_recipe', 'comparison_rows', 'plot_card', 'format_comparison', 'verify_zoo', 'zoo_table']
 
 # %% ../nbs/24_zoo.ipynb #e1e462c6
 class ZooError(RuntimeError):
@@ -538,6 +538,26 @@ def comparison_rows(card: dict) -> list[dict]:
                     "supervised from scratch": f(bl["supervised"])})
         rows.append(row)
     return rows
+
+def plot_card(card: dict, ax=None, title: str | None = None):
+    "Label-efficiency plot of a card: the model's probe (and fine-tuning) against each baseline, mean +- std over draws."
+    import matplotlib.pyplot as plt
+    ax = ax or plt.subplots(figsize=(5.5, 3.5))[1]
+    m = card["metrics"]; bl = m["baselines"]; method = card["recipe"]["method"]
+    ks = PROTOCOL["labels_per_class"]
+    curves = {f"{method} + linear probe": m["probe"]}
+    if "finetune" in m: curves[f"{method} fine-tuned"] = m["finetune"]
+    curves.update({"raw pixels + linear probe": bl["pixels"]["probe"], "random-init encoder + probe": bl["random_init"]["probe"],
+                   "same network from scratch": bl["supervised"]})
+    for i, (label, d) in enumerate(curves.items()):
+        mean = np.array([d[str(k)]["mean"] for k in ks]); std = np.array([d[str(k)]["std"] for k in ks])
+        ax.plot(ks, mean, marker="o", lw=2.2 if i == 0 else 1.3, label=label)
+        ax.fill_between(ks, mean - std, mean + std, alpha=0.15)
+    ax.set_xscale("log"); ax.set_xticks(ks, [str(k) for k in ks])
+    ax.set_xlabel("labelled images per class"); ax.set_ylabel("test accuracy (10,000 images)")
+    ax.set_title(title or f"{card['name']}: mean +- std over {len(PROTOCOL['draws'])} labelled draws", fontsize=9)
+    ax.legend(fontsize=7); ax.grid(alpha=0.3)
+    return ax
 
 def format_comparison(card: dict) -> str:
     from ssl_course.evaluate import few_label_table  # noqa: F401  (keeps evaluate the home of tables)

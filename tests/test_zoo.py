@@ -1,0 +1,181 @@
+"""The model zoo: card schema, hash verification and tamper refusal, load round trips, reproducible training, the
+protocol's pieces in closed form, and the committed cards' subset figures recomputed from their weights."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from ssl_course import zoo
+from ssl_course.cli import main
+
+REPO_ZOO = Path(__file__).resolve().parent.parent / "zoo"
+
+
+@pytest.fixture(scope="module")
+def tiny_zoo(tmp_path_factory):
+    "A zoo folder holding one briefly trained image recipe (6 steps on 512 images)."
+    d = tmp_path_factory.mktemp("zoo")
+    card = zoo.train_recipe("rotation-fmnist-cnn", device="cpu", zoo=d, steps=6, max_items=512, progress=False,
+                            run_dir=d / "run", verbose=False)
+    shutil.rmtree(d / "run")
+    return d, card
+
+
+def _copy_zoo(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_card_schema_and_hash(tiny_zoo):
+    d, card = tiny_zoo
+    read = zoo.read_card("rotation-fmnist-cnn", d)
+    for key in zoo.CARD_KEYS: assert key in read
+    assert read["weights"]["sha256"] == zoo.sha256_of(d / "rotation-fmnist-cnn.safetensors")
+    assert read["steps"] == 6 and read["data"]["items"] == 512 and read["data"]["labels_used"] is False
+    assert read["recipe"]["method"] == "rotation" and read["command"].startswith("ssl-course zoo train rotation-fmnist-cnn")
+    assert read["hardware"] and read["training"]["wall_time_s"] > 0
+
+
+def test_load_round_trip_equals_trained_encoder(tiny_zoo):
+    d, _ = tiny_zoo
+    from safetensors.torch import load_file
+    saved = load_file(str(d / "rotation-fmnist-cnn.safetensors"))
+    enc = zoo.load_pretrained("rotation-fmnist-cnn", d)
+    sd = enc.state_dict()
+    assert set(sd) == set(saved)
+    for k, v in saved.items(): assert torch.equal(sd[k], v), k
+    assert not enc.training
+    assert enc(torch.rand(3, 1, 28, 28)).shape == (3, enc.out_dim)
+
+
+def test_training_is_reproducible_bit_for_bit(tmp_path):
+    "Two runs of a recipe on the CPU write the same bytes: the card's SHA-256 is reproducible."
+    shas = []
+    for i in range(2):
+        card = zoo.train_recipe("simclr-fmnist-cnn", device="cpu", zoo=tmp_path / f"z{i}", steps=3, max_items=512,
+                                progress=False, run_dir=tmp_path / f"run{i}", verbose=False)
+        shas.append(card["weights"]["sha256"])
+    assert shas[0] == shas[1]
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "replace"])
+def test_tampered_or_truncated_weights_are_refused(tiny_zoo, tmp_path, damage):
+    d = _copy_zoo(tiny_zoo[0], tmp_path / "z")
+    w = d / "rotation-fmnist-cnn.safetensors"
+    raw = bytearray(w.read_bytes())
+    if damage == "flip": raw[len(raw) // 2] ^= 0x01
+    elif damage == "truncate": raw = raw[: len(raw) - 100]
+    else:   # a pickle (torch.save) file put in its place: refused by the hash before anything reads it
+        import io, pickle
+        buf = io.BytesIO(); pickle.dump({"weight": [1, 2, 3]}, buf); raw = bytearray(buf.getvalue())
+    w.write_bytes(bytes(raw))
+    with pytest.raises(zoo.ZooError, match="SHA-256") as e:
+        zoo.load_pretrained("rotation-fmnist-cnn", d)
+    assert "git checkout" in str(e.value) and "zoo train rotation-fmnist-cnn" in str(e.value)
+    if damage == "truncate": assert "truncated" in str(e.value)
+    assert main(["zoo", "verify", "--zoo", str(d)]) == 2
+
+
+def test_card_edits_and_missing_files_are_clear_errors(tiny_zoo, tmp_path):
+    d = _copy_zoo(tiny_zoo[0], tmp_path / "z")
+    card = json.loads((d / "rotation-fmnist-cnn.json").read_text())
+    card["weights"]["sha256"] = "0" * 64
+    (d / "rotation-fmnist-cnn.json").write_text(json.dumps(card))
+    with pytest.raises(zoo.ZooError, match="does not match the SHA-256"): zoo.load_pretrained("rotation-fmnist-cnn", d)
+    del card["weights"]; (d / "rotation-fmnist-cnn.json").write_text(json.dumps(card))
+    with pytest.raises(zoo.ZooError, match="not a zoo model card"): zoo.read_card("rotation-fmnist-cnn", d)
+    with pytest.raises(zoo.ZooError, match="zoo train jigsaw-fmnist-cnn"): zoo.load_pretrained("jigsaw-fmnist-cnn", d)
+    with pytest.raises(zoo.ZooError, match="unknown zoo recipe"): zoo.load_pretrained("simclr-imagenet", d)
+    (d / "rotation-fmnist-cnn.json").write_text("{not json")
+    with pytest.raises(zoo.ZooError, match="not a readable model card"): zoo.read_card("rotation-fmnist-cnn", d)
+
+
+@pytest.mark.parametrize("name", [r.name for r in zoo.list_recipes() if r.protocol == "image"])
+def test_every_image_recipe_builds_saves_and_loads(name, tmp_path):
+    "Round trip for every image recipe: the saved tensors are the encoder's, and load_pretrained rebuilds it exactly."
+    recipe = zoo.get_recipe(name)
+    model = zoo.build_model(recipe, channels=1)
+    tensors = zoo._saved_tensors(recipe, model)
+    enc = zoo.build_encoder(recipe, 1)
+    enc.load_state_dict(tensors, strict=True)
+    x = torch.rand(4, 1, 28, 28)
+    model.encoder.eval(); enc.eval()
+    assert torch.allclose(enc(x), model.encoder(x))
+    assert sum(v.numel() * v.element_size() for v in tensors.values()) < zoo.MAX_FILE_BYTES
+
+
+def test_every_method_has_a_recipe():
+    from ssl_course.cli import load_chapter_modules
+    from ssl_course.train import METHODS
+    load_chapter_modules()
+    expected = {"autoencoder", "dae", "vae", "rotation", "jigsaw", "inpainting", "simclr", "moco", "byol", "dino", "mae",
+                "mlm", "wav2vec2", "clip"}
+    assert expected <= {r.method for r in zoo.list_recipes()}
+    for r in zoo.list_recipes(): assert r.method in METHODS, r.name
+
+
+def test_supervised_steps_and_targets_closed_form():
+    assert zoo.supervised_steps(10, 300) == 300                       # 30 epochs of one batch < 300
+    assert zoo.supervised_steps(1000, 300) == 30 * 16                 # ceil(1000/64) = 16 batches per epoch
+    mk = lambda p1, p10, knn: {"knn_all_labels": knn, "probe": {"1": {"mean": p1}, "10": {"mean": p10}}}
+    b = {"pixels": mk(0.40, 0.68, 0.85), "random_init": mk(0.41, 0.66, 0.80),
+         "supervised": {"accuracy": {"1": {"mean": 0.45}, "10": {"mean": 0.70}}}}
+    assert zoo.best_baseline(b, 10) == 0.70 and zoo.best_baseline(b, 1) == 0.45
+    t = zoo.image_targets(zoo.get_recipe("simclr-fmnist-cnn"), mk(0.54, 0.749, 0.871), b)
+    assert [x["met"] for x in t] == [False, True, True]
+    assert t[0]["required"] == pytest.approx(0.75) and t[1]["required"] == pytest.approx(0.53)
+    t = zoo.image_targets(zoo.get_recipe("rotation-fmnist-cnn"), mk(0.5, 0.70, 0.8), b)
+    assert len(t) == 1 and t[0]["met"] and t[0]["required"] == pytest.approx(0.69)
+
+
+def test_object_attention_ratio_closed_form():
+    "Attention all on the object gives 1/area; uniform attention gives exactly 1."
+    class Stub:
+        patch_size = 4
+        def __init__(self, att): self.att = att
+        def last_self_attention(self, x): return self.att
+    img = torch.zeros(1, 1, 8, 8); img[..., :4, :4] = 1.0            # one object patch of four
+    on_object = torch.zeros(1, 2, 5, 5); on_object[:, :, 0, 1] = 1.0
+    assert zoo.object_attention_ratio(Stub(on_object), img) == pytest.approx(4.0)
+    uniform = torch.full((1, 2, 5, 5), 0.25)
+    assert zoo.object_attention_ratio(Stub(uniform), img) == pytest.approx(1.0)
+
+
+def test_zoo_dir_lookup_and_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv(zoo.ZOO_ENV, str(tmp_path / "elsewhere"))
+    assert zoo.zoo_dir() == tmp_path / "elsewhere"
+    with pytest.raises(zoo.ZooError, match=zoo.ZOO_ENV): zoo.load_pretrained("simclr-fmnist-cnn")
+
+
+def test_committed_zoo_verifies_and_fits_the_size_limits():
+    rows = zoo.verify_zoo(REPO_ZOO)
+    assert {"simclr-fmnist-cnn"} <= {r["name"] for r in rows}
+    total = sum(p.stat().st_size for p in REPO_ZOO.iterdir() if p.is_file())
+    assert total <= zoo.MAX_ZOO_BYTES
+    for p in REPO_ZOO.glob("*.safetensors"): assert p.stat().st_size <= zoo.MAX_FILE_BYTES
+
+
+def _evaluated_cards():
+    return [p.stem for p in sorted(REPO_ZOO.glob("*.json")) if not p.name.startswith("baselines-")
+            and json.loads(p.read_text()).get("metrics", {}).get("subset_check")]
+
+
+@pytest.mark.parametrize("name", _evaluated_cards())
+def test_subset_figures_reproduce_the_card(name):
+    "`zoo evaluate` on the fixed small subset, recomputed from the committed weights, gives the card's figures exactly."
+    card = zoo.load_card(name, REPO_ZOO)
+    got = zoo.subset_figures(zoo.load_pretrained(name, REPO_ZOO), card["recipe"]["dataset"])
+    assert got == card["metrics"]["subset_check"]
+
+
+def test_evaluated_cards_exist_and_record_their_protocol():
+    names = _evaluated_cards()
+    assert "simclr-fmnist-cnn" in names
+    for n in names:
+        m = zoo.read_card(n, REPO_ZOO)["metrics"]
+        assert m["protocol"]["name"] == zoo.PROTOCOL["name"]
+        for k in ("1", "5", "10", "100"):
+            assert len(m["probe"][k]["values"]) == 3 and len(m["baselines"]["supervised"][k]["values"]) == 3
+        assert all({"claim", "value", "required", "met"} <= set(t) for t in m["targets"])
