@@ -58,10 +58,11 @@ class FeatureQueue(nn.Module):
 # %% ../nbs/13_moco.ipynb #b5b3b10e
 @torch.no_grad()
 def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
-    "target <- momentum * target + (1 - momentum) * online for parameters; buffers are copied."
+    """target <- momentum * target + (1 - momentum) * online, for the *parameters* only (MoCo's
+    `_momentum_update_key_encoder`, He et al. 2020; BYOL, Grill et al. 2020; DINO, Caron et al. 2021). Buffers such as
+    batch-norm running statistics are left alone: the target keeps its own, updated by its own forward passes."""
     for t, o in zip(target.parameters(), online.parameters()):
         t.mul_(momentum).add_(o.detach(), alpha=1 - momentum)
-    for t, o in zip(target.buffers(), online.buffers()): t.copy_(o)
 
 def cosine_momentum(step: int, total_steps: int, base: float = 0.996, final: float = 1.0) -> float:
     "BYOL/DINO schedule: `base` at step 0, rising to `final` at the last step along a half cosine."

@@ -55,6 +55,48 @@ def test_ema_update_equals_formula_and_schedule():
     assert cosine_momentum(5, 10, 0.9) == pytest.approx(0.95)
 
 
+
+def test_ema_update_averages_parameters_only_and_keeps_the_target_batchnorm_statistics():
+    """MoCo (`_momentum_update_key_encoder`), BYOL and DINO average parameters only; the target's batch-norm running
+    statistics are its own, updated by its own forward passes (He et al. 2020; Grill et al. 2020; Caron et al. 2021)."""
+    torch.manual_seed(0)
+    online = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3))
+    target = momentum_copy(online)
+    online(torch.randn(64, 4) * 3 + 2)                     # different data: different running statistics
+    target(torch.randn(64, 4))
+    with torch.no_grad():
+        for p in online.parameters(): p.add_(torch.randn_like(p))
+    t_params = [p.clone() for p in target.parameters()]
+    t_bufs = {n: b.clone() for n, b in target.named_buffers()}
+    assert not torch.allclose(t_bufs["1.running_mean"], online[1].running_mean)
+    ema_update(target, online, 0.9)
+    for (n, b) in target.named_buffers():
+        assert torch.equal(b, t_bufs[n]), n                # running_mean, running_var, num_batches_tracked untouched
+    for a, before, o in zip(target.parameters(), t_params, online.parameters()):
+        torch.testing.assert_close(a, 0.9 * before + 0.1 * o, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["moco", "byol", "dino"])
+def test_target_network_keeps_its_own_batchnorm_statistics_in_training(name):
+    "In a real training step the target runs in training mode and its BN buffers come from its own forward pass."
+    torch.manual_seed(0)
+    kw = {"moco": dict(queue_size=32), "byol": {}, "dino": {}}[name]
+    m = build_method(name, encoder=SmallConvNet(1, width=8), **kw).train()
+    target = {"moco": "key_encoder", "byol": "target_encoder", "dino": "teacher_encoder"}[name]
+    tgt, onl = getattr(m, target), m.encoder
+    with torch.no_grad():                                  # let the online network drift away from the target
+        for p in onl.parameters(): p.add_(0.5 * torch.randn_like(p))
+    bn_t = next(mod for mod in tgt.modules() if isinstance(mod, nn.BatchNorm2d))
+    bn_o = next(mod for mod in onl.modules() if isinstance(mod, nn.BatchNorm2d))
+    before = bn_t.running_mean.clone()
+    out = m.training_step((torch.rand(16, 1, 28, 28), None)); out["loss"].backward()
+    assert tgt.training and not torch.equal(bn_t.running_mean, before)     # its own forward updated its statistics
+    after_forward = {n: b.clone() for n, b in tgt.named_buffers()}
+    m.on_step_end(0, 10)
+    for n, b in tgt.named_buffers():
+        assert torch.equal(b, after_forward[n]), n
+    assert not torch.allclose(bn_t.running_mean, bn_o.running_mean)
+
 def test_moco_method_moves_the_key_encoder_by_ema():
     torch.manual_seed(0)
     m = build_moco(SmallConvNet(1, width=8), queue_size=32, momentum=0.5)
