@@ -51,14 +51,53 @@ def test_loss_ignores_visible_patches():
     assert mae_loss(target, target, mask, False).item() == 0.0
 
 
-def test_model_loss_independent_of_visible_target_change():
-    "End to end: with fixed noise, the prediction depends on the visible pixels, the loss compares only masked ones."
+def _reference_loss(pred, imgs, mask, norm_pix_loss, p=4):
+    "He et al. 2022 (MAE), written out: mean over the masked patches of the per-patch MSE to the (normalised) pixels."
+    target = patchify(imgs, p).double()
+    total, count = 0.0, 0
+    for i, j in torch.nonzero(mask).tolist():
+        t = target[i, j]
+        if norm_pix_loss: t = (t - t.mean()) / (t.var(unbiased=True) + 1e-6).sqrt()
+        total += ((pred[i, j].double() - t) ** 2).mean().item(); count += 1
+    return total / count
+
+
+@pytest.mark.parametrize("norm_pix_loss", [True, False])
+def test_model_loss_ignores_visible_patches(norm_pix_loss):
+    """End to end, with fixed noise: changing the decoder's prediction on the *visible* patches leaves the loss exactly
+    unchanged; changing it on one *masked* patch changes the loss by what the formula says."""
     torch.manual_seed(0)
-    m = build_mae(image_size=28, channels=1).eval()
-    x = torch.rand(2, 1, 28, 28)
-    noise = torch.rand(2, 49)
-    loss, pred, mask = m(x, noise=noise)
-    assert pred.shape == (2, 49, 16) and mask.sum().item() == 2 * (49 - 12)
+    m = build_mae(image_size=28, channels=1, norm_pix_loss=norm_pix_loss).eval()
+    x, noise = torch.rand(2, 1, 28, 28), torch.rand(2, 49)
+
+    def run(edit=None):
+        "The model's (loss, pred, mask), with `edit` applied to the decoder's output (positions 1.. are the patches)."
+        hook = m.decoder_pred.register_forward_hook(lambda mod, inp, out: edit(out.clone())) if edit else None
+        try:
+            with torch.no_grad(): return m(x, noise=noise)
+        finally:
+            if hook: hook.remove()
+
+    loss, pred, mask = run()
+    assert mask.sum().item() == 2 * (49 - 12)
+    assert loss.item() == pytest.approx(_reference_loss(pred, x, mask, norm_pix_loss), rel=1e-5)
+    visible = mask == 0
+
+    def scramble_visible(out):
+        out[:, 1:][visible] = 50 * torch.randn_like(out[:, 1:][visible]); return out
+    loss_v, pred_v, _ = run(scramble_visible)
+    assert (pred_v[visible] - pred[visible]).abs().mean() > 10                     # the visible predictions did change
+    assert torch.equal(pred_v[~visible], pred[~visible])
+    assert loss_v.item() == loss.item()                                            # exactly: they never enter the loss
+
+    i, j = torch.nonzero(mask)[0].tolist()
+    def nudge_one_masked(out):
+        out[i, 1 + j] += 0.5; return out
+    loss_m, pred_m, _ = run(nudge_one_masked)
+    assert loss_m.item() != loss.item()
+    assert loss_m.item() == pytest.approx(_reference_loss(pred_m, x, mask, norm_pix_loss), rel=1e-5)
+    assert loss_m.item() - loss.item() == pytest.approx(
+        _reference_loss(pred_m, x, mask, norm_pix_loss) - _reference_loss(pred, x, mask, norm_pix_loss), rel=1e-3)
     enc_tokens = m.encode(x, 0.75, noise)[0]
     assert enc_tokens.shape == (2, 13, 96)
 
