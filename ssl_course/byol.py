@@ -29,6 +29,7 @@ def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
 # %% ../nbs/14_byol.ipynb #9c33efeb
 class BYOL(SSLMethod):
     "BYOL (Grill et al. 2020): online encoder+projector+predictor regresses an EMA target's projection of the other view."
+    sync_batchnorm = True     # the official code's cross-replica batch norm: statistics over all devices under multi-GPU DDP
     def __init__(self, encoder: nn.Module, image_size: int = 28, channels: int = 1, proj_dim: int = 128,
                  hidden_dim: int | None = None, base_momentum: float = 0.996, predictor: bool = True,
                  stop_gradient: bool = True, augment: nn.Module | None = None):

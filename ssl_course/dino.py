@@ -72,6 +72,7 @@ class DINOHead(nn.Module):
 
 class DINO(SSLMethod):
     "DINO (Caron et al. 2021): student backbone+head matches an EMA teacher's centred, sharpened outputs over multi-crop views."
+    sync_batchnorm = True     # official DINO: SyncBatchNorm in student and teacher when the backbone has BN (ViTs have none)
     def __init__(self, encoder: nn.Module, image_size: int = 28, channels: int = 1, out_dim: int = 1024,
                  hidden_dim: int = 256, bottleneck_dim: int = 64, n_local: int = 4, local_size: int | None = None,
                  student_temp: float = 0.1, teacher_temp: float = 0.04, warmup_teacher_temp: float = 0.04,

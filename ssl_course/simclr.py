@@ -48,6 +48,7 @@ def default_augment(image_size: int, channels: int) -> BatchAugment:
 
 class SimCLR(SSLMethod):
     "SimCLR (Chen et al. 2020): encoder + MLP projection head trained with `nt_xent_loss` on two augmented views."
+    sync_batchnorm = True     # the paper's "global BN" (sec. 2.2): BN statistics over all devices under multi-GPU DDP
     def __init__(self, encoder: nn.Module, image_size: int = 28, channels: int = 1, proj_dim: int = 128,
                  hidden_dim: int | None = None, temperature: float = 0.5, augment: nn.Module | None = None):
         super().__init__()

@@ -31,14 +31,15 @@ from .core import get_device, get_settings, seed_everything
 # %% auto #0
 __all__ = ['METHODS', 'CKPT_FORMAT', 'SSLMethod', 'MethodInfo', 'register_method', 'list_methods', 'build_method', 'lr_at',
            'is_distributed', 'get_rank', 'get_world_size', 'setup_distributed', 'all_gather_with_grad',
-           'all_reduce_mean', 'CheckpointError', 'save_checkpoint', 'latest_checkpoint', 'load_weights',
-           'load_checkpoint', 'History', 'Callback', 'Trainer', 'NonFiniteLossError', 'epoch_batches', 'to_device',
-           'default_param_groups', 'make_optimizer', 'fit']
+           'all_reduce_mean', 'maybe_sync_batchnorm', 'CheckpointError', 'save_checkpoint', 'latest_checkpoint',
+           'load_weights', 'load_checkpoint', 'History', 'Callback', 'Trainer', 'NonFiniteLossError', 'epoch_batches',
+           'to_device', 'default_param_groups', 'make_optimizer', 'fit']
 
 # %% ../nbs/04_train.ipynb #4ce5f2b8
 class SSLMethod(nn.Module):
     "Base class for a method trained by `fit`: set `self.encoder`, implement `training_step(batch)`."
     encoder: nn.Module
+    sync_batchnorm: bool = False      # True: `fit` uses synchronised (global) batch norm under multi-GPU DDP
     def training_step(self, batch) -> torch.Tensor | dict:
         raise NotImplementedError("a method must implement training_step(batch) -> loss or {'loss': ...}")
     def on_step_end(self, step: int, total_steps: int) -> None: pass
@@ -123,6 +124,26 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     "Average `x` over processes (no gradient); identity when not distributed."
     if get_world_size() == 1: return x
     x = x.detach().clone(); dist.all_reduce(x); return x / get_world_size()
+
+_SYNC_BN_WARNED = False
+
+def maybe_sync_batchnorm(method: nn.Module, device: torch.device, world: int) -> nn.Module:
+    """Convert every batch norm of `method` to `nn.SyncBatchNorm` when it runs on `world` > 1 CUDA processes and its
+    class sets `sync_batchnorm = True`: SimCLR's global BN (Chen et al. 2020), BYOL (Grill et al. 2020) and DINO with a
+    BN backbone (Caron et al. 2021) normalise over the *global* batch. MoCo does not ask: it uses shuffle BN instead
+    (He et al. 2020). The parameters and buffers are kept (same tensors), so call it before building the optimiser or
+    after, and before the DDP wrapper. `SyncBatchNorm` runs only on CUDA: on CPU (gloo) the method is returned
+    unchanged with a warning, once per process, that the batch-norm statistics stay per process."""
+    global _SYNC_BN_WARNED
+    if world <= 1 or not getattr(method, "sync_batchnorm", False): return method
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in method.modules()): return method
+    if torch.device(device).type == "cuda": return nn.SyncBatchNorm.convert_sync_batchnorm(method)
+    if not _SYNC_BN_WARNED:
+        _SYNC_BN_WARNED = True
+        warnings.warn(f"{type(method).__name__} asks for synchronised batch norm, but SyncBatchNorm needs CUDA: on "
+                      f"{torch.device(device).type} with {world} processes the BN statistics stay per process "
+                      "(each normalises over its own slice of the global batch)")
+    return method
 
 # %% ../nbs/04_train.ipynb #89196d88
 class CheckpointError(RuntimeError):
@@ -407,6 +428,7 @@ def fit(method: nn.Module, data: Dataset, *, steps: int | None = None, epochs: i
     seed_everything(seed)
 
     method.to(device)
+    method = maybe_sync_batchnorm(method, device, world)     # global BN for SimCLR/BYOL/DINO on multi-GPU runs
     opt = make_optimizer(method, optimizer, lr, weight_decay, momentum, betas)
     history, start = History(), 0
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else None

@@ -169,3 +169,61 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     q = FeatureQueue(10, 4); q.queue.zero_(); q.enqueue(keys); q.enqueue(keys)
     torch.testing.assert_close(st["queue"], q.queue)
     assert int(st["ptr"][0]) == int(q.ptr) == 6
+
+
+# --- synchronised batch norm under DDP ---------------------------------------------------------------
+class _BNMethod(nn.Module):
+    sync_batchnorm = True
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 8), nn.BatchNorm1d(8))
+        self.target = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8, affine=False))
+    def training_step(self, batch): return self.target(self.encoder(batch[0])).pow(2).mean()
+
+
+def _bn_types(m): return [type(x) for x in m.modules() if isinstance(x, nn.modules.batchnorm._BatchNorm)]
+
+
+def test_sync_batchnorm_is_used_on_cuda_ddp_for_methods_that_ask(monkeypatch):
+    "SimCLR's global BN (Chen et al. 2020), BYOL (Grill et al. 2020) and DINO (Caron et al. 2021); MoCo uses shuffle BN."
+    import warnings
+    import ssl_course.byol, ssl_course.dino, ssl_course.moco, ssl_course.simclr  # noqa: F401 (register the methods)
+    import ssl_course.train as T
+    from ssl_course.backbones import SmallConvNet
+    cuda = torch.device("cuda")
+    torch.manual_seed(0)
+    m = _BNMethod()
+    m.encoder[1].running_mean.uniform_(); m.encoder[1].weight.data.uniform_()
+    params, state = list(m.parameters()), {k: v.clone() for k, v in m.state_dict().items()}
+    out = T.maybe_sync_batchnorm(m, cuda, world=2)
+    assert _bn_types(out) == [nn.SyncBatchNorm] * 3                         # every BN, online and target
+    assert all(a is b for a, b in zip(out.parameters(), params))             # same Parameters: an optimiser stays valid
+    assert {k: v for k, v in out.state_dict().items()}.keys() == state.keys()
+    assert all(torch.equal(out.state_dict()[k], v) for k, v in state.items())
+    # one process, or a method that does not ask (MoCo's shuffle BN): unchanged
+    assert _bn_types(T.maybe_sync_batchnorm(_BNMethod(), cuda, world=1)) == [nn.BatchNorm2d, nn.BatchNorm1d, nn.BatchNorm1d]
+    moco = build_method("moco", encoder=SmallConvNet(1, width=8), queue_size=32)
+    assert not getattr(type(moco), "sync_batchnorm", False)
+    assert nn.SyncBatchNorm not in _bn_types(T.maybe_sync_batchnorm(moco, cuda, world=2))
+    for name in ("simclr", "byol", "dino"):
+        meth = build_method(name, encoder=SmallConvNet(1, width=8))
+        assert type(meth).sync_batchnorm is True, name
+        assert set(_bn_types(T.maybe_sync_batchnorm(meth, cuda, world=4))) == {nn.SyncBatchNorm}, name
+    # CPU (gloo): SyncBatchNorm cannot run there; warn once that the statistics stay per process
+    monkeypatch.setattr(T, "_SYNC_BN_WARNED", False)
+    with pytest.warns(UserWarning, match="per process"):
+        cpu = T.maybe_sync_batchnorm(_BNMethod(), torch.device("cpu"), world=2)
+    assert nn.SyncBatchNorm not in _bn_types(cpu)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        T.maybe_sync_batchnorm(_BNMethod(), torch.device("cpu"), world=2)   # the second time: silent
+
+
+def test_fit_passes_the_method_through_maybe_sync_batchnorm(monkeypatch):
+    import ssl_course.train as T
+    seen = []
+    real = T.maybe_sync_batchnorm
+    monkeypatch.setattr(T, "maybe_sync_batchnorm", lambda method, device, world: seen.append((method, device.type, world)) or real(method, device, world))
+    method = make_method("regression")
+    fit(method, make_data("regression"), steps=1, batch_size=8, device="cpu", progress=False)
+    assert seen == [(method, "cpu", 1)]
