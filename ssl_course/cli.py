@@ -135,12 +135,30 @@ def _fresh_checkpoints(folder: Path, resume: bool, say) -> Path:
         shutil.rmtree(folder)
     return folder
 
+def _mean_pm(summary, method, k) -> str:
+    r = next(r for r in summary if r["method"] == method and r["labels_per_class"] == k)
+    return f"{r['mean']:.3f} +- {r['std']:.3f}"
+
+def _supervised_hparams(b, make_encoder, train, dev, say) -> tuple[dict, str]:
+    "The zoo's supervised protocol: lr and length chosen on a validation split (the zoo's file, else this pool's)."
+    from ssl_course import zoo
+    rec = zoo.get_recipe("simclr-fmnist-cnn")
+    cached = zoo.load_baselines(rec) if b.backbone == rec.backbone and train.image_size == 28 and train.channels == 1 else None
+    if cached is not None:
+        return cached["supervised"]["hparams"], f"chosen on a validation split of the pool ({zoo.baselines_path(rec.dataset, rec.backbone).name})"
+    say("choosing the supervised baseline's learning rate and length on a validation split of the pool ...")
+    return zoo.choose_supervised_hparams(make_encoder, train, dev, verbose=False), "chosen on a validation split of this run's pool"
+
 def run_demo(profile: str | None = None, dataset: str | None = None, device: str | None = None,
              steps: int | None = None, labels_per_class=None, seeds: int | None = None,
              train_images: int | None = None, out_dir: str | Path | None = None, resume: bool = False,
-             progress: bool = True, verbose: bool = True) -> dict:
-    """Pretrain SimCLR on the profile's unlabeled images, then compare few-label linear probes with a
-    supervised baseline trained on the same labels. Returns the report (also written to `out_dir`)."""
+             progress: bool = True, verbose: bool = True, use_zoo: bool = True) -> dict:
+    """Pretrain SimCLR live on the profile's unlabelled images, then compare on the same few labelled images (mean +- std
+    over labelled draws): its linear probe, the zoo's longer-trained SimCLR, raw pixels, the random-init encoder and the
+    same network trained from scratch (the zoo's supervised protocol); and the label multiplier of both SimCLR rows.
+    Returns the report (also written to `out_dir`)."""
+    from ssl_course import zoo
+    from ssl_course.label_efficiency import format_multiplier, label_multiplier
     t_start = time.perf_counter()
     settings = load_settings(profile=profile, device=device)
     b, dev = settings.budget, get_device(settings.device)
@@ -157,10 +175,12 @@ def run_demo(profile: str | None = None, dataset: str | None = None, device: str
     if not test.is_labeled: raise DataError(f"dataset {name!r} has no labelled test split; the demo needs one")
     out.mkdir(parents=True, exist_ok=True)
     counts = parse_label_counts(labels_per_class or b.get("demo_labels", b.labels_per_class))
-    n_seeds = int(seeds or b.seeds)
+    extra = [k for k in parse_label_counts(b.get("demo_multiplier_labels", 20)) if k > counts[-1]]
+    n_seeds = int(seeds or b.get("demo_seeds", b.seeds))
     length = {"steps": int(steps)} if steps else b.length("demo")
-    batch = int(_budget_get(b, "simclr_batch_size", b.batch_size))
-    lr = float(_budget_get(b, "simclr_lr", b.lr))
+    batch = int(_budget_get(b, "demo_batch_size", _budget_get(b, "simclr_batch_size", b.batch_size)))
+    lr = float(_budget_get(b, "demo_lr", _budget_get(b, "simclr_lr", b.lr)))
+    temperature = float(_budget_get(b, "demo_temperature", _budget_get(b, "simclr_temperature", 0.5)))
     say(f"ssl-course demo | profile {settings.profile} | {name}: {len(train)} unlabeled training images, "
         f"{len(test)} test images, {test.channels}x{test.image_size}x{test.image_size} | device {dev}")
     say(f"hardware: {hardware_summary(dev)}")
@@ -168,7 +188,7 @@ def run_demo(profile: str | None = None, dataset: str | None = None, device: str
     load_chapter_modules()
     make_encoder = lambda: build_backbone(b.backbone, in_channels=train.channels)
     method = build_method("simclr", make_encoder(), image_size=train.image_size, channels=train.channels,
-                          temperature=float(_budget_get(b, "simclr_temperature", 0.5)))
+                          temperature=temperature)
     t0 = time.perf_counter()
     total = length.get("steps") or length["epochs"] * max(1, len(train) // batch)
     hist = fit(method, train.without_labels(), **length, batch_size=batch, lr=lr, weight_decay=b.weight_decay,
@@ -181,30 +201,56 @@ def run_demo(profile: str | None = None, dataset: str | None = None, device: str
     save_model(method.encoder, str(out / "encoder.safetensors"))
 
     t0 = time.perf_counter()
+    live, zoo_row = "SimCLR (this run) + linear probe", None
     ftr, ytr = embed(method.encoder, train, device=dev); fte, yte = embed(method.encoder, test, device=dev)
     torch.manual_seed(settings.seed + 1)
     rand_enc = make_encoder()
     rtr, _ = embed(rand_enc, train, device=dev); rte, _ = embed(rand_enc, test, device=dev)
-    evaluators = {
-        "SimCLR + linear probe": probe_evaluator(ftr, ytr, fte, yte, C=0.1),
-        "random encoder + linear probe": probe_evaluator(rtr, ytr, rte, yte, C=0.1),
-        "supervised from scratch": supervised_evaluator(make_encoder, train, test, steps=b.finetune_steps,
-                                                        lr=b.lr, device=dev),
-    }
+    pix = lambda d: d.images.flatten(1).float() / 255
+    evaluators = {live: probe_evaluator(ftr, ytr, fte, yte, C=zoo.PROBE_C)}
+    zoo_info = None
+    if use_zoo and name == "fashion_mnist" and train.image_size == 28:
+        try:
+            card = zoo.load_card("simclr-fmnist-cnn")
+            zenc = zoo.load_pretrained("simclr-fmnist-cnn", device=dev)
+            zoo_row = f"SimCLR (zoo: {card['steps']} steps, {card['training']['wall_time_s'] / 60:.0f} min on {card['device']}) + linear probe"
+            ztr, _ = embed(zenc, train, device=dev); zte, _ = embed(zenc, test, device=dev)
+            evaluators[zoo_row] = probe_evaluator(ztr, ytr, zte, yte, C=zoo.PROBE_C)
+            zoo_info = {"name": card["name"], "steps": card["steps"], "wall_time_s": card["training"]["wall_time_s"],
+                        "hardware": card["hardware"], "sha256": card["weights"]["sha256"],
+                        "knn_accuracy_all_train_labels": knn_accuracy(ztr, ytr, zte, yte, k=b.knn_k, temperature=b.knn_temperature)}
+        except zoo.ZooError as e:
+            say(f"note: no zoo SimCLR row ({e})")
+    hp, hp_source = _supervised_hparams(b, make_encoder, train, dev, say)
+    def supervised(idx, seed):
+        return zoo._sup_run(make_encoder, train.subset(idx), test, zoo.supervised_steps(len(idx), hp["min_steps"]),
+                            hp["lr"], seed, dev)
+    evaluators.update({"raw pixels + linear probe": probe_evaluator(pix(train), ytr, pix(test), yte, C=zoo.PROBE_C),
+                       "random encoder + linear probe": probe_evaluator(rtr, ytr, rte, yte, C=zoo.PROBE_C),
+                       "supervised from scratch": supervised})
     rows = label_efficiency_curve(train.labels, evaluators, counts, seeds=range(n_seeds), verbose=False)
+    if extra:   # the supervised curve goes further, so the label multiplier can be read off it
+        rows += label_efficiency_curve(train.labels, {"supervised from scratch": supervised}, extra, seeds=range(n_seeds))
     eval_s = time.perf_counter() - t0
     summary = summarize_curve(rows)
+    get = lambda m, k: next(r["mean"] for r in summary if r["method"] == m and r["labels_per_class"] == k)
+    baselines = ["raw pixels + linear probe", "random encoder + linear probe", "supervised from scratch"]
 
     table = []
     for k in counts:
-        get = lambda m: next(r["mean"] for r in summary if r["method"] == m and r["labels_per_class"] == k)
-        ssl, rnd, sup = get("SimCLR + linear probe"), get("random encoder + linear probe"), get("supervised from scratch")
-        table.append({"labels/class": k, "labelled images": k * test.num_classes, "SimCLR probe": ssl,
-                      "random-init probe": rnd, "supervised": sup, "SimCLR - supervised": ssl - sup})
+        row = {"labels/class": k, "labelled images": k * test.num_classes}
+        for m in evaluators: row[m.replace(" + linear probe", "")] = _mean_pm(summary, m, k)
+        row["this run - best baseline"] = f"{get(live, k) - max(get(m, k) for m in baselines):+.3f}"
+        table.append(row)
+    multipliers = {m: [label_multiplier(summary, m, "supervised from scratch", k) for k in counts]
+                   for m in (live, zoo_row) if m}
+    claims = [{"claim": f"SimCLR (this run) >= {m} + 3 points at {k} labels/class", "value": get(live, k),
+               "required": get(m, k) + 0.03, "met": get(live, k) >= get(m, k) + 0.03}
+              for k in counts if k in (5, 10) for m in baselines]
     knn_all = knn_accuracy(ftr, ytr, fte, yte, k=b.knn_k, temperature=b.knn_temperature)
 
     import matplotlib; import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 3.8))
+    fig, ax = plt.subplots(figsize=(6.5, 4))
     plot_label_efficiency(rows, ax=ax, title=f"{name}, {settings.profile} profile: test accuracy vs labels")
     fig.tight_layout(); fig.savefig(out / "label_efficiency.png", dpi=120); plt.close(fig)
 
@@ -212,10 +258,14 @@ def run_demo(profile: str | None = None, dataset: str | None = None, device: str
         "ssl_course_version": ssl_course.__version__, "profile": settings.profile, "dataset": name,
         "device": str(dev), "hardware": hardware_summary(dev), "seed": settings.seed,
         "train_images": len(train), "test_images": len(test), "backbone": b.backbone, "method": "simclr",
-        "pretrain": {**length, "batch_size": batch, "lr": lr, "first_loss": hist["loss"][0],
+        "pretrain": {**length, "batch_size": batch, "lr": lr, "temperature": temperature, "first_loss": hist["loss"][0],
                      "last_loss": hist["loss"][-1], "seconds": round(pretrain_s, 1)},
-        "knn_accuracy_all_train_labels": knn_all,
+        "knn_accuracy_all_train_labels": knn_all, "zoo": zoo_info,
+        "supervised_protocol": {"hparams": {"lr": hp["lr"], "min_steps": hp["min_steps"]}, "source": hp_source,
+                                "steps": "max(min_steps, 30 epochs of the labelled set)", "augment": "random shift +-2 px, flips"},
+        "probe": f"standardised features + logistic regression, C={zoo.PROBE_C}",
         "labels_per_class": counts, "seeds": n_seeds, "table": table, "rows": rows, "summary": summary,
+        "label_multiplier": multipliers, "claims": claims,
         "eval_seconds": round(eval_s, 1), "total_seconds": round(time.perf_counter() - t_start, 1),
         "files": {"plot": str(out / "label_efficiency.png"), "encoder": str(out / "encoder.safetensors"),
                   "report": str(out / "report.json")},
@@ -224,8 +274,13 @@ def run_demo(profile: str | None = None, dataset: str | None = None, device: str
     tmp.write_text(json.dumps(report, indent=2)); tmp.replace(out / "report.json")
     say(f"\nSimCLR pretraining: {hist.rows[-1]['step']} steps in {pretrain_s:.0f} s, loss {hist['loss'][0]:.3f} -> "
         f"{hist['loss'][-1]:.3f}; kNN accuracy with all {len(train)} training labels: {knn_all:.3f}")
-    say(f"\nTest accuracy with few labels (mean over {n_seeds} seed{'s' * (n_seeds > 1)}, same labelled images for every row):")
+    say(f"\nTest accuracy with few labels (mean +- std over {n_seeds} labelled draw{'s' * (n_seeds > 1)}; the same labelled "
+        f"images for every column; supervised: lr {hp['lr']:g}, >= {hp['min_steps']} steps, {hp_source}):")
     say(format_table(table))
+    for m, ms in multipliers.items():
+        say(f"label multiplier of {m.replace(' + linear probe', '')} vs supervised: " +
+            ", ".join(f"{x['at_labels_per_class']}/class {format_multiplier(x)}" for x in ms))
+    for c in claims: say(f"[{'met' if c['met'] else 'MISSED'}] {c['claim']}: {c['value']:.3f} (needs {c['required']:.3f})")
     say(f"\nplot: {out / 'label_efficiency.png'}\nreport: {out / 'report.json'}\nencoder: {out / 'encoder.safetensors'}"
         f"\ntotal time: {report['total_seconds']:.0f} s")
     return report

@@ -276,7 +276,7 @@ def train_recipe(name: str, device=None, zoo: str | Path | None = None, resume: 
         f"{card['training']['last_loss']:.3f}; wrote {wpath} ({size / 2**20:.2f} MB) and its card")
     return card
 
-# %% ../nbs/24_zoo.ipynb #7f179ae3
+# %% ../nbs/24_zoo.ipynb #06a3e874
 def verify_weights(name: str, zoo: str | Path | None = None) -> dict:
     "Check the weights file against its card (exists, size, SHA-256); return the card. One clear `ZooError` otherwise."
     card = read_card(name, zoo)
@@ -323,7 +323,7 @@ def load_card(name: str, zoo=None) -> dict:
     "The verified card of `name` (weights checked too): read numbers for a chapter from here."
     return verify_weights(name, zoo)
 
-# %% ../nbs/24_zoo.ipynb #d04da3cc
+# %% ../nbs/24_zoo.ipynb #9e2bbc33
 PROTOCOL = {
     "name": "ssl-course image protocol v1", "dataset": "fashion_mnist", "pool": "train split, all 60,000 images",
     "test": "test split, all 10,000 images", "knn": {"k": 20, "temperature": 0.07, "labels": "all pool labels"},
@@ -366,7 +366,7 @@ def feature_metrics(ftr, ytr, fte, yte, labels_per_class=(1, 5, 10, 100), draws=
     return {"knn_all_labels": knn_accuracy(ftr, ytr, fte, yte, k=20, temperature=0.07),
             "probe": probe_curve(ftr, ytr, fte, yte, labels_per_class, draws)}
 
-# %% ../nbs/24_zoo.ipynb #a300cbdb
+# %% ../nbs/24_zoo.ipynb #84ae1c2d
 def _sup_run(make_encoder, train, test, steps, lr, seed, device):
     torch.manual_seed(seed)
     return train_supervised(make_encoder(), train, test, steps=steps, batch_size=min(64, len(train)), lr=lr,
@@ -404,7 +404,7 @@ def supervised_curve(make_encoder, pool, test, hp, labels_per_class=(1, 5, 10, 1
                           f"+- {out[str(k)]['std']:.4f}")
     return out
 
-# %% ../nbs/24_zoo.ipynb #68874650
+# %% ../nbs/24_zoo.ipynb #7aad2c5e
 @torch.no_grad()
 def object_attention_ratio(vit: nn.Module, images: torch.Tensor, threshold: float = 0.1) -> float:
     "Mean over images of (attention mass on object patches / object area share), [CLS] row of the last block."
@@ -416,7 +416,7 @@ def object_attention_ratio(vit: nn.Module, images: torch.Tensor, threshold: floa
     area = obj.mean(1).clamp(min=1e-6)
     return float(((att * obj).sum(1) / area).mean())
 
-# %% ../nbs/24_zoo.ipynb #3877bf19
+# %% ../nbs/24_zoo.ipynb #2077bc86
 def baselines_path(dataset: str, backbone: str, zoo=None) -> Path:
     return zoo_dir(zoo) / f"baselines-{dataset}-{backbone}.json"
 
@@ -452,7 +452,7 @@ def load_baselines(recipe: Recipe, zoo=None) -> dict | None:
     b = json.loads(p.read_text())
     return b if b.get("backbone_kwargs", {}) == recipe.backbone_kwargs else None
 
-# %% ../nbs/24_zoo.ipynb #83279342
+# %% ../nbs/24_zoo.ipynb #04f46e79
 def best_baseline(b: dict, k: int | str) -> float:
     k = str(k)
     return max(b["pixels"]["probe"][k]["mean"], b["random_init"]["probe"][k]["mean"], b["supervised"]["accuracy"][k]["mean"])
@@ -484,7 +484,7 @@ def image_targets(recipe: Recipe, m: dict, b: dict) -> list[dict]:
                           probe(b["random_init"], 10) + 0.03))
     return out
 
-# %% ../nbs/24_zoo.ipynb #97fe1b33
+# %% ../nbs/24_zoo.ipynb #eecc5583
 def subset_figures(encoder: nn.Module, dataset: str = "fashion_mnist", device="cpu") -> dict:
     "The card's fixed small check: 2,000 pool / 500 test images; a test recomputes these exactly from the weights."
     pool, test = _eval_data(dataset, 2000, 500, get_settings().data_dir)
@@ -573,7 +573,7 @@ def format_comparison(card: dict) -> str:
         lines.append(f"[{'met' if t['met'] else 'MISSED'}] {t['claim']}: {t['value']:.3f} (needs {t['required']:.3f})")
     return "\n".join(lines)
 
-# %% ../nbs/24_zoo.ipynb #107514ba
+# %% ../nbs/24_zoo.ipynb #99232d3d
 def verify_zoo(zoo=None, names: Sequence[str] | None = None, load: bool = True) -> list[dict]:
     "Check every card present (or `names`): schema, hash, size, load round trip; and the zoo's total size."
     zdir = zoo_dir(zoo)
@@ -593,7 +593,8 @@ def zoo_table(zoo=None) -> list[dict]:
     "One row per recipe: trained or not, its headline numbers when evaluated."
     rows = []
     for r in RECIPES.values():
-        row = {"name": r.name, "method": r.method, "chapter": r.chapter, "steps": r.steps, "status": "not trained"}
+        row = {"name": r.name, "method": r.method, "chapter": r.chapter, "steps": r.steps, "status": "not trained",
+               "trained": "", "probe@10": "", "kNN": "", "targets met": ""}
         p = card_path(r.name, zoo)
         if p.is_file():
             card = json.loads(p.read_text())

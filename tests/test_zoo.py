@@ -179,3 +179,23 @@ def test_evaluated_cards_exist_and_record_their_protocol():
         for k in ("1", "5", "10", "100"):
             assert len(m["probe"][k]["values"]) == 3 and len(m["baselines"]["supervised"][k]["values"]) == 3
         assert all({"claim", "value", "required", "met"} <= set(t) for t in m["targets"])
+
+
+def test_zoo_trainer_killed_then_resumed_ends_bit_identical(tmp_path):
+    "kill -9 a real `train_recipe` process after its second checkpoint; `resume=True` ends at the same bytes."
+    import os, signal, subprocess, sys, time
+    code = ("import sys; from ssl_course import zoo; zoo.train_recipe('rotation-fmnist-cnn', device='cpu', zoo=sys.argv[1], "
+            "steps=60, max_items=1024, progress=False, run_dir=sys.argv[2], resume=sys.argv[3] == '1', verbose=False)")
+    ref = subprocess.run([sys.executable, "-c", code, str(tmp_path / "ref"), str(tmp_path / "ref-run"), "0"], check=True)
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "z"), str(tmp_path / "run"), "0"])
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list((tmp_path / "run").glob("step-*"))) < 2 and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed; give it more steps"
+    os.kill(proc.pid, signal.SIGKILL); proc.wait()
+    assert not (tmp_path / "z" / "rotation-fmnist-cnn.safetensors").exists()
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "z"), str(tmp_path / "run"), "1"], check=True)
+    a = json.loads((tmp_path / "ref" / "rotation-fmnist-cnn.json").read_text())
+    b = json.loads((tmp_path / "z" / "rotation-fmnist-cnn.json").read_text())
+    assert b["training"]["resumed"] and b["steps"] == 60
+    assert a["weights"]["sha256"] == b["weights"]["sha256"]
