@@ -202,44 +202,76 @@ def run_demo(profile: str | None = None, dataset: str | None = None, device: str
 
     t0 = time.perf_counter()
     live, zoo_row = "SimCLR (this run) + linear probe", None
-    ftr, ytr = embed(method.encoder, train, device=dev); fte, yte = embed(method.encoder, test, device=dev)
-    torch.manual_seed(settings.seed + 1)
-    rand_enc = make_encoder()
-    rtr, _ = embed(rand_enc, train, device=dev); rte, _ = embed(rand_enc, test, device=dev)
-    pix = lambda d: d.images.flatten(1).float() / 255
-    evaluators = {live: probe_evaluator(ftr, ytr, fte, yte, C=zoo.PROBE_C)}
-    zoo_info = None
-    if use_zoo and name == "fashion_mnist" and train.image_size == 28:
-        try:
-            card = zoo.load_card("simclr-fmnist-cnn")
-            zenc = zoo.load_pretrained("simclr-fmnist-cnn", device=dev)
-            zoo_row = f"SimCLR (zoo: {card['steps']} steps, {card['training']['wall_time_s'] / 60:.0f} min on {card['device']}) + linear probe"
-            ztr, _ = embed(zenc, train, device=dev); zte, _ = embed(zenc, test, device=dev)
-            evaluators[zoo_row] = probe_evaluator(ztr, ytr, zte, yte, C=zoo.PROBE_C)
-            zoo_info = {"name": card["name"], "steps": card["steps"], "wall_time_s": card["training"]["wall_time_s"],
-                        "hardware": card["hardware"], "sha256": card["weights"]["sha256"],
-                        "knn_accuracy_all_train_labels": knn_accuracy(ztr, ytr, zte, yte, k=b.knn_k, temperature=b.knn_temperature)}
-        except zoo.ZooError as e:
-            say(f"note: no zoo SimCLR row ({e})")
-    hp, hp_source = _supervised_hparams(b, make_encoder, train, dev, say)
-    def supervised(idx, seed):
-        return zoo._sup_run(make_encoder, train.subset(idx), test, zoo.supervised_steps(len(idx), hp["min_steps"]),
-                            hp["lr"], seed, dev)
-    evaluators.update({"raw pixels + linear probe": probe_evaluator(pix(train), ytr, pix(test), yte, C=zoo.PROBE_C),
-                       "random encoder + linear probe": probe_evaluator(rtr, ytr, rte, yte, C=zoo.PROBE_C),
-                       "supervised from scratch": supervised})
-    rows = label_efficiency_curve(train.labels, evaluators, counts, seeds=range(n_seeds), verbose=False)
-    if extra:   # the supervised curve goes further, so the label multiplier can be read off it
-        rows += label_efficiency_curve(train.labels, {"supervised from scratch": supervised}, extra, seeds=range(n_seeds))
+    rec = zoo.get_recipe("simclr-fmnist-cnn")
+    protocol = name == rec.dataset and train.image_size == rec.image_size and b.backbone == rec.backbone \
+        and set(counts) <= set(zoo.PROTOCOL["labels_per_class"])
+    if protocol:
+        # The zoo's protocol: labelled draws from all 60,000 training images, all 10,000 test images; the baselines
+        # (raw pixels, random init, the same CNN trained from scratch with its lr/length chosen on a validation split)
+        # come from zoo/baselines-*.json, measured by `ssl-course zoo evaluate` on exactly these labelled images.
+        bl = zoo.load_baselines(rec)
+        if bl is None:
+            say("computing the zoo's baselines once (raw pixels, random init, supervised from scratch) ...")
+            bl = zoo.compute_baselines(rec, dev, verbose=verbose)
+        pool, test = zoo._eval_data(name, None, None, settings.data_dir)
+        ftr, ytr = embed(method.encoder, pool, device=dev); fte, yte = embed(method.encoder, test, device=dev)
+        draws = zoo.PROTOCOL["draws"][:n_seeds]
+        n_seeds = len(draws)
+        curve = zoo.probe_curve(ftr, ytr, fte, yte, counts, draws)
+        rows = [{"method": live, "labels_per_class": k, "seed": s, "accuracy": a}
+                for k in counts for s, a in zip(draws, curve[str(k)]["values"])]
+        def add(method_name, d, ks):
+            rows.extend({"method": method_name, "labels_per_class": int(k), "seed": s, "accuracy": a}
+                        for k in ks for s, a in zip(draws, d[str(k)]["values"][:n_seeds]))
+        zoo_info = None
+        if use_zoo:
+            try:
+                card = zoo.load_card(rec.name)
+                if not card["metrics"]: raise zoo.ZooError(f"{rec.name} is trained but not evaluated (ssl-course zoo evaluate {rec.name})")
+                zoo_row = f"SimCLR (zoo: {card['steps']} steps, {card['training']['wall_time_s'] / 60:.0f} min on {card['device']}) + linear probe"
+                add(zoo_row, card["metrics"]["probe"], counts)
+                zoo_info = {"name": card["name"], "steps": card["steps"], "wall_time_s": card["training"]["wall_time_s"],
+                            "hardware": card["hardware"], "sha256": card["weights"]["sha256"],
+                            "knn_accuracy_all_train_labels": card["metrics"]["knn_all_labels"]}
+            except zoo.ZooError as e:
+                say(f"note: no zoo SimCLR row ({e})")
+        add("raw pixels + linear probe", bl["pixels"]["probe"], counts)
+        add("random encoder + linear probe", bl["random_init"]["probe"], counts)
+        add("supervised from scratch", bl["supervised"]["accuracy"], zoo.PROTOCOL["labels_per_class"])
+        hp, hp_source = bl["supervised"]["hparams"], f"the zoo's protocol, {zoo.baselines_path(rec.dataset, rec.backbone).name}"
+        knn_all = knn_accuracy(ftr, ytr, fte, yte, k=20, temperature=0.07)
+        eval_pool, eval_test = len(pool), len(test)
+    else:
+        # Another dataset or size: every baseline is computed here, on this run's pool and test images.
+        ftr, ytr = embed(method.encoder, train, device=dev); fte, yte = embed(method.encoder, test, device=dev)
+        torch.manual_seed(settings.seed + 1)
+        rand_enc = make_encoder()
+        rtr, _ = embed(rand_enc, train, device=dev); rte, _ = embed(rand_enc, test, device=dev)
+        pix = lambda d: d.images.flatten(1).float() / 255
+        hp, hp_source = _supervised_hparams(b, make_encoder, train, dev, say)
+        def supervised(idx, seed):
+            return zoo._sup_run(make_encoder, train.subset(idx), test, zoo.supervised_steps(len(idx), hp["min_steps"]),
+                                hp["lr"], seed, dev)
+        evaluators = {live: probe_evaluator(ftr, ytr, fte, yte, C=zoo.PROBE_C),
+                      "raw pixels + linear probe": probe_evaluator(pix(train), ytr, pix(test), yte, C=zoo.PROBE_C),
+                      "random encoder + linear probe": probe_evaluator(rtr, ytr, rte, yte, C=zoo.PROBE_C),
+                      "supervised from scratch": supervised}
+        rows = label_efficiency_curve(train.labels, evaluators, counts, seeds=range(n_seeds), verbose=False)
+        if extra:   # the supervised curve goes further, so the label multiplier can be read off it
+            rows += label_efficiency_curve(train.labels, {"supervised from scratch": supervised}, extra, seeds=range(n_seeds))
+        zoo_info = None
+        knn_all = knn_accuracy(ftr, ytr, fte, yte, k=b.knn_k, temperature=b.knn_temperature)
+        eval_pool, eval_test = len(train), len(test)
     eval_s = time.perf_counter() - t0
     summary = summarize_curve(rows)
     get = lambda m, k: next(r["mean"] for r in summary if r["method"] == m and r["labels_per_class"] == k)
     baselines = ["raw pixels + linear probe", "random encoder + linear probe", "supervised from scratch"]
+    columns = [live] + ([zoo_row] if zoo_row else []) + baselines
 
     table = []
     for k in counts:
         row = {"labels/class": k, "labelled images": k * test.num_classes}
-        for m in evaluators: row[m.replace(" + linear probe", "")] = _mean_pm(summary, m, k)
+        for m in columns: row[m.replace(" + linear probe", "")] = _mean_pm(summary, m, k)
         row["this run - best baseline"] = f"{get(live, k) - max(get(m, k) for m in baselines):+.3f}"
         table.append(row)
     multipliers = {m: [label_multiplier(summary, m, "supervised from scratch", k) for k in counts]
@@ -247,7 +279,6 @@ def run_demo(profile: str | None = None, dataset: str | None = None, device: str
     claims = [{"claim": f"SimCLR (this run) >= {m} + 3 points at {k} labels/class", "value": get(live, k),
                "required": get(m, k) + 0.03, "met": get(live, k) >= get(m, k) + 0.03}
               for k in counts if k in (5, 10) for m in baselines]
-    knn_all = knn_accuracy(ftr, ytr, fte, yte, k=b.knn_k, temperature=b.knn_temperature)
 
     import matplotlib; import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6.5, 4))
@@ -257,7 +288,8 @@ def run_demo(profile: str | None = None, dataset: str | None = None, device: str
     report = {
         "ssl_course_version": ssl_course.__version__, "profile": settings.profile, "dataset": name,
         "device": str(dev), "hardware": hardware_summary(dev), "seed": settings.seed,
-        "train_images": len(train), "test_images": len(test), "backbone": b.backbone, "method": "simclr",
+        "train_images": len(train), "test_images": eval_test, "labelled_pool": eval_pool, "backbone": b.backbone,
+        "method": "simclr", "evaluation": "zoo protocol" if protocol else "this run's pool and test images",
         "pretrain": {**length, "batch_size": batch, "lr": lr, "temperature": temperature, "first_loss": hist["loss"][0],
                      "last_loss": hist["loss"][-1], "seconds": round(pretrain_s, 1)},
         "knn_accuracy_all_train_labels": knn_all, "zoo": zoo_info,
@@ -272,10 +304,11 @@ def run_demo(profile: str | None = None, dataset: str | None = None, device: str
     }
     tmp = out / "report.json.tmp"
     tmp.write_text(json.dumps(report, indent=2)); tmp.replace(out / "report.json")
-    say(f"\nSimCLR pretraining: {hist.rows[-1]['step']} steps in {pretrain_s:.0f} s, loss {hist['loss'][0]:.3f} -> "
-        f"{hist['loss'][-1]:.3f}; kNN accuracy with all {len(train)} training labels: {knn_all:.3f}")
-    say(f"\nTest accuracy with few labels (mean +- std over {n_seeds} labelled draw{'s' * (n_seeds > 1)}; the same labelled "
-        f"images for every column; supervised: lr {hp['lr']:g}, >= {hp['min_steps']} steps, {hp_source}):")
+    say(f"\nSimCLR pretraining: {hist.rows[-1]['step']} steps in {pretrain_s:.0f} s on {len(train)} unlabelled images, loss "
+        f"{hist['loss'][0]:.3f} -> {hist['loss'][-1]:.3f}; kNN accuracy with all {eval_pool} pool labels: {knn_all:.3f}")
+    say(f"\nTest accuracy on {eval_test} test images with few labels drawn from {eval_pool} images (mean +- std over "
+        f"{n_seeds} labelled draw{'s' * (n_seeds > 1)}; the same labelled images in every column; supervised: lr {hp['lr']:g}, "
+        f">= {hp['min_steps']} steps, augmentation; {hp_source}):")
     say(format_table(table))
     for m, ms in multipliers.items():
         say(f"label multiplier of {m.replace(' + linear probe', '')} vs supervised: " +

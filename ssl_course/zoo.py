@@ -373,10 +373,11 @@ def _sup_run(make_encoder, train, test, steps, lr, seed, device):
                             weight_decay=5e-4, augment=_augment, device=device, seed=seed).accuracy
 
 def choose_supervised_hparams(make_encoder, pool, device=None, verbose=True) -> dict:
-    "Pick lr and min_steps from `SUP_GRID` by accuracy on 5,000 validation images of the pool (10 labels/class)."
+    "Pick lr and min_steps from `SUP_GRID` by accuracy on 5,000 validation images of the pool (10 labels/class, drawn from the rest)."
     g = torch.Generator().manual_seed(1234)
     perm = torch.randperm(len(pool), generator=g)
-    val, rest = perm[:5000], perm[5000:]
+    n_val = min(5000, len(pool) // 4)                     # small pools (e.g. digits) keep three quarters for training
+    val, rest = perm[:n_val], perm[n_val:]
     lab = rest[sample_per_class(pool.labels[rest], 10, seed=1234)]
     train, val_ds = pool.subset(lab), pool.subset(val)
     scores = []

@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -64,7 +65,7 @@ def test_demo_end_to_end_on_digits(tmp_path):
     assert (out / "label_efficiency.png").stat().st_size > 1000 and (out / "encoder.safetensors").exists()
     acc = {(r["method"], r["labels_per_class"]): r["accuracy"] for r in rep["rows"]}
     assert all(a > 0.2 for a in acc.values())                     # above 10-class chance
-    assert "SimCLR probe" in p.stdout and "labels/class" in p.stdout
+    assert "SimCLR (this run)" in p.stdout and "labels/class" in p.stdout and "label multiplier" in p.stdout
     # the finished run resumes to the same place without training again
     p2 = run_cli(*args, "--resume")
     assert p2.returncode == 0, p2.stderr[-3000:]
@@ -79,3 +80,21 @@ def test_pretrain_every_joint_embedding_method(method, tmp_path, capsys):
     rep = json.loads((out / "report.json").read_text())
     assert rep["method"] == method and rep["steps"] == 3 and (out / "encoder.safetensors").stat().st_size > 0
     assert 0.0 <= rep["knn_accuracy_100_per_class"] <= 1.0
+
+
+def test_committed_demo_report_has_the_live_and_zoo_rows_and_their_multipliers():
+    "reports/demo_quick.json (what chapter 08 prints) holds both SimCLR rows on the same draws, and claims that add up."
+    rep = json.loads((Path(__file__).resolve().parents[1] / "reports" / "demo_quick.json").read_text())
+    methods = {r["method"] for r in rep["rows"]}
+    live = "SimCLR (this run) + linear probe"
+    zoo_rows = [m for m in methods if m.startswith("SimCLR (zoo")]
+    assert live in methods and len(zoo_rows) == 1
+    assert {"raw pixels + linear probe", "random encoder + linear probe", "supervised from scratch"} <= methods
+    assert set(rep["label_multiplier"]) == {live, zoo_rows[0]}
+    for k in rep["labels_per_class"]:
+        seeds = {m: sorted(r["seed"] for r in rep["rows"] if r["method"] == m and r["labels_per_class"] == k) for m in methods}
+        assert len(set(map(tuple, seeds.values()))) == 1 and len(seeds[live]) == rep["seeds"] == 3
+    summary = {(r["method"], r["labels_per_class"]): r["mean"] for r in rep["summary"]}
+    for c in rep["claims"]:
+        assert c["met"] == (c["value"] >= c["required"])
+        assert c["value"] == summary[(live, int(c["claim"].split(" at ")[1].split()[0]))]
