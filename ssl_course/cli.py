@@ -181,8 +181,8 @@ def run_demo(profile: str | None = None, dataset: str | None = None, device: str
     batch = int(_budget_get(b, "demo_batch_size", _budget_get(b, "simclr_batch_size", b.batch_size)))
     lr = float(_budget_get(b, "demo_lr", _budget_get(b, "simclr_lr", b.lr)))
     temperature = float(_budget_get(b, "demo_temperature", _budget_get(b, "simclr_temperature", 0.5)))
-    say(f"ssl-course demo | profile {settings.profile} | {name}: {len(train)} unlabeled training images, "
-        f"{len(test)} test images, {test.channels}x{test.image_size}x{test.image_size} | device {dev}")
+    say(f"ssl-course demo | profile {settings.profile} | {name}: pretraining on {len(train)} unlabelled images "
+        f"({test.channels}x{test.image_size}x{test.image_size}), {length} x batch {batch} | device {dev}")
     say(f"hardware: {hardware_summary(dev)}")
 
     load_chapter_modules()

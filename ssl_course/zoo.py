@@ -150,6 +150,7 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     try:
         write(Path(tmp))
         with open(tmp, "rb+") as f: os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)                                           # mkstemp makes 0600; zoo files are for everyone
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp): os.remove(tmp)
@@ -232,6 +233,7 @@ def train_recipe(name: str, device=None, zoo: str | Path | None = None, resume: 
     settings = get_settings()
     dev = get_device(device)
     say = print if verbose else (lambda *a, **k: None)
+    commit = _git_commit()                    # the code this process runs: read before training, not after
     seed_everything(recipe.seed)
     data = _training_data(recipe, settings.data_dir, max_items)
     channels = getattr(data, "channels", 1)
@@ -260,7 +262,7 @@ def train_recipe(name: str, device=None, zoo: str | Path | None = None, resume: 
                        "shrink the recipe's encoder")
     card = {
         "format": ZOO_FORMAT, "name": name, "recipe": recipe.to_dict(), "command": recipe.command(dev.type),
-        "git_commit": _git_commit(), "ssl_course_version": ssl_course.__version__, "seed": recipe.seed,
+        "git_commit": commit, "ssl_course_version": ssl_course.__version__, "seed": recipe.seed,
         "steps": hist.rows[-1]["step"] if hist.rows else n_steps,
         "data": {"dataset": recipe.dataset, "split": "train", "items": len(data), "labels_used": False},
         "training": {"wall_time_s": round(wall, 1), "resumed": bool(resume), "first_loss": hist["loss"][0] if len(hist) else None,
@@ -425,6 +427,7 @@ def compute_baselines(recipe: Recipe, device=None, zoo=None, verbose=True, pool_
                       write: bool = True) -> dict:
     "Raw pixels, the random-init encoder and the network trained from scratch, on the protocol's labelled draws."
     dev = get_device(device)
+    commit = _git_commit()
     pool, test = _eval_data(recipe.dataset, pool_items, test_items, get_settings().data_dir)
     t0 = time.perf_counter()
     say = print if verbose else (lambda *a, **k: None)
@@ -441,7 +444,7 @@ def compute_baselines(recipe: Recipe, device=None, zoo=None, verbose=True, pool_
     out = {"format": ZOO_FORMAT, "dataset": recipe.dataset, "backbone": recipe.backbone,
            "backbone_kwargs": recipe.backbone_kwargs, "protocol": PROTOCOL, "pixels": px, "random_init": rnd,
            "supervised": {"hparams": hp, "accuracy": sup}, "hardware": hardware_summary(dev),
-           "wall_time_s": round(time.perf_counter() - t0, 1), "git_commit": _git_commit()}
+           "wall_time_s": round(time.perf_counter() - t0, 1), "git_commit": commit}
     if recipe.backbone.startswith("vit"):
         out["random_init"]["object_attention_ratio"] = object_attention_ratio(rand.to(dev), test.as_tensors(dev)[0][:1000])
     if write: write_json_atomic(baselines_path(recipe.dataset, recipe.backbone, zoo), out)
