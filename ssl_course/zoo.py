@@ -105,7 +105,7 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
     _img("byol-fmnist-cnn", "byol", "byol", "14_byol", steps=2000, batch_size=256, lr=3e-3,
          description="BYOL, predictor + EMA target (tau 0.996 -> 1, cosine)"),
     _img("dino-fmnist-vit", "dino", "dino", "15_dino", backbone="vit_tiny", steps=1500, batch_size=64, lr=5e-4,
-         weight_decay=0.04, method_kwargs={"out_dim": 1024, "local_crops": 4},
+         weight_decay=0.04, method_kwargs={"out_dim": 1024, "n_local": 4},
          description="DINO with the course's ViT-tiny (patch 4), 2 global + 4 local crops"),
     _img("mae-fmnist-vit", "mae", "mae", "16_mae", backbone="vit_tiny", backbone_kwargs={"pos_embed": "sincos"},
          steps=3000, batch_size=256, lr=1.5e-3, weight_decay=0.05, finetune=True,
@@ -254,8 +254,9 @@ def train_recipe(name: str, device=None, zoo: str | Path | None = None, resume: 
     zdir = zoo_dir(zoo); zdir.mkdir(parents=True, exist_ok=True)
     wpath = weights_path(name, zdir)
     tensors = _saved_tensors(recipe, model)
-    _atomic_write(wpath, lambda p: save_file(tensors, str(p), metadata={"format": f"ssl-course-zoo/{ZOO_FORMAT}",
-                                                                          "recipe": name}))
+    # One metadata key: safetensors writes a metadata map in an order that can change from process to process, and the
+    # card's SHA-256 must be reproducible byte for byte.
+    _atomic_write(wpath, lambda p: save_file(tensors, str(p), metadata={"ssl-course-zoo": f"format {ZOO_FORMAT}, recipe {name}"}))
     size = wpath.stat().st_size
     if size > MAX_FILE_BYTES:
         raise ZooError(f"{wpath} is {size / 2**20:.1f} MB, over the zoo's {MAX_FILE_BYTES // 2**20} MB per file; "
