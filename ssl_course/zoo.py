@@ -565,7 +565,6 @@ def plot_card(card: dict, ax=None, title: str | None = None):
     return ax
 
 def format_comparison(card: dict) -> str:
-    from ssl_course.evaluate import few_label_table  # noqa: F401  (keeps evaluate the home of tables)
     rows = comparison_rows(card)
     cols = list(rows[0])
     w = [max(len(c), *(len(str(r[c])) for r in rows)) for c in cols]
