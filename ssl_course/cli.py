@@ -247,13 +247,12 @@ def run_demo(profile: str | None = None, dataset: str | None = None, device: str
         torch.manual_seed(settings.seed + 1)
         rand_enc = make_encoder()
         rtr, _ = embed(rand_enc, train, device=dev); rte, _ = embed(rand_enc, test, device=dev)
-        pix = lambda d: d.images.flatten(1).float() / 255
         hp, hp_source = _supervised_hparams(b, make_encoder, train, dev, say)
         def supervised(idx, seed):
             return zoo._sup_run(make_encoder, train.subset(idx), test, zoo.supervised_steps(len(idx), hp["min_steps"]),
                                 hp["lr"], seed, dev)
         evaluators = {live: probe_evaluator(ftr, ytr, fte, yte, C=zoo.PROBE_C),
-                      "raw pixels + linear probe": probe_evaluator(pix(train), ytr, pix(test), yte, C=zoo.PROBE_C),
+                      "raw pixels + linear probe": probe_evaluator(zoo._pixels(train), ytr, zoo._pixels(test), yte, C=zoo.PROBE_C),
                       "random encoder + linear probe": probe_evaluator(rtr, ytr, rte, yte, C=zoo.PROBE_C),
                       "supervised from scratch": supervised}
         rows = label_efficiency_curve(train.labels, evaluators, counts, seeds=range(n_seeds), verbose=False)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-import hashlib
 import importlib
 import json
 import math
@@ -28,19 +27,19 @@ import torch.nn as nn
 
 import ssl_course
 from .core import get_device, get_settings, hardware_summary, seed_everything
-from .data import DataError, load_dataset, sample_per_class
+from .data import DataError, load_dataset, sample_per_class, sha256_file
 from .backbones import build_backbone
 from .train import METHODS, build_method, fit
 from .evaluate import embed, knn_accuracy, linear_probe, random_shift, train_supervised, fine_tune
 
 # %% auto #0
-__all__ = ['ZOO_FORMAT', 'ZOO_ENV', 'MAX_FILE_BYTES', 'MAX_ZOO_BYTES', 'RECIPES', 'CARD_KEYS', 'PROTOCOL', 'PROBE_C', 'SUP_GRID',
-           'SUP_EPOCHS', 'ZooError', 'Recipe', 'get_recipe', 'list_recipes', 'zoo_dir', 'sha256_of',
-           'write_json_atomic', 'card_path', 'weights_path', 'read_card', 'build_encoder', 'build_model',
-           'train_recipe', 'verify_weights', 'load_pretrained', 'load_card', 'supervised_steps', 'probe_curve',
-           'feature_metrics', 'choose_supervised_hparams', 'supervised_curve', 'object_attention_ratio',
-           'baselines_path', 'compute_baselines', 'load_baselines', 'best_baseline', 'image_targets', 'subset_figures',
-           'evaluate_recipe', 'comparison_rows', 'plot_card', 'format_comparison', 'verify_zoo', 'zoo_table']
+__all__ = ['ZOO_FORMAT', 'ZOO_ENV', 'MAX_FILE_BYTES', 'MAX_ZOO_BYTES', 'RECIPES', 'sha256_of', 'CARD_KEYS', 'PROTOCOL', 'PROBE_C',
+           'SUP_GRID', 'SUP_EPOCHS', 'ZooError', 'Recipe', 'get_recipe', 'list_recipes', 'zoo_dir', 'write_json_atomic',
+           'card_path', 'weights_path', 'read_card', 'build_encoder', 'build_model', 'train_recipe', 'verify_weights',
+           'load_pretrained', 'load_card', 'supervised_steps', 'probe_curve', 'feature_metrics',
+           'choose_supervised_hparams', 'supervised_curve', 'object_attention_ratio', 'baselines_path',
+           'compute_baselines', 'load_baselines', 'best_baseline', 'image_targets', 'subset_figures', 'evaluate_recipe',
+           'comparison_rows', 'plot_card', 'format_comparison', 'verify_zoo', 'zoo_table']
 
 # %% ../nbs/24_zoo.ipynb #e1e462c6
 class ZooError(RuntimeError):
@@ -80,34 +79,31 @@ class Recipe:
     def command(self, device: str = "cpu") -> str: return f"ssl-course zoo train {self.name} --device {device}"
     def to_dict(self) -> dict: return dataclasses.asdict(self)
 
-# %% ../nbs/24_zoo.ipynb #de978cc0
-def _img(name, method, module, chapter, **kw) -> Recipe:
-    return Recipe(name=name, method=method, module=module, chapter=chapter, **kw)
-
+# %% ../nbs/24_zoo.ipynb #9a05c70f
 RECIPES: dict[str, Recipe] = {r.name: r for r in [
-    _img("autoencoder-fmnist-cnn", "autoencoder", "autoencoders", "10_autoencoders", steps=1500, batch_size=128,
+    Recipe("autoencoder-fmnist-cnn", "autoencoder", "autoencoders", "10_autoencoders", steps=1500, batch_size=128,
          description="plain autoencoder, Bernoulli (BCE) reconstruction"),
-    _img("dae-fmnist-cnn", "dae", "autoencoders", "10_autoencoders", steps=1500, batch_size=128,
+    Recipe("dae-fmnist-cnn", "dae", "autoencoders", "10_autoencoders", steps=1500, batch_size=128,
          method_kwargs={"noise": "gaussian"}, description="denoising autoencoder, Gaussian noise sigma 0.3"),
-    _img("vae-fmnist-cnn", "vae", "autoencoders", "10_autoencoders", steps=1500, batch_size=128,
+    Recipe("vae-fmnist-cnn", "vae", "autoencoders", "10_autoencoders", steps=1500, batch_size=128,
          description="VAE, 16-d Gaussian latent, beta 1"),
-    _img("rotation-fmnist-cnn", "rotation", "pretext", "11_pretext_tasks", steps=1500, batch_size=128,
+    Recipe("rotation-fmnist-cnn", "rotation", "pretext", "11_pretext_tasks", steps=1500, batch_size=128,
          description="RotNet: 4-way rotation prediction"),
-    _img("jigsaw-fmnist-cnn", "jigsaw", "pretext", "11_pretext_tasks", steps=1500, batch_size=128,
+    Recipe("jigsaw-fmnist-cnn", "jigsaw", "pretext", "11_pretext_tasks", steps=1500, batch_size=128,
          description="jigsaw: 3x3 tiles, 100 maximally different permutations"),
-    _img("inpainting-fmnist-cnn", "inpainting", "pretext", "11_pretext_tasks", steps=1500, batch_size=128,
+    Recipe("inpainting-fmnist-cnn", "inpainting", "pretext", "11_pretext_tasks", steps=1500, batch_size=128,
          description="context encoder: paint back an erased square"),
-    _img("simclr-fmnist-cnn", "simclr", "simclr", "12_simclr", steps=3000, batch_size=256, lr=3e-3,
+    Recipe("simclr-fmnist-cnn", "simclr", "simclr", "12_simclr", steps=3000, batch_size=256, lr=3e-3,
          method_kwargs={"temperature": 0.2}, description="SimCLR, NT-Xent at T 0.2, batch 256"),
-    _img("moco-fmnist-cnn", "moco", "moco", "13_moco", steps=3000, batch_size=256, lr=3e-3,
+    Recipe("moco-fmnist-cnn", "moco", "moco", "13_moco", steps=3000, batch_size=256, lr=3e-3,
          method_kwargs={"temperature": 0.2, "queue_size": 4096, "momentum": 0.99},
          description="MoCo v2, queue 4096, key-encoder momentum 0.99, T 0.2"),
-    _img("byol-fmnist-cnn", "byol", "byol", "14_byol", steps=2000, batch_size=256, lr=3e-3,
+    Recipe("byol-fmnist-cnn", "byol", "byol", "14_byol", steps=2000, batch_size=256, lr=3e-3,
          description="BYOL, predictor + EMA target (tau 0.996 -> 1, cosine)"),
-    _img("dino-fmnist-vit", "dino", "dino", "15_dino", backbone="vit_tiny", steps=1500, batch_size=64, lr=5e-4,
+    Recipe("dino-fmnist-vit", "dino", "dino", "15_dino", backbone="vit_tiny", steps=1500, batch_size=64, lr=5e-4,
          weight_decay=0.04, method_kwargs={"out_dim": 1024, "n_local": 4},
          description="DINO with the course's ViT-tiny (patch 4), 2 global + 4 local crops"),
-    _img("mae-fmnist-vit", "mae", "mae", "16_mae", backbone="vit_tiny", backbone_kwargs={"pos_embed": "sincos"},
+    Recipe("mae-fmnist-vit", "mae", "mae", "16_mae", backbone="vit_tiny", backbone_kwargs={"pos_embed": "sincos"},
          steps=3000, batch_size=256, lr=1.5e-3, weight_decay=0.05, finetune=True,
          description="MAE, mask ratio 0.75, normalised-pixel loss, ViT-tiny (patch 4)"),
     Recipe("mlm-wordnet-bert", "mlm", "mlm", "17_bert_mlm", dataset="wordnet_glosses", backbone="", steps=4000,
@@ -137,11 +133,7 @@ def zoo_dir(path: str | Path | None = None) -> Path:
     if repo.is_dir(): return repo
     return Path(get_settings().data_dir) / "zoo"
 
-def sha256_of(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for b in iter(lambda: f.read(1 << 20), b""): h.update(b)
-    return h.hexdigest()
+sha256_of = sha256_file                  # the data module's streaming SHA-256, under the name the zoo's API uses
 
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     "Write through a temporary file in the same folder, fsync, then rename: a crash never leaves half a file."
@@ -505,9 +497,8 @@ def evaluate_recipe(name: str, device=None, zoo=None, recompute_baselines: bool 
         raise ZooError(f"{name} is a {recipe.protocol} recipe; its evaluation lives in chapter {recipe.chapter} "
                        "(the image protocol covers the image recipes)")
     dev = get_device(device)
-    card = verify_weights(name, zoo)
     t0 = time.perf_counter()
-    enc = load_pretrained(name, zoo, device=dev)
+    enc = load_pretrained(name, zoo, device=dev)             # checks the weights against the card first
     b = None if recompute_baselines else load_baselines(recipe, zoo)
     if b is None: b = compute_baselines(recipe, dev, zoo, verbose)
     pool, test = _eval_data(recipe.dataset, None, None, get_settings().data_dir)
