@@ -166,7 +166,14 @@ def _evaluated_cards():
 def test_subset_figures_reproduce_the_card(name):
     "`zoo evaluate` on the fixed small subset, recomputed from the committed weights, gives the card's figures exactly."
     card = zoo.load_card(name, REPO_ZOO)
-    got = zoo.subset_figures(zoo.load_pretrained(name, REPO_ZOO), card["recipe"]["dataset"])
+    if card["recipe"]["protocol"] == "text":
+        tok = zoo._text_tokenizer(name, REPO_ZOO)
+        corpus = zoo.text_data(name, "wordnet_glosses", "test", REPO_ZOO, tok)
+        got = zoo.text_subset_figures(zoo.load_pretrained(name, REPO_ZOO, data=corpus), corpus,
+                                      zoo.text_data(name, "wordnet_categories", "train", REPO_ZOO, tok),
+                                      zoo.text_data(name, "wordnet_categories", "test", REPO_ZOO, tok))
+    else:
+        got = zoo.subset_figures(zoo.load_pretrained(name, REPO_ZOO), card["recipe"]["dataset"])
     assert got == card["metrics"]["subset_check"]
 
 
@@ -174,10 +181,16 @@ def test_evaluated_cards_exist_and_record_their_protocol():
     names = _evaluated_cards()
     assert "simclr-fmnist-cnn" in names
     for n in names:
-        m = zoo.read_card(n, REPO_ZOO)["metrics"]
-        assert m["protocol"]["name"] == zoo.PROTOCOL["name"]
-        for k in ("1", "5", "10", "100"):
-            assert len(m["probe"][k]["values"]) == 3 and len(m["baselines"]["supervised"][k]["values"]) == 3
+        card = zoo.read_card(n, REPO_ZOO); m = card["metrics"]
+        if card["recipe"]["protocol"] == "text":
+            assert m["protocol"]["name"] == zoo.TEXT_PROTOCOL["name"]
+            for k in ("5", "20", "100"):
+                assert all(len(m[c][k]["values"]) == 3 for c in ("bow", "probe", "finetune", "scratch"))
+            assert m["perplexity"]["init"]["perplexity"] > m["perplexity"]["trained"]["perplexity"]
+        else:
+            assert m["protocol"]["name"] == zoo.PROTOCOL["name"]
+            for k in ("1", "5", "10", "100"):
+                assert len(m["probe"][k]["values"]) == 3 and len(m["baselines"]["supervised"][k]["values"]) == 3
         assert all({"claim", "value", "required", "met"} <= set(t) for t in m["targets"])
 
 
@@ -199,3 +212,28 @@ def test_zoo_trainer_killed_then_resumed_ends_bit_identical(tmp_path):
     b = json.loads((tmp_path / "z" / "rotation-fmnist-cnn.json").read_text())
     assert b["training"]["resumed"] and b["steps"] == 60
     assert a["weights"]["sha256"] == b["weights"]["sha256"]
+
+
+def test_check_at_most_and_text_targets_closed_form():
+    assert zoo._check("x", 0.5, 0.4)["met"] and not zoo._check("x", 0.3, 0.4)["met"]
+    t = zoo._check("perplexity <= a quarter", 120.0, 2000 / 4, at_most=True)
+    assert t["met"] and t["at_most"] and t["required"] == 500.0
+    assert not zoo._check("perplexity <= a quarter", 600.0, 500.0, at_most=True)["met"]
+
+
+def test_text_recipe_keeps_its_tokenizer_and_refuses_a_changed_one(tmp_path):
+    "A text model is saved with its tokenizer (hash in the card), loads with it, and a changed tokenizer is refused."
+    name = "mlm-wordnet-bert"
+    card = zoo.train_recipe(name, device="cpu", zoo=tmp_path, steps=3, max_items=600, progress=False,
+                            run_dir=tmp_path / "run", verbose=False)
+    tok_file = zoo.tokenizer_path(name, tmp_path)
+    assert card["tokenizer"]["sha256"] == zoo.sha256_of(tok_file) and card["tokenizer"]["max_len"] == 64
+    model = zoo.load_pretrained(name, tmp_path)
+    assert model.encoder.config.vocab_size == card["tokenizer"]["vocab_size"] == 8000
+    assert model.encoder.config.dim == 128 and model.encoder.config.depth == 4    # pinned by the recipe, not the profile
+    data = zoo.text_data(name, "wordnet_categories", "test", tmp_path)
+    assert data.input_ids.shape[1] == 64 and int(data.input_ids.max()) < 8000
+    tok_file.write_text(tok_file.read_text().replace('"[MASK]"', '"[MASQ]"', 1))
+    with pytest.raises(zoo.ZooError, match="tokenizer.json does not match"): zoo.load_pretrained(name, tmp_path)
+    tok_file.unlink()
+    with pytest.raises(zoo.ZooError, match="only usable with its own tokenizer"): zoo.load_pretrained(name, tmp_path)
