@@ -628,9 +628,11 @@ def wav2vec2_small(conv_dim: int = 64, embed_dim: int = 128, layers: int = 2, dr
 
 @register_method("wav2vec2", "wav2vec 2.0: masked contrastive prediction of quantised speech frames", "18_wav2vec2",
                  "Baevski et al., NeurIPS 2020, arXiv:2006.11477", modality="audio", dataset="synth_words")
-def build_wav2vec2(encoder=None, data=None, total_steps: int | None = None, **kw) -> Wav2Vec2:
+def build_wav2vec2(encoder=None, data=None, total_steps: int | None = None, conv_dim: int | None = None,
+                   embed_dim: int | None = None, layers: int | None = None, **kw) -> Wav2Vec2:
     """Sizes and the knobs that differ between profiles from the `wav2vec2_*` settings (the full profile uses the paper's
-    values); the Gumbel temperature reaches 0.5 at 69% of `total_steps` when given. Keyword arguments override."""
+    values); the Gumbel temperature reaches 0.5 at 69% of `total_steps` when given. Keyword arguments (the sizes
+    `conv_dim`, `embed_dim`, `layers` included: the zoo pins them) override."""
     b = get_settings().budget
     if total_steps is None and data is not None:
         steps = b.get("wav2vec2_steps", 0) or b.get("wav2vec2_epochs", 1) * max(1, len(data) // b.get("wav2vec2_batch_size", 32))
@@ -640,7 +642,8 @@ def build_wav2vec2(encoder=None, data=None, total_steps: int | None = None, **kw
                          ("feature_pen_weight", 10.0), ("crop_samples", 0)):
         kw.setdefault(key, b.get(f"wav2vec2_{key}", default))
     kw["crop_samples"] = kw["crop_samples"] or None
-    return wav2vec2_small(b.get("wav2vec2_conv_dim", 64), b.get("wav2vec2_embed_dim", 128), b.get("wav2vec2_layers", 2), **kw)
+    return wav2vec2_small(conv_dim or b.get("wav2vec2_conv_dim", 64), embed_dim or b.get("wav2vec2_embed_dim", 128),
+                          layers or b.get("wav2vec2_layers", 2), **kw)
 
 # %% ../nbs/18_wav2vec2.ipynb #ef77bfce
 def mfcc_features(waves: torch.Tensor, n_mfcc: int = 20, segments: int = 4, sample_rate: int = SAMPLE_RATE) -> torch.Tensor:

@@ -34,13 +34,16 @@ from .evaluate import embed, knn_accuracy, linear_probe, random_shift, train_sup
 
 # %% auto #0
 __all__ = ['ZOO_FORMAT', 'ZOO_ENV', 'MAX_FILE_BYTES', 'MAX_ZOO_BYTES', 'RECIPES', 'sha256_of', 'CARD_KEYS', 'PROTOCOL', 'PROBE_C',
-           'SUP_GRID', 'SUP_EPOCHS', 'TEXT_PROTOCOL', 'TEXT_GRID', 'BOW_GRID', 'ZooError', 'Recipe', 'get_recipe',
-           'list_recipes', 'zoo_dir', 'write_json_atomic', 'card_path', 'weights_path', 'read_card', 'build_encoder',
-           'build_model', 'train_recipe', 'verify_weights', 'load_pretrained', 'load_card', 'supervised_steps',
-           'probe_curve', 'feature_metrics', 'choose_supervised_hparams', 'supervised_curve', 'object_attention_ratio',
+           'SUP_GRID', 'SUP_EPOCHS', 'AUDIO_LABELS', 'TEXT_PROTOCOL', 'TEXT_GRID', 'BOW_GRID', 'AUDIO_PROTOCOL',
+           'AUDIO_GRID', 'CLIP_PROTOCOL', 'ZooError', 'Recipe', 'get_recipe', 'list_recipes', 'zoo_dir',
+           'write_json_atomic', 'card_path', 'weights_path', 'read_card', 'build_encoder', 'build_model',
+           'train_recipe', 'verify_weights', 'load_pretrained', 'load_card', 'supervised_steps', 'probe_curve',
+           'feature_metrics', 'choose_supervised_hparams', 'supervised_curve', 'object_attention_ratio',
            'baselines_path', 'compute_baselines', 'load_baselines', 'best_baseline', 'image_targets', 'subset_figures',
            'evaluate_recipe', 'comparison_rows', 'card_curves', 'plot_card', 'format_comparison', 'tokenizer_path',
-           'text_data', 'evaluate_text_recipe', 'text_subset_figures', 'verify_zoo', 'zoo_table']
+           'text_data', 'evaluate_text_recipe', 'text_subset_figures', 'hard_code_perplexity', 'evaluate_audio_recipe',
+           'audio_subset_figures', 'clip_metrics', 'evaluate_clip_recipe', 'build_recipe_like', 'clip_subset_figure',
+           'recompute_subset_check', 'verify_zoo', 'headline', 'zoo_table']
 
 # %% ../nbs/24_zoo.ipynb #e1e462c6
 class ZooError(RuntimeError):
@@ -102,9 +105,11 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
          description="MoCo v2, queue 4096, key-encoder momentum 0.99, T 0.2"),
     Recipe("byol-fmnist-cnn", "byol", "byol", "14_byol", steps=2000, batch_size=256, lr=3e-3,
          description="BYOL, predictor + EMA target (tau 0.996 -> 1, cosine)"),
-    Recipe("dino-fmnist-vit", "dino", "dino", "15_dino", backbone="vit_tiny", steps=1500, batch_size=64, lr=5e-4,
+    Recipe("dino-fmnist-vit", "dino", "dino", "15_dino", backbone="vit_tiny", backbone_kwargs={"pos_embed": "sincos"},
+           steps=1500, batch_size=64, lr=5e-4,
          weight_decay=0.04, method_kwargs={"out_dim": 1024, "n_local": 4},
-         description="DINO with the course's ViT-tiny (patch 4), 2 global + 4 local crops"),
+         description="DINO with the course's ViT-tiny (patch 4, fixed sin-cos positions: the same ViT as MAE's, so "
+                     "both share one set of ViT baselines), 2 global + 4 local crops"),
     Recipe("mae-fmnist-vit", "mae", "mae", "16_mae", backbone="vit_tiny", backbone_kwargs={"pos_embed": "sincos"},
          steps=3000, batch_size=256, lr=1.5e-3, weight_decay=0.05, finetune=True,
          description="MAE, mask ratio 0.75, normalised-pixel loss, ViT-tiny (patch 4)"),
@@ -113,10 +118,13 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
            method_kwargs={"dim": 128, "depth": 4, "heads": 4, "dropout": 0.1},
            description="tiny BERT, masked language modelling on WordNet glosses"),
     Recipe("wav2vec2-synth-words", "wav2vec2", "wav2vec2", "18_wav2vec2", dataset="synth_words", backbone="",
-           steps=1500, batch_size=16, lr=2e-3, weight_decay=0.01, protocol="audio",
+           steps=3000, batch_size=16, lr=2e-3, weight_decay=0.01, warmup=0.08, protocol="audio", data_kwargs={"voices": 60},
+           method_kwargs={"conv_dim": 64, "embed_dim": 128, "layers": 2, "num_negatives": 100, "num_vars": 320,
+                          "dropout": 0.1, "feature_grad_mult": 0.1, "feature_pen_weight": 10.0, "crop_samples": 0},
            description="small wav2vec 2.0 on synthetic spoken words (espeak-ng/flite voices)"),
-    Recipe("clip-fmnist-captions", "clip", "clip", "19_clip", dataset="fashion_captions", backbone="", steps=1500,
+    Recipe("clip-fmnist-captions", "clip", "clip", "19_clip", dataset="fashion_captions", backbone="small_cnn", steps=1500,
            batch_size=128, lr=2e-3, weight_decay=0.1, protocol="image-text",
+           method_kwargs={"embed_dim": 64, "text_dim": 64, "text_depth": 2},
            description="CLIP-style alignment of the small CNN with a small text transformer"),
 ]}
 
@@ -201,7 +209,8 @@ def build_model(recipe: Recipe, data=None, channels: int = 1, total_steps: int |
     if data is None: raise ZooError(f"{recipe.name}: building a {recipe.protocol} model needs its training data")
     kw = dict(recipe.method_kwargs)
     if recipe.method == "wav2vec2": kw["total_steps"] = total_steps or recipe.steps   # its Gumbel temperature schedule
-    return METHODS[recipe.method].build(None, data=data, **kw)
+    enc = build_encoder(recipe, channels) if recipe.protocol == "image-text" and recipe.backbone else None
+    return METHODS[recipe.method].build(enc, data=data, **kw)
 
 def _tied_aliases(model: nn.Module) -> set[str]:
     "State-dict keys that name a tensor an earlier key already holds (tied weights, e.g. BERT's decoder = embedding)."
@@ -521,9 +530,11 @@ def evaluate_recipe(name: str, device=None, zoo=None, recompute_baselines: bool 
     "Run the protocol on zoo model `name` (and its baselines when missing); write the metrics into its card; return it."
     recipe = get_recipe(name)
     if recipe.protocol == "text": return evaluate_text_recipe(name, device, zoo, verbose)
+    if recipe.protocol == "audio": return evaluate_audio_recipe(name, device, zoo, verbose)
+    if recipe.protocol == "image-text": return evaluate_clip_recipe(name, device, zoo, verbose)
     if recipe.protocol != "image":
         raise ZooError(f"{name} is a {recipe.protocol} recipe; its evaluation lives in chapter {recipe.chapter} "
-                       "(the zoo's protocols cover the image and text recipes)")
+                       "(the zoo has image, text, speech and image-text protocols)")
     dev = get_device(device)
     t0 = time.perf_counter()
     enc = load_pretrained(name, zoo, device=dev)             # checks the weights against the card first
@@ -557,6 +568,11 @@ def comparison_rows(card: dict) -> list[dict]:
         return [{"labels/class": k, "BERT fine-tuned": f(m["finetune"], k), "BERT probe (mean)": f(m["probe"], k),
                  "same net from scratch": f(m["scratch"], k), "bag of words + logistic": f(m["bow"], k)}
                 for k in m["protocol"]["labels_per_class"]]
+    if m["protocol"]["name"].startswith("ssl-course speech"):
+        f = lambda d, k: f"{d[str(k)]['mean']:.3f} +- {d[str(k)]['std']:.3f}"
+        g = lambda d, k: f"{d['heldout_voices'][str(k)]['mean']:.3f} / {d['real'][str(k)]['mean']:.3f}"
+        return [{"labels/word (held-out voices / real digits)": k, **{lab: g(m[c], k) for c, lab in AUDIO_LABELS.items()}}
+                for k in m["protocol"]["labels_per_class"]]
     bl = m["baselines"]
     rows = []
     for k in PROTOCOL["labels_per_class"]:
@@ -569,12 +585,17 @@ def comparison_rows(card: dict) -> list[dict]:
         rows.append(row)
     return rows
 
+AUDIO_LABELS = {"probe": "wav2vec 2.0 probe", "finetune": "wav2vec 2.0 fine-tuned", "scratch": "same net from scratch",
+                "random_init": "random-init probe", "mfcc": "MFCC + logistic"}
+
 def card_curves(card: dict) -> tuple[list[int], dict[str, dict]]:
     "Label counts and the accuracy curves (the model's first) that a card's metrics hold."
     m = card["metrics"]; method = card["recipe"]["method"]
     if m["protocol"]["name"].startswith("ssl-course text"):
         return m["protocol"]["labels_per_class"], {"BERT fine-tuned": m["finetune"], "BERT probe (mean)": m["probe"],
                                                    "same network from scratch": m["scratch"], "bag of words + logistic": m["bow"]}
+    if m["protocol"]["name"].startswith("ssl-course speech"):
+        return m["protocol"]["labels_per_class"], {lab: m[c]["heldout_voices"] for c, lab in AUDIO_LABELS.items()}
     bl = m["baselines"]
     curves = {f"{method} + linear probe": m["probe"]}
     if "finetune" in m: curves[f"{method} fine-tuned"] = m["finetune"]
@@ -592,9 +613,9 @@ def plot_card(card: dict, ax=None, title: str | None = None):
         ax.plot(ks, mean, marker="o", lw=2.2 if i == 0 else 1.3, label=label)
         ax.fill_between(ks, mean - std, mean + std, alpha=0.15)
     ax.set_xscale("log"); ax.set_xticks(ks, [str(k) for k in ks])
-    text = card["metrics"]["protocol"]["name"].startswith("ssl-course text")
-    ax.set_xlabel(f"labelled {'texts' if text else 'images'} per class")
-    ax.set_ylabel("test accuracy (2,000 texts)" if text else "test accuracy (10,000 images)")
+    kind = card["metrics"]["protocol"]["name"].split()[1]            # image, text or speech
+    ax.set_xlabel({"text": "labelled texts per class", "speech": "labelled clips per word"}.get(kind, "labelled images per class"))
+    ax.set_ylabel({"text": "test accuracy (2,000 texts)", "speech": "accuracy, held-out voices"}.get(kind, "test accuracy (10,000 images)"))
     ax.set_title(title or f"{card['name']}: mean +- std over {len(card['metrics']['protocol']['draws'])} labelled draws", fontsize=9)
     ax.legend(fontsize=7); ax.grid(alpha=0.3)
     return ax
@@ -609,6 +630,15 @@ def format_comparison(card: dict) -> str:
     m = card["metrics"]
     if "knn_all_labels" in m: lines.append(f"kNN with all labels: {m['knn_all_labels']:.3f} (raw pixels {m['baselines']['pixels']['knn_all_labels']:.3f}, "
                  f"random init {m['baselines']['random_init']['knn_all_labels']:.3f})")
+    if "zero_shot_ensemble" in m:
+        q = m["quick_run"]
+        lines.append(f"zero-shot: {m['zero_shot_ensemble']:.3f} with the prompt ensemble, {m['zero_shot_one_prompt']:.3f} with "
+                     f"one prompt (the chapter's quick run: {q['zero_shot_ensemble']:.3f}, {q['zero_shot_one_prompt']:.3f})")
+        for d in ("text_to_image", "image_to_text"):
+            lines.append(f"{d.replace('_', ' ')} Recall@1/5/10: " + "/".join(f"{m[d][k]:.3f}" for k in ("1", "5", "10")) +
+                         " (quick run " + "/".join(f"{q[d][k]:.3f}" for k in ("1", "5", "10")) + ")")
+    if "code_perplexity" in m:
+        lines.append(f"code perplexity on held-out voices: {m['code_perplexity']:.1f} of G*V = {m['codebook_size']}")
     if "perplexity" in m:
         lines.append(f"held-out perplexity: {m['perplexity']['trained']['perplexity']:.1f} "
                      f"(at initialisation {m['perplexity']['init']['perplexity']:.1f})")
@@ -617,7 +647,7 @@ def format_comparison(card: dict) -> str:
         lines.append(f"[{'met' if t['met'] else 'MISSED'}] {t['claim']}: {t['value']:.3f} (needs {need})")
     return "\n".join(lines)
 
-# %% ../nbs/24_zoo.ipynb #4bf645fd
+# %% ../nbs/24_zoo.ipynb #75fdef0a
 TEXT_PROTOCOL = {
     "name": "ssl-course text protocol v1", "pretraining": "wordnet_glosses train split",
     "perplexity": "masked-LM perplexity on the wordnet_glosses test split (held-out synsets), 15% masking 80/10/10, "
@@ -748,6 +778,233 @@ def text_subset_figures(model, corpus_test, pool, test_all) -> dict:
     return {"perplexity_500": evaluate_mlm(model, corpus_test.subset(torch.arange(500)))["perplexity"],
             "probe_20": linear_probe(ftr, ytr, *text_features(model.encoder, small, "mean"), C=PROBE_C).accuracy}
 
+# %% ../nbs/24_zoo.ipynb #60968452
+AUDIO_PROTOCOL = {
+    "name": "ssl-course speech protocol v1", "pretraining": "synth_words train split (no labels)",
+    "code_perplexity": "perplexity of the argmax codes over all frames of the held-out voices, summed over groups; ceiling G*V",
+    "pool": "synth_digits train (the training voices)", "test": "synth_digits test (held-out voices)",
+    "real": "asterisk_digits (10 real recorded digits, one speaker)", "labels_per_class": [1, 5, 20], "draws": [0, 1, 2],
+    "probe": "mean over frames of the context network's output, StandardScaler + LogisticRegression(C=0.1)",
+    "mfcc": "20 MFCCs averaged over 4 segments + their std, StandardScaler + LogisticRegression(C=0.1)",
+    "supervised": "same encoder + linear head, AdamW, batch <= 16, steps = max(min_steps, 30 epochs); lr and min_steps "
+                  "chosen at 5 labels/word on the digits of 10 validation voices (voice seed 2, disjoint from train and test)",
+    "subset_check": "probe at 5/word (draw 0) on the held-out voices, and the code perplexity of the first 50 test clips",
+}
+AUDIO_GRID = {"lr": (3e-4, 1e-3), "min_steps": (200, 600)}
+
+def hard_code_perplexity(codes: torch.Tensor, num_vars: int) -> float:
+    "exp(entropy) of the empirical distribution of hard codes (N..., G), summed over the G groups; between G and G*V."
+    c = codes.reshape(-1, codes.shape[-1])
+    total = 0.0
+    for g in range(c.shape[1]):
+        p = torch.bincount(c[:, g], minlength=num_vars).double(); p = p / p.sum()
+        total += float(torch.exp(-(p[p > 0] * p[p > 0].log()).sum()))
+    return total
+
+@torch.no_grad()
+def _codes(model, waves, batch: int = 64) -> torch.Tensor:
+    model.eval()
+    return torch.cat([model.codes(w.to(next(model.parameters()).device)).cpu() for w in waves.split(batch)])
+
+def _audio_sets(recipe: Recipe):
+    from .wav2vec2 import DIGIT_WORDS, AudioDataset, synthesize_corpus, voice_configs
+    dd = get_settings().data_dir
+    voices = recipe.data_kwargs.get("voices")
+    pool = load_dataset("synth_digits", "train", data_dir=dd, voices=voices)
+    test = load_dataset("synth_digits", "test", data_dir=dd, voices=voices)
+    real = load_dataset("asterisk_digits", "test", data_dir=dd)
+    if set(pool.speakers) & set(test.speakers):
+        raise ZooError("the held-out test voices overlap the training voices; choose another voice count for the recipe")
+    vs = [v for v in voice_configs(40, seed=2) if v.key not in set(pool.speakers) | set(test.speakers)][:10]
+    val = AudioDataset(synthesize_corpus(DIGIT_WORDS, vs, dd), torch.arange(10).repeat(len(vs)), DIGIT_WORDS,
+                       "synth_digits", "validation", [v.key for v in vs for _ in DIGIT_WORDS])
+    return pool, test, real, val
+
+def _audio_sup_run(make, train, test, steps, lr, seed, device, freeze_cnn: bool) -> nn.Module:
+    torch.manual_seed(seed)
+    enc = make()
+    if freeze_cnn: enc.feature_extractor.requires_grad_(False)        # the paper fine-tunes with the CNN frozen
+    return fine_tune(enc, train, test, steps=steps, batch_size=min(16, len(train)), lr=lr, weight_decay=0.01, augment=None,
+                     backbone_lr_scale=1.0, num_classes=10, device=device, seed=seed)
+
+def evaluate_audio_recipe(name: str, device=None, zoo=None, verbose: bool = True) -> dict:
+    "Run the speech protocol on zoo recipe `name` (wav2vec 2.0); write the metrics into its card; return it."
+    from .wav2vec2 import mfcc_features
+    from .evaluate import accuracy
+    recipe = get_recipe(name)
+    dev = get_device(device)
+    say = print if verbose else (lambda *a, **k: None)
+    t0 = time.perf_counter()
+    importlib.import_module(f"ssl_course.{recipe.module}")
+    pool, test, real, val = _audio_sets(recipe)
+    model = load_pretrained(name, zoo, device=dev, data=pool)
+    enc = model.encoder
+    gv = model.quantizer.num_groups * model.quantizer.num_vars
+    ppl = hard_code_perplexity(_codes(model, test.waves), model.quantizer.num_vars)
+    say(f"code perplexity on held-out voices: {ppl:.1f} of G*V = {gv}")
+    torch.manual_seed(recipe.seed + 1)
+    rand = build_model(recipe, pool).encoder.to(dev)
+    ks, draws = AUDIO_PROTOCOL["labels_per_class"], AUDIO_PROTOCOL["draws"]
+    feats = {}
+    for label, e in (("pretrained", enc), ("random", rand)):
+        feats[label] = [embed(e, d, device=dev)[0] for d in (pool, test, real)]
+    mf = [mfcc_features(d.waves) for d in (pool, test, real)]
+    def probe(F):
+        return lambda idx: [linear_probe(F[0][idx], pool.labels[idx], F[j], d.labels, C=PROBE_C).accuracy
+                            for j, d in ((1, test), (2, real))]
+    make_scratch = lambda: build_model(recipe, pool).encoder
+    make_pre = lambda: copy.deepcopy(enc)
+    hps = {}
+    for label, make, freeze in (("scratch", make_scratch, False), ("finetune", make_pre, True)):
+        lab = sample_per_class(val.labels, 5, seed=1234)
+        rest = torch.tensor([i for i in range(len(val)) if i not in set(lab.tolist())])
+        grid = []
+        for lr in AUDIO_GRID["lr"]:
+            for ms in AUDIO_GRID["min_steps"]:
+                r = _audio_sup_run(make, val.subset(lab), val.subset(rest), supervised_steps(len(lab), ms, batch=16), lr,
+                                   1234, dev, freeze)
+                grid.append({"lr": lr, "min_steps": ms, "val_accuracy": r.accuracy})
+                say(f"  {label} grid: lr {lr:g} min_steps {ms}: validation accuracy {r.accuracy:.4f}")
+        best = max(grid, key=lambda s: s["val_accuracy"])
+        hps[label] = {"lr": best["lr"], "min_steps": best["min_steps"], "grid": grid}
+    def trained(label, make, freeze):
+        def ev(idx, s):
+            r = _audio_sup_run(make, pool.subset(idx), test, supervised_steps(len(idx), hps[label]["min_steps"], batch=16),
+                               hps[label]["lr"], s, dev, freeze)
+            return [r.accuracy, accuracy(r.model, real)]
+        return ev
+    evaluators = {"probe": lambda idx, s: probe(feats["pretrained"])(idx), "random_init": lambda idx, s: probe(feats["random"])(idx),
+                  "mfcc": lambda idx, s: probe(mf)(idx), "finetune": trained("finetune", make_pre, True),
+                  "scratch": trained("scratch", make_scratch, False)}
+    curves = {n: {"heldout_voices": {}, "real": {}} for n in evaluators}
+    for k in ks:
+        for n, ev in evaluators.items():
+            accs = [ev(sample_per_class(pool.labels, k, seed=s), s) for s in draws]
+            curves[n]["heldout_voices"][str(k)] = _mean_std([a[0] for a in accs])
+            curves[n]["real"][str(k)] = _mean_std([a[1] for a in accs])
+        say(f"  {k}/word: " + "  ".join(f"{n} {curves[n]['heldout_voices'][str(k)]['mean']:.3f}" for n in evaluators))
+    h5 = lambda n, where="heldout_voices": curves[n][where]["5"]["mean"]
+    targets = [_check("code perplexity >= 25% of G*V (no collapse)", ppl, 0.25 * gv),
+               _check("probe at 5 labels/word on held-out voices >= from scratch + 10 points", h5("probe"), h5("scratch") + 0.10),
+               _check("probe at 5 labels/word on held-out voices >= 0.6", h5("probe"), 0.6),
+               _check("probe at 5 labels/word on the real recorded digits >= 0.3 (chance 0.1)", h5("probe", "real"), 0.3)]
+    card = read_card(name, zoo)
+    card["metrics"] = {"protocol": AUDIO_PROTOCOL, "code_perplexity": ppl, "codebook_size": gv, **curves,
+                       "hparams": hps, "targets": targets, "subset_check": audio_subset_figures(model.cpu(), pool, test),
+                       "eval_wall_time_s": round(time.perf_counter() - t0, 1), "eval_hardware": hardware_summary(dev)}
+    write_json_atomic(card_path(name, zoo), card)
+    if verbose: print(format_comparison(card))
+    return card
+
+def audio_subset_figures(model, pool, test) -> dict:
+    "The speech card's fixed small check, recomputed exactly by a test."
+    idx = sample_per_class(pool.labels, 5, seed=0)
+    ftr = embed(model.encoder, pool.subset(idx))[0]
+    return {"probe_5": linear_probe(ftr, pool.labels[idx], embed(model.encoder, test)[0], test.labels, C=PROBE_C).accuracy,
+            "code_perplexity_50": hard_code_perplexity(_codes(model, test.waves[:50]), model.quantizer.num_vars)}
+
+# %% ../nbs/24_zoo.ipynb #47386189
+CLIP_PROTOCOL = {
+    "name": "ssl-course image-text protocol v1", "pretraining": "fashion_captions train split (60,000 images, template captions)",
+    "zero_shot": "10,000 test images; one prompt ('a photo of the {}.') and the ensemble of the held-out prompts",
+    "retrieval": "class-level Recall@1/5/10: text -> image (held-out prompts x class names vs 1,000 test images, 100 "
+                 "per class, seed 0) and image -> text (those images vs the 200 training captions)",
+    "probe": "image tower + the image protocol's probe at 1/5/10/100 labels per class, 3 draws, vs its baselines file",
+    "labels_per_class": [1, 5, 10, 100], "draws": [0, 1, 2],
+    "reference": "the chapter's quick run (clip_steps, clip_batch_size, clip_lr of the quick profile), same code",
+    "subset_check": "zero-shot (prompt ensemble) on the first 500 test images",
+}
+
+@torch.no_grad()
+def clip_metrics(model, train, test, ks=(1, 5, 10)) -> dict:
+    "Zero-shot accuracy and class-level retrieval of a CLIP model on the fashion captions."
+    from .clip import FASHION_CLASSNAMES, FASHION_PROMPTS, encode_images, recall_at_k, zero_shot_accuracy
+    model.eval()
+    zs1 = zero_shot_accuracy(model, test, FASHION_CLASSNAMES, "a photo of the {}.")
+    zse = zero_shot_accuracy(model, test, FASHION_CLASSNAMES, FASHION_PROMPTS)
+    gal = sample_per_class(test.labels, 100, seed=0)
+    img = encode_images(model, test.images[gal]); ids = test.labels[gal]
+    q_text = [p.format(c) for c in FASHION_CLASSNAMES for p in FASHION_PROMPTS]
+    q_ids = torch.arange(len(FASHION_CLASSNAMES)).repeat_interleave(len(FASHION_PROMPTS))
+    caps = [c for s in train.caption_sets for c in s]
+    cap_ids = torch.cat([torch.full((len(s),), i) for i, s in enumerate(train.caption_sets)])
+    txt = model.encode_text(q_text).float().cpu(); cap = model.encode_text(caps).float().cpu()
+    t2i = recall_at_k(txt @ img.T, ks, query_ids=q_ids, gallery_ids=ids)
+    i2t = recall_at_k(img @ cap.T, ks, query_ids=ids, gallery_ids=cap_ids)
+    return {"zero_shot_one_prompt": zs1, "zero_shot_ensemble": zse,
+            "text_to_image": {str(k): v for k, v in t2i.items()}, "image_to_text": {str(k): v for k, v in i2t.items()}}
+
+def evaluate_clip_recipe(name: str, device=None, zoo=None, verbose: bool = True) -> dict:
+    "Run the image-text protocol on zoo recipe `name` (CLIP); write the metrics into its card; return it."
+    recipe = get_recipe(name)
+    dev = get_device(device)
+    say = print if verbose else (lambda *a, **k: None)
+    t0 = time.perf_counter()
+    importlib.import_module(f"ssl_course.{recipe.module}")
+    dd = get_settings().data_dir
+    train = load_dataset(recipe.dataset, "train", data_dir=dd); test = load_dataset(recipe.dataset, "test", data_dir=dd)
+    model = load_pretrained(name, zoo, device=dev, data=train)
+    m = clip_metrics(model, train, test)
+    say(f"zoo model: zero-shot {m['zero_shot_ensemble']:.3f} (one prompt {m['zero_shot_one_prompt']:.3f}), "
+        f"R@1 text->image {m['text_to_image']['1']:.3f}, image->text {m['image_to_text']['1']:.3f}")
+    quick = get_settings(profile="quick").budget
+    q_steps, q_bs, q_lr = int(quick.clip_steps), int(quick.clip_batch_size), float(quick.clip_lr)
+    say(f"reference: the chapter's quick run ({q_steps} steps, batch {q_bs}, lr {q_lr:g})")
+    seed_everything(recipe.seed)
+    ref = build_model(recipe, train).to(dev)
+    fit(ref, train, steps=q_steps, batch_size=q_bs, lr=q_lr, weight_decay=recipe.weight_decay, device=dev, seed=recipe.seed,
+        progress=False)
+    r = clip_metrics(ref, train, test)
+    say(f"quick run: zero-shot {r['zero_shot_ensemble']:.3f}, R@1 text->image {r['text_to_image']['1']:.3f}, "
+        f"image->text {r['image_to_text']['1']:.3f}")
+    img_tr, img_te = _eval_data("fashion_mnist", None, None, dd)
+    ftr, ytr = embed(model.encoder, img_tr, device=dev); fte, yte = embed(model.encoder, img_te, device=dev)
+    probe = feature_metrics(ftr, ytr, fte, yte)
+    b = load_baselines(build_recipe_like(recipe))
+    targets = [_check("zero-shot (prompt ensemble) >= the chapter's quick run", m["zero_shot_ensemble"], r["zero_shot_ensemble"]),
+               _check("text -> image Recall@1 >= the chapter's quick run", m["text_to_image"]["1"], r["text_to_image"]["1"]),
+               _check("image -> text Recall@1 >= the chapter's quick run", m["image_to_text"]["1"], r["image_to_text"]["1"])]
+    card = read_card(name, zoo)
+    card["metrics"] = {"protocol": CLIP_PROTOCOL, **m, "quick_run": {**r, "steps": q_steps, "batch_size": q_bs, "lr": q_lr},
+                       **probe, "targets": targets,
+                       "subset_check": {"zero_shot_500": clip_subset_figure(model.cpu(), test)},
+                       "eval_wall_time_s": round(time.perf_counter() - t0, 1), "eval_hardware": hardware_summary(dev)}
+    if b is not None:
+        card["metrics"]["baselines_file"] = baselines_path(b["dataset"], b["backbone"]).name
+        card["metrics"]["baselines"] = {"pixels": b["pixels"], "random_init": b["random_init"],
+                                        "supervised": b["supervised"]["accuracy"]}
+    write_json_atomic(card_path(name, zoo), card)
+    if verbose: print(format_comparison(card))
+    return card
+
+def build_recipe_like(recipe: Recipe) -> Recipe:
+    "The image recipe whose baselines apply to `recipe`'s image tower (same dataset and architecture)."
+    return dataclasses.replace(recipe, protocol="image", dataset="fashion_mnist")
+
+def clip_subset_figure(model, test) -> float:
+    from .clip import FASHION_CLASSNAMES, FASHION_PROMPTS, zero_shot_accuracy
+    return zero_shot_accuracy(model, test.subset(torch.arange(500)), FASHION_CLASSNAMES, FASHION_PROMPTS)
+
+# %% ../nbs/24_zoo.ipynb #b74b8a34
+def recompute_subset_check(name: str, zoo=None) -> dict:
+    "The card's `subset_check` figures recomputed from the verified weights (what the tests compare with the card)."
+    recipe = get_recipe(name)
+    importlib.import_module(f"ssl_course.{recipe.module}")
+    if recipe.protocol == "text":
+        tok = _text_tokenizer(name, zoo)
+        corpus = text_data(name, "wordnet_glosses", "test", zoo, tok)
+        return text_subset_figures(load_pretrained(name, zoo, data=corpus), corpus,
+                                   text_data(name, "wordnet_categories", "train", zoo, tok),
+                                   text_data(name, "wordnet_categories", "test", zoo, tok))
+    if recipe.protocol == "audio":
+        pool, test, _, _ = _audio_sets(recipe)
+        return audio_subset_figures(load_pretrained(name, zoo, data=pool), pool, test)
+    if recipe.protocol == "image-text":
+        train = load_dataset(recipe.dataset, "train", data_dir=get_settings().data_dir)
+        test = load_dataset(recipe.dataset, "test", data_dir=get_settings().data_dir)
+        return {"zero_shot_500": clip_subset_figure(load_pretrained(name, zoo, data=train), test)}
+    return subset_figures(load_pretrained(name, zoo), recipe.dataset)
+
 # %% ../nbs/24_zoo.ipynb #99232d3d
 def verify_zoo(zoo=None, names: Sequence[str] | None = None, load: bool = True) -> list[dict]:
     "Check every card present (or `names`): schema, hash, size, load round trip; and the zoo's total size."
@@ -764,21 +1021,28 @@ def verify_zoo(zoo=None, names: Sequence[str] | None = None, load: bool = True) 
         raise ZooError(f"{zdir} holds {total / 2**20:.1f} MB, over the {MAX_ZOO_BYTES // 2**20} MB the zoo may take")
     return rows
 
+def headline(card: dict) -> str:
+    "The one number a card is best summarised by, named."
+    m = card["metrics"]; kind = m["protocol"]["name"].split()[1]
+    if kind == "text": return f"fine-tuned@20 {m['finetune']['20']['mean']:.3f}, ppl {m['perplexity']['trained']['perplexity']:.0f}"
+    if kind == "speech": return f"probe@5 {m['probe']['heldout_voices']['5']['mean']:.3f} (real {m['probe']['real']['5']['mean']:.2f})"
+    if kind == "image-text": return f"zero-shot {m['zero_shot_ensemble']:.3f}, probe@10 {m['probe']['10']['mean']:.3f}"
+    return f"probe@10 {m['probe']['10']['mean']:.3f}, kNN {m['knn_all_labels']:.3f}"
+
 def zoo_table(zoo=None) -> list[dict]:
     "One row per recipe: trained or not, its headline numbers when evaluated."
     rows = []
     for r in RECIPES.values():
         row = {"name": r.name, "method": r.method, "chapter": r.chapter, "steps": r.steps, "status": "not trained",
-               "trained": "", "probe@10": "", "kNN": "", "targets met": ""}
+               "trained": "", "headline": "", "targets met": ""}
         p = card_path(r.name, zoo)
         if p.is_file():
             card = json.loads(p.read_text())
             row["status"] = "evaluated" if card.get("metrics") else "trained"
             row["trained"] = f"{card['training']['wall_time_s'] / 60:.0f} min, {card['device']}"
             m = card.get("metrics") or {}
-            if "probe" in m:
-                row["probe@10"] = f"{m['probe']['10']['mean']:.3f}"
-                row["kNN"] = f"{m['knn_all_labels']:.3f}"
+            if m:
+                row["headline"] = headline(card)
                 row["targets met"] = f"{sum(t['met'] for t in m['targets'])}/{len(m['targets'])}"
         rows.append(row)
     return rows

@@ -166,15 +166,7 @@ def _evaluated_cards():
 def test_subset_figures_reproduce_the_card(name):
     "`zoo evaluate` on the fixed small subset, recomputed from the committed weights, gives the card's figures exactly."
     card = zoo.load_card(name, REPO_ZOO)
-    if card["recipe"]["protocol"] == "text":
-        tok = zoo._text_tokenizer(name, REPO_ZOO)
-        corpus = zoo.text_data(name, "wordnet_glosses", "test", REPO_ZOO, tok)
-        got = zoo.text_subset_figures(zoo.load_pretrained(name, REPO_ZOO, data=corpus), corpus,
-                                      zoo.text_data(name, "wordnet_categories", "train", REPO_ZOO, tok),
-                                      zoo.text_data(name, "wordnet_categories", "test", REPO_ZOO, tok))
-    else:
-        got = zoo.subset_figures(zoo.load_pretrained(name, REPO_ZOO), card["recipe"]["dataset"])
-    assert got == card["metrics"]["subset_check"]
+    assert zoo.recompute_subset_check(name, REPO_ZOO) == card["metrics"]["subset_check"]
 
 
 def test_evaluated_cards_exist_and_record_their_protocol():
@@ -182,7 +174,14 @@ def test_evaluated_cards_exist_and_record_their_protocol():
     assert "simclr-fmnist-cnn" in names
     for n in names:
         card = zoo.read_card(n, REPO_ZOO); m = card["metrics"]
-        if card["recipe"]["protocol"] == "text":
+        if card["recipe"]["protocol"] == "audio":
+            assert m["protocol"]["name"] == zoo.AUDIO_PROTOCOL["name"] and 2 <= m["code_perplexity"] <= m["codebook_size"]
+            for c in ("probe", "finetune", "scratch", "mfcc", "random_init"):
+                assert all(len(m[c][w]["5"]["values"]) == 3 for w in ("heldout_voices", "real"))
+        elif card["recipe"]["protocol"] == "image-text":
+            assert m["protocol"]["name"] == zoo.CLIP_PROTOCOL["name"] and 0 <= m["zero_shot_ensemble"] <= 1
+            assert {"1", "5", "10"} <= set(m["text_to_image"]) and "quick_run" in m and len(m["probe"]["10"]["values"]) == 3
+        elif card["recipe"]["protocol"] == "text":
             assert m["protocol"]["name"] == zoo.TEXT_PROTOCOL["name"]
             for k in ("5", "20", "100"):
                 assert all(len(m[c][k]["values"]) == 3 for c in ("bow", "probe", "finetune", "scratch"))
@@ -237,3 +236,14 @@ def test_text_recipe_keeps_its_tokenizer_and_refuses_a_changed_one(tmp_path):
     with pytest.raises(zoo.ZooError, match="tokenizer.json does not match"): zoo.load_pretrained(name, tmp_path)
     tok_file.unlink()
     with pytest.raises(zoo.ZooError, match="only usable with its own tokenizer"): zoo.load_pretrained(name, tmp_path)
+
+
+def test_hard_code_perplexity_closed_form():
+    "Uniform use of every codeword of each group gives G*V; a single codeword per group gives G."
+    V, G = 8, 2
+    uniform = torch.stack([torch.arange(V).repeat(5), torch.arange(V).flip(0).repeat(5)], 1)     # (40, G)
+    assert zoo.hard_code_perplexity(uniform, V) == pytest.approx(G * V)
+    assert zoo.hard_code_perplexity(torch.zeros(40, G, dtype=torch.long), V) == pytest.approx(G)
+    half = torch.stack([torch.arange(V // 2).repeat(10), torch.zeros(40, dtype=torch.long)], 1)    # 4 codes + 1 code
+    assert zoo.hard_code_perplexity(half, V) == pytest.approx(V // 2 + 1)
+
