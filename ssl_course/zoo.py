@@ -40,10 +40,11 @@ __all__ = ['ZOO_FORMAT', 'ZOO_ENV', 'MAX_FILE_BYTES', 'MAX_ZOO_BYTES', 'RECIPES'
            'train_recipe', 'verify_weights', 'load_pretrained', 'load_card', 'supervised_steps', 'probe_curve',
            'feature_metrics', 'choose_supervised_hparams', 'supervised_curve', 'object_attention_ratio',
            'baselines_path', 'compute_baselines', 'load_baselines', 'best_baseline', 'image_targets', 'subset_figures',
-           'evaluate_recipe', 'comparison_rows', 'card_curves', 'plot_card', 'format_comparison', 'tokenizer_path',
-           'text_data', 'evaluate_text_recipe', 'text_subset_figures', 'hard_code_perplexity', 'evaluate_audio_recipe',
-           'audio_subset_figures', 'clip_metrics', 'evaluate_clip_recipe', 'build_recipe_like', 'clip_subset_figure',
-           'recompute_subset_check', 'verify_zoo', 'headline', 'zoo_table']
+           'evaluate_recipe', 'comparison_rows', 'card_curves', 'plot_card', 'compare_cards', 'plot_cards',
+           'format_comparison', 'tokenizer_path', 'text_data', 'evaluate_text_recipe', 'text_subset_figures',
+           'hard_code_perplexity', 'evaluate_audio_recipe', 'audio_subset_figures', 'clip_metrics',
+           'evaluate_clip_recipe', 'build_recipe_like', 'clip_subset_figure', 'recompute_subset_check', 'verify_zoo',
+           'headline', 'zoo_table']
 
 # %% ../nbs/24_zoo.ipynb #e1e462c6
 class ZooError(RuntimeError):
@@ -620,6 +621,44 @@ def plot_card(card: dict, ax=None, title: str | None = None):
     ax.legend(fontsize=7); ax.grid(alpha=0.3)
     return ax
 
+def compare_cards(names: Sequence[str], zoo=None, metric: str = "probe") -> list[dict]:
+    """One row per label count: each image card's `metric` ('probe' or 'finetune') as mean +- std, then the baselines
+    (from the first card; every card must share its baselines file, i.e. the same labelled images and architecture)."""
+    cards = [load_card(n, zoo) for n in names]
+    files = {c["metrics"].get("baselines_file") for c in cards}
+    if len(files) != 1: raise ZooError(f"{', '.join(names)} were not evaluated against the same baselines ({files})")
+    f = lambda d, k: f"{d[str(k)]['mean']:.3f} +- {d[str(k)]['std']:.3f}"
+    bl = cards[0]["metrics"]["baselines"]
+    rows = []
+    for k in PROTOCOL["labels_per_class"]:
+        row = {"labels/class": k, **{c["name"]: f(c["metrics"][metric], k) for c in cards}}
+        row.update({"raw pixels": f(bl["pixels"]["probe"], k), "random init": f(bl["random_init"]["probe"], k),
+                    "supervised from scratch": f(bl["supervised"], k)})
+        rows.append(row)
+    rows.append({"labels/class": "kNN, all", **{c["name"]: f"{c['metrics']['knn_all_labels']:.3f}" for c in cards},
+                 "raw pixels": f"{bl['pixels']['knn_all_labels']:.3f}", "random init": f"{bl['random_init']['knn_all_labels']:.3f}",
+                 "supervised from scratch": ""})
+    return rows
+
+def plot_cards(names: Sequence[str], zoo=None, ax=None, title: str = ""):
+    "Label-efficiency plot of several image cards (their probes) against the baselines they share."
+    import matplotlib.pyplot as plt
+    ax = ax or plt.subplots(figsize=(6, 3.8))[1]
+    cards = [load_card(n, zoo) for n in names]
+    ks = PROTOCOL["labels_per_class"]; bl = cards[0]["metrics"]["baselines"]
+    curves = {c["name"]: c["metrics"]["probe"] for c in cards}
+    base = {"raw pixels + probe": bl["pixels"]["probe"], "random init + probe": bl["random_init"]["probe"],
+            "supervised from scratch": bl["supervised"]}
+    for i, (label, d) in enumerate({**curves, **base}.items()):
+        mean = np.array([d[str(k)]["mean"] for k in ks]); std = np.array([d[str(k)]["std"] for k in ks])
+        ax.plot(ks, mean, marker="o", lw=2 if label in curves else 1.2, ls="-" if label in curves else "--", label=label)
+        ax.fill_between(ks, mean - std, mean + std, alpha=0.12)
+    ax.set_xscale("log"); ax.set_xticks(ks, [str(k) for k in ks])
+    ax.set_xlabel("labelled images per class"); ax.set_ylabel("test accuracy (10,000 images)")
+    ax.set_title(title or f"zoo models vs baselines, mean +- std over {len(PROTOCOL['draws'])} labelled draws", fontsize=9)
+    ax.legend(fontsize=7); ax.grid(alpha=0.3)
+    return ax
+
 def format_comparison(card: dict) -> str:
     "The card's comparison table, kNN line and targets, as text."
     rows = comparison_rows(card)
@@ -647,7 +686,7 @@ def format_comparison(card: dict) -> str:
         lines.append(f"[{'met' if t['met'] else 'MISSED'}] {t['claim']}: {t['value']:.3f} (needs {need})")
     return "\n".join(lines)
 
-# %% ../nbs/24_zoo.ipynb #75fdef0a
+# %% ../nbs/24_zoo.ipynb #9c85d682
 TEXT_PROTOCOL = {
     "name": "ssl-course text protocol v1", "pretraining": "wordnet_glosses train split",
     "perplexity": "masked-LM perplexity on the wordnet_glosses test split (held-out synsets), 15% masking 80/10/10, "
@@ -778,7 +817,7 @@ def text_subset_figures(model, corpus_test, pool, test_all) -> dict:
     return {"perplexity_500": evaluate_mlm(model, corpus_test.subset(torch.arange(500)))["perplexity"],
             "probe_20": linear_probe(ftr, ytr, *text_features(model.encoder, small, "mean"), C=PROBE_C).accuracy}
 
-# %% ../nbs/24_zoo.ipynb #60968452
+# %% ../nbs/24_zoo.ipynb #160811c4
 AUDIO_PROTOCOL = {
     "name": "ssl-course speech protocol v1", "pretraining": "synth_words train split (no labels)",
     "code_perplexity": "perplexity of the argmax codes over all frames of the held-out voices, summed over groups; ceiling G*V",
@@ -903,7 +942,7 @@ def audio_subset_figures(model, pool, test) -> dict:
     return {"probe_5": linear_probe(ftr, pool.labels[idx], embed(model.encoder, test)[0], test.labels, C=PROBE_C).accuracy,
             "code_perplexity_50": hard_code_perplexity(_codes(model, test.waves[:50]), model.quantizer.num_vars)}
 
-# %% ../nbs/24_zoo.ipynb #47386189
+# %% ../nbs/24_zoo.ipynb #23d4f5e2
 CLIP_PROTOCOL = {
     "name": "ssl-course image-text protocol v1", "pretraining": "fashion_captions train split (60,000 images, template captions)",
     "zero_shot": "10,000 test images; one prompt ('a photo of the {}.') and the ensemble of the held-out prompts",
@@ -985,7 +1024,7 @@ def clip_subset_figure(model, test) -> float:
     from .clip import FASHION_CLASSNAMES, FASHION_PROMPTS, zero_shot_accuracy
     return zero_shot_accuracy(model, test.subset(torch.arange(500)), FASHION_CLASSNAMES, FASHION_PROMPTS)
 
-# %% ../nbs/24_zoo.ipynb #b74b8a34
+# %% ../nbs/24_zoo.ipynb #6626c3ba
 def recompute_subset_check(name: str, zoo=None) -> dict:
     "The card's `subset_check` figures recomputed from the verified weights (what the tests compare with the card)."
     recipe = get_recipe(name)
