@@ -23,9 +23,7 @@ start=$(date +%s)
 for name in "${NAMES[@]}"; do
   echo "== $name"
   ssl-course zoo train "$name" --device "$DEVICE" --no-progress $RESUME
-  if python -c "import sys; from ssl_course.zoo import get_recipe; sys.exit(get_recipe('$name').protocol != 'image')"; then
-    ssl-course zoo evaluate "$name" --device "$DEVICE"
-  fi
+  ssl-course zoo evaluate "$name" --device "$DEVICE"
 done
 ssl-course zoo verify
 echo "zoo: ${#NAMES[@]} recipe(s) in $(( $(date +%s) - start )) s on $DEVICE"
