@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .evaluate import feature_dim
+from .backbones import feature_dim
 from .train import SSLMethod, register_method
 
 # %% auto #0

@@ -13,20 +13,10 @@ import torch.nn.functional as F
 import torchvision
 
 # %% auto #0
-__all__ = ['BACKBONES', 'check_images', 'conv_bn_relu', 'SmallConvNet', 'resnet18_cifar', 'mlp', 'build_backbone']
+__all__ = ['BACKBONES', 'conv_bn_relu', 'SmallConvNet', 'resnet18_cifar', 'mlp', 'build_backbone', 'feature_dim']
 
 # %% ../nbs/06_backbones.ipynb #c52ca689
-def check_images(x: torch.Tensor, in_channels: int, name: str = "backbone") -> None:
-    "Raise a clear error unless `x` is a float batch (N, in_channels, H, W)."
-    if x.ndim != 4:
-        raise ValueError(f"{name} expects a batch of images (N, C, H, W); got shape {tuple(x.shape)}"
-                         + (" -- add a batch dimension with x.unsqueeze(0)" if x.ndim == 3 else ""))
-    if x.shape[1] != in_channels:
-        raise ValueError(f"{name} was built for {in_channels}-channel images but got {x.shape[1]} channels; "
-                         f"build it with in_channels={x.shape[1]}"
-                         + (" or convert colour images to grey first" if in_channels == 1 else ""))
-    if not x.is_floating_point():
-        raise ValueError(f"{name} expects float images in [0, 1]; got {x.dtype} (divide uint8 images by 255)")
+from .core import check_images    # shared with ssl_course.vit
 
 def conv_bn_relu(cin: int, cout: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
@@ -72,10 +62,18 @@ def mlp(in_dim: int, hidden_dim: int, out_dim: int, layers: int = 2, bn: bool = 
     if last_bn: mods.append(nn.BatchNorm1d(out_dim, affine=False))
     return nn.Sequential(*mods)
 
-BACKBONES = {"small_cnn": SmallConvNet, "resnet18_cifar": resnet18_cifar}   # + "vit_tiny", registered below
+from .vit import vit_tiny                 # vit depends on core only: the import goes one way
+
+BACKBONES = {"small_cnn": SmallConvNet, "resnet18_cifar": resnet18_cifar, "vit_tiny": vit_tiny}
 
 def build_backbone(name: str, in_channels: int = 1, **kwargs) -> nn.Module:
     "Build a registered backbone by name (`small_cnn`, `resnet18_cifar`, `vit_tiny`); it has `.out_dim`."
-    if name not in BACKBONES: import ssl_course.vit  # noqa: F401  (registers vit_tiny)
     if name not in BACKBONES: raise KeyError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
     return BACKBONES[name](in_channels=in_channels, **kwargs)
+
+def feature_dim(encoder: nn.Module, example: torch.Tensor | None = None) -> int:
+    "The encoder's output width: `encoder.out_dim`, else measured on `example`."
+    if hasattr(encoder, "out_dim"): return int(encoder.out_dim)
+    if example is None: raise ValueError("encoder has no out_dim; pass an example batch")
+    with torch.no_grad(): return encoder(example[:2]).shape[1]
+

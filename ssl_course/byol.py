@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .backbones import mlp
-from .evaluate import feature_dim
+from .backbones import feature_dim
 from .moco import cosine_momentum, ema_update, momentum_copy
 from .simclr import default_augment
 from .train import SSLMethod, register_method

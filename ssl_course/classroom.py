@@ -46,7 +46,7 @@ def course_root(start: str | Path | None = None) -> Path:
 def lesson_notebooks(root: str | Path | None = None, kind: str | None = None) -> list[Path]:
     """The chapter notebooks of the course in order (`nbs/NN_*.ipynb`), optionally only those whose `Chapter.kind`
     in `ssl_course.cli.CHAPTERS` is `kind` ('lesson' or 'reference')."""
-    from ssl_course.cli import CHAPTERS
+    from ssl_course.core import CHAPTERS
     root = course_root(root)
     nbs = sorted(p for p in (root / "nbs").glob("[0-9][0-9]*_*.ipynb"))
     if kind is None: return nbs

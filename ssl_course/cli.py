@@ -28,71 +28,19 @@ from .evaluate import (embed, knn_accuracy, label_efficiency_curve, linear_probe
                                  probe_evaluator, summarize_curve, supervised_evaluator)
 
 # %% auto #0
-__all__ = ['CHAPTERS', 'Chapter', 'load_chapter_modules', 'format_table', 'list_command', 'parse_label_counts', 'run_demo',
-           'run_pretrain', 'zoo_command', 'main']
+__all__ = ['list_command', 'parse_label_counts', 'run_demo', 'run_pretrain', 'zoo_command', 'main']
 
 # %% ../nbs/08_cli.ipynb #03096b81
-@dataclass(frozen=True)
-class Chapter:
-    notebook: str
-    title: str
-    module: str = ""          # the ssl_course module the chapter exports ("" = none)
-    kind: str = "lesson"      # "lesson" (objectives, numbers, exercises, quiz, summary: checked) or "reference"
-
-CHAPTERS = (
-    Chapter("00_index", "Course map and how to run it", kind="reference"),
-    Chapter("01_why_ssl", "Why self-supervised learning: the label bottleneck, measured"),
-    Chapter("02_core", "Settings, profiles, devices, seeding", "core", kind="reference"),
-    Chapter("03_data", "Offline-first datasets and few-label splits", "data", kind="reference"),
-    Chapter("04_train", "One training loop: fit(), checkpoints, resume, DDP", "train", kind="reference"),
-    Chapter("05_evaluate", "kNN, linear probes, fine-tuning, label-efficiency curves", "evaluate", kind="reference"),
-    Chapter("06_backbones", "Backbones and projection heads", "backbones", kind="reference"),
-    Chapter("06a_vit", "A small Vision Transformer", "vit", kind="reference"),
-    Chapter("07_augment", "Augmentations and multiple views", "augment", kind="reference"),
-    Chapter("08_cli", "The ssl-course command line", "cli", kind="reference"),
-    Chapter("09_losses", "Every loss in one place", "losses", kind="reference"),
-    Chapter("10_autoencoders", "Autoencoders: plain, denoising, variational", "autoencoders"),
-    Chapter("11_pretext_tasks", "Pretext tasks: rotation, jigsaw, inpainting, colorization", "pretext"),
-    Chapter("12_simclr", "SimCLR: contrastive learning from two views", "simclr"),
-    Chapter("13_moco", "MoCo: a momentum encoder and a queue of negatives", "moco"),
-    Chapter("14_byol", "BYOL: no negatives, a predictor and a moving target", "byol"),
-    Chapter("15_dino", "DINO: self-distillation with multi-crop", "dino"),
-    Chapter("16_mae", "Masked autoencoders with a small Vision Transformer", "mae"),
-    Chapter("17_bert_mlm", "BERT masked language modeling", "mlm"),
-    Chapter("18_wav2vec2", "wav2vec 2.0: speech representations", "wav2vec2"),
-    Chapter("19_clip", "CLIP: image-text alignment and zero-shot transfer", "clip"),
-    Chapter("20_linear_probe_and_knn", "Frozen features: kNN, linear and MLP probes, loading any checkpoint", "transfer"),
-    Chapter("21_finetuning", "Fine-tuning: full, partial, layer-wise learning rates", "finetune"),
-    Chapter("22_label_efficiency", "Label efficiency: accuracy vs labels, the label multiplier measured", "label_efficiency"),
-    Chapter("23_domain_shift_and_case_studies", "Domain shift, rare-defect detection, garbage in", "case_studies"),
-    Chapter("24_zoo", "The model zoo: trained encoders, model cards, one evaluation protocol", "zoo", kind="reference"),
-    Chapter("90_classroom", "Classroom kit: slide decks, student notebooks, chapter checks", "classroom", kind="reference"),
-)
+from .core import Chapter, CHAPTERS            # the course map lives in core (the one-way layering)
+from .train import load_chapter_modules
 
 def _module_exists(name: str) -> bool:
     return importlib.util.find_spec(f"ssl_course.{name}") is not None
 
-def load_chapter_modules(verbose: bool = False) -> list[str]:
-    "Import every `ssl_course` module so that their `register_method`/`register_dataset` calls run; return the names."
-    loaded = []
-    for info in pkgutil.iter_modules(ssl_course.__path__):
-        if info.name.startswith("_") or info.name == "cli": continue
-        try:
-            importlib.import_module(f"ssl_course.{info.name}"); loaded.append(info.name)
-        except ImportError as e:            # an optional dependency of one chapter must not break the CLI
-            if verbose: print(f"note: ssl_course.{info.name} not loaded ({e})", file=sys.stderr)
-    return loaded
 
 # %% ../nbs/08_cli.ipynb #d6807644
-def format_table(rows: list[dict], columns: list[str] | None = None, floatfmt: str = ".3f") -> str:
-    "Rows of dicts as an aligned plain-text table."
-    if not rows: return "(nothing)"
-    columns = columns or list(rows[0])
-    fmt = lambda v: format(v, floatfmt) if isinstance(v, float) else str(v)
-    cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    line = lambda vals: "  ".join(v.ljust(w) for v, w in zip(vals, widths)).rstrip()
-    return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(r) for r in cells])
+from .core import format_table         # defined in core, so any module can print a table
+
 
 # %% ../nbs/08_cli.ipynb #495b6091
 def list_command(what: str = "all") -> str:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from .data import DataError, DatasetUnavailableError, ImageDataset, load_dataset, register_dataset
-from .evaluate import feature_dim
+from .backbones import feature_dim
 from .train import SSLMethod, register_method
 from .vit import Block, ViT
 

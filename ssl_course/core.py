@@ -20,9 +20,9 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['PROFILE_ENV', 'DEVICE_ENV', 'DATA_DIR_ENV', 'SETTINGS_ENV', 'DEFAULT_SETTINGS', 'VALID_DEVICES', 'SettingsError',
-           'parse_value', 'Budget', 'Settings', 'find_settings_file', 'load_settings', 'get_settings', 'get_device',
-           'seed_everything', 'Timer', 'hardware_summary']
+__all__ = ['PROFILE_ENV', 'DEVICE_ENV', 'DATA_DIR_ENV', 'SETTINGS_ENV', 'DEFAULT_SETTINGS', 'VALID_DEVICES', 'CHAPTERS',
+           'SettingsError', 'parse_value', 'Budget', 'Settings', 'find_settings_file', 'load_settings', 'get_settings',
+           'get_device', 'seed_everything', 'Timer', 'hardware_summary', 'check_images', 'Chapter', 'format_table']
 
 # %% ../nbs/02_core.ipynb #452f60b0
 class SettingsError(ValueError):
@@ -467,3 +467,63 @@ def hardware_summary(device: torch.device | str | None = None) -> str:
     elif dev.type == "mps": parts.append("Apple MPS")
     parts.append(f"torch {torch.__version__}")
     return ", ".join(parts)
+
+# %% ../nbs/02_core.ipynb #c8616dc1
+def check_images(x: torch.Tensor, in_channels: int, name: str = "backbone") -> None:
+    "Raise a clear error unless `x` is a float batch (N, in_channels, H, W)."
+    if x.ndim != 4:
+        raise ValueError(f"{name} expects a batch of images (N, C, H, W); got shape {tuple(x.shape)}"
+                         + (" -- add a batch dimension with x.unsqueeze(0)" if x.ndim == 3 else ""))
+    if x.shape[1] != in_channels:
+        raise ValueError(f"{name} was built for {in_channels}-channel images but got {x.shape[1]} channels; "
+                         f"build it with in_channels={x.shape[1]}"
+                         + (" or convert colour images to grey first" if in_channels == 1 else ""))
+    if not x.is_floating_point():
+        raise ValueError(f"{name} expects float images in [0, 1]; got {x.dtype} (divide uint8 images by 255)")
+
+@dataclass(frozen=True)
+class Chapter:
+    notebook: str
+    title: str
+    module: str = ""          # the ssl_course module the chapter exports ("" = none)
+    kind: str = "lesson"      # "lesson" (objectives, numbers, exercises, quiz, summary: checked) or "reference"
+
+CHAPTERS = (
+    Chapter("00_index", "Course map and how to run it", kind="reference"),
+    Chapter("01_why_ssl", "Why self-supervised learning: the label bottleneck, measured"),
+    Chapter("02_core", "Settings, profiles, devices, seeding", "core", kind="reference"),
+    Chapter("03_data", "Offline-first datasets and few-label splits", "data", kind="reference"),
+    Chapter("04_train", "One training loop: fit(), checkpoints, resume, DDP", "train", kind="reference"),
+    Chapter("05_evaluate", "kNN, linear probes, fine-tuning, label-efficiency curves", "evaluate", kind="reference"),
+    Chapter("06_backbones", "Backbones and projection heads", "backbones", kind="reference"),
+    Chapter("06a_vit", "A small Vision Transformer", "vit", kind="reference"),
+    Chapter("07_augment", "Augmentations and multiple views", "augment", kind="reference"),
+    Chapter("08_cli", "The ssl-course command line", "cli", kind="reference"),
+    Chapter("09_losses", "Every loss in one place", "losses", kind="reference"),
+    Chapter("10_autoencoders", "Autoencoders: plain, denoising, variational", "autoencoders"),
+    Chapter("11_pretext_tasks", "Pretext tasks: rotation, jigsaw, inpainting, colorization", "pretext"),
+    Chapter("12_simclr", "SimCLR: contrastive learning from two views", "simclr"),
+    Chapter("13_moco", "MoCo: a momentum encoder and a queue of negatives", "moco"),
+    Chapter("14_byol", "BYOL: no negatives, a predictor and a moving target", "byol"),
+    Chapter("15_dino", "DINO: self-distillation with multi-crop", "dino"),
+    Chapter("16_mae", "Masked autoencoders with a small Vision Transformer", "mae"),
+    Chapter("17_bert_mlm", "BERT masked language modeling", "mlm"),
+    Chapter("18_wav2vec2", "wav2vec 2.0: speech representations", "wav2vec2"),
+    Chapter("19_clip", "CLIP: image-text alignment and zero-shot transfer", "clip"),
+    Chapter("20_linear_probe_and_knn", "Frozen features: kNN, linear and MLP probes, loading any checkpoint", "transfer"),
+    Chapter("21_finetuning", "Fine-tuning: full, partial, layer-wise learning rates", "finetune"),
+    Chapter("22_label_efficiency", "Label efficiency: accuracy vs labels, the label multiplier measured", "label_efficiency"),
+    Chapter("23_domain_shift_and_case_studies", "Domain shift, rare-defect detection, garbage in", "case_studies"),
+    Chapter("24_zoo", "The model zoo: trained encoders, model cards, one evaluation protocol", "zoo", kind="reference"),
+    Chapter("90_classroom", "Classroom kit: slide decks, student notebooks, chapter checks", "classroom", kind="reference"),
+)
+
+def format_table(rows: list[dict], columns: list[str] | None = None, floatfmt: str = ".3f") -> str:
+    "Rows of dicts as an aligned plain-text table."
+    if not rows: return "(nothing)"
+    columns = columns or list(rows[0])
+    fmt = lambda v: format(v, floatfmt) if isinstance(v, float) else str(v)
+    cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    line = lambda vals: "  ".join(v.ljust(w) for v, w in zip(vals, widths)).rstrip()
+    return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(r) for r in cells])

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .augment import BatchAugment
-from .evaluate import feature_dim
+from .backbones import feature_dim
 from .moco import cosine_momentum, ema_update, momentum_copy
 from .train import SSLMethod, get_world_size, register_method
 

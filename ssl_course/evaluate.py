@@ -24,8 +24,8 @@ from .data import DataError, ImageDataset, sample_per_class
 from .train import Callback, SSLMethod, fit
 
 # %% auto #0
-__all__ = ['embed', 'knn_predict', 'knn_accuracy', 'ProbeResult', 'linear_probe', 'feature_dim', 'Classifier', 'random_shift',
-           'accuracy', 'FineTuneResult', 'fine_tune', 'train_supervised', 'label_efficiency_curve', 'summarize_curve',
+__all__ = ['embed', 'knn_predict', 'knn_accuracy', 'ProbeResult', 'linear_probe', 'Classifier', 'random_shift', 'accuracy',
+           'FineTuneResult', 'fine_tune', 'train_supervised', 'label_efficiency_curve', 'summarize_curve',
            'probe_evaluator', 'supervised_evaluator', 'few_label_table', 'plot_label_efficiency', 'plot_embedding',
            'alignment', 'uniformity', 'embedding_std', 'effective_rank', 'CollapseWarning', 'KNNMonitor',
            'CollapseMonitor']
@@ -100,11 +100,7 @@ def linear_probe(train_feats, train_labels, test_feats, test_labels, C: float = 
     return ProbeResult(acc, clf)
 
 # %% ../nbs/05_evaluate.ipynb #88235a36
-def feature_dim(encoder: nn.Module, example: torch.Tensor | None = None) -> int:
-    "The encoder's output width: `encoder.out_dim`, else measured on `example`."
-    if hasattr(encoder, "out_dim"): return int(encoder.out_dim)
-    if example is None: raise ValueError("encoder has no out_dim; pass an example batch")
-    with torch.no_grad(): return encoder(example[:2]).shape[1]
+from .backbones import feature_dim     # an encoder's output width (defined with the backbones)
 
 class Classifier(SSLMethod):
     "Encoder + linear head trained with cross-entropy (fine-tuning, or supervised from scratch)."

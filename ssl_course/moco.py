@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from .augment import BatchAugment
 from .backbones import mlp
-from .evaluate import feature_dim
+from .backbones import feature_dim
 from .simclr import default_augment
 from .train import SSLMethod, all_gather_with_grad, register_method
 

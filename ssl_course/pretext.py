@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from .autoencoders import Autoencoder, ConvDecoder
 from .backbones import mlp
 from .data import ImageDataset, register_dataset
-from .evaluate import feature_dim
+from .backbones import feature_dim
 from .train import SSLMethod, register_method
 
 # %% auto #0

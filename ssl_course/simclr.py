@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from .augment import BatchAugment
 from .backbones import mlp
-from .evaluate import feature_dim
+from .backbones import feature_dim
 from .train import SSLMethod, all_gather_with_grad, get_rank, get_world_size, register_method
 
 # %% auto #0

@@ -33,7 +33,7 @@ __all__ = ['METHODS', 'CKPT_FORMAT', 'SSLMethod', 'MethodInfo', 'register_method
            'is_distributed', 'get_rank', 'get_world_size', 'setup_distributed', 'all_gather_with_grad',
            'all_reduce_mean', 'maybe_sync_batchnorm', 'CheckpointError', 'save_checkpoint', 'latest_checkpoint',
            'load_weights', 'load_checkpoint', 'History', 'Callback', 'Trainer', 'NonFiniteLossError', 'epoch_batches',
-           'to_device', 'default_param_groups', 'make_optimizer', 'fit']
+           'to_device', 'default_param_groups', 'make_optimizer', 'fit', 'load_chapter_modules']
 
 # %% ../nbs/04_train.ipynb #4ce5f2b8
 class SSLMethod(nn.Module):
@@ -511,3 +511,18 @@ def fit(method: nn.Module, data: Dataset, *, steps: int | None = None, epochs: i
     for cb in callbacks: cb.on_fit_end(trainer)
     method.eval()
     return history
+
+# %% ../nbs/04_train.ipynb #fc7e9910
+import importlib, pkgutil, sys
+import ssl_course
+
+def load_chapter_modules(verbose: bool = False) -> list[str]:
+    "Import every `ssl_course` module so that their `register_method`/`register_dataset` calls run; return the names."
+    loaded = []
+    for info in pkgutil.iter_modules(ssl_course.__path__):
+        if info.name.startswith("_") or info.name == "cli": continue
+        try:
+            importlib.import_module(f"ssl_course.{info.name}"); loaded.append(info.name)
+        except ImportError as e:            # an optional dependency of one chapter must not break the CLI
+            if verbose: print(f"note: ssl_course.{info.name} not loaded ({e})", file=sys.stderr)
+    return loaded

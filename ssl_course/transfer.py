@@ -95,7 +95,7 @@ def load_backbone(path: str | Path, method: str | None = None, *, encoder: nn.Mo
         if method is None:
             raise CheckpointError(f"{path} has no report.json naming its method; pass method= (one of {', '.join(sorted(METHODS))})")
         if method not in METHODS:
-            from ssl_course.cli import load_chapter_modules
+            from ssl_course.train import load_chapter_modules
             load_chapter_modules()
         if method not in METHODS: raise CheckpointError(f"unknown method {method!r}; registered: {', '.join(sorted(METHODS))}")
         info = METHODS[method]
@@ -140,7 +140,7 @@ def pretrain_encoder(method: str, train, *, steps: int | None = None, epochs: in
     save `encoder.safetensors` + `report.json` into `out_dir` when given. Profile options such as `simclr_temperature`
     are passed to the method's builder (override with `method_kwargs`). Returns (encoder, report)."""
     if method not in METHODS:
-        from ssl_course.cli import load_chapter_modules
+        from ssl_course.train import load_chapter_modules
         load_chapter_modules()
     if method not in METHODS: raise KeyError(f"unknown method {method!r}; registered: {', '.join(sorted(METHODS))}")
     b = (settings or get_settings()).budget

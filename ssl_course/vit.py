@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .backbones import BACKBONES, check_images
+from .core import check_images
 
 # %% auto #0
 __all__ = ['patchify', 'unpatchify', 'sincos_pos_embed', 'Attention', 'Block', 'ViT', 'vit_tiny']
@@ -150,4 +150,4 @@ def vit_tiny(in_channels: int = 1, image_size: int = 28, patch_size: int = 4, **
     "The course's small ViT: width 96, 4 blocks, 3 heads (about 0.45 M parameters)."
     return ViT(image_size, patch_size, in_channels, **{"dim": 96, "depth": 4, "heads": 3, **kw})
 
-BACKBONES["vit_tiny"] = vit_tiny
+

@@ -686,7 +686,7 @@ def format_comparison(card: dict) -> str:
         lines.append(f"[{'met' if t['met'] else 'MISSED'}] {t['claim']}: {t['value']:.3f} (needs {need})")
     return "\n".join(lines)
 
-# %% ../nbs/24_zoo.ipynb #e3da2a22
+# %% ../nbs/24_zoo.ipynb #169d2749
 TEXT_PROTOCOL = {
     "name": "ssl-course text protocol v1", "pretraining": "wordnet_glosses train split",
     "perplexity": "masked-LM perplexity on the wordnet_glosses test split (held-out synsets), 15% masking 80/10/10, "
@@ -817,7 +817,7 @@ def text_subset_figures(model, corpus_test, pool, test_all) -> dict:
     return {"perplexity_500": evaluate_mlm(model, corpus_test.subset(torch.arange(500)))["perplexity"],
             "probe_20": linear_probe(ftr, ytr, *text_features(model.encoder, small, "mean"), C=PROBE_C).accuracy}
 
-# %% ../nbs/24_zoo.ipynb #28baf537
+# %% ../nbs/24_zoo.ipynb #2ed65809
 AUDIO_PROTOCOL = {
     "name": "ssl-course speech protocol v1", "pretraining": "synth_words train split (no labels)",
     "code_perplexity": "perplexity of the argmax codes over all frames of the held-out voices, summed over groups; ceiling G*V",
@@ -942,7 +942,7 @@ def audio_subset_figures(model, pool, test) -> dict:
     return {"probe_5": linear_probe(ftr, pool.labels[idx], embed(model.encoder, test)[0], test.labels, C=PROBE_C).accuracy,
             "code_perplexity_50": hard_code_perplexity(_codes(model, test.waves[:50]), model.quantizer.num_vars)}
 
-# %% ../nbs/24_zoo.ipynb #c4770162
+# %% ../nbs/24_zoo.ipynb #c3faed62
 CLIP_PROTOCOL = {
     "name": "ssl-course image-text protocol v1", "pretraining": "fashion_captions train split (60,000 images, template captions)",
     "zero_shot": "10,000 test images; one prompt ('a photo of the {}.') and the ensemble of the held-out prompts",
@@ -1024,7 +1024,7 @@ def clip_subset_figure(model, test) -> float:
     from .clip import FASHION_CLASSNAMES, FASHION_PROMPTS, zero_shot_accuracy
     return zero_shot_accuracy(model, test.subset(torch.arange(500)), FASHION_CLASSNAMES, FASHION_PROMPTS)
 
-# %% ../nbs/24_zoo.ipynb #3b5ccd4d
+# %% ../nbs/24_zoo.ipynb #005bd1c8
 def recompute_subset_check(name: str, zoo=None) -> dict:
     "The card's `subset_check` figures recomputed from the verified weights (what the tests compare with the card)."
     recipe = get_recipe(name)

@@ -1,0 +1,33 @@
+"""The times the chapters state come from the run of record (CI's timing file, reports/notebook_times.json): a number
+typed by hand, or a notebook over the quick budget, fails here."""
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+RECORD = ROOT / "reports" / "notebook_times.json"
+NOTEBOOKS = sorted(p.stem for p in (ROOT / "nbs").glob("[0-9][0-9]*.ipynb"))
+
+
+def stated_time(name: str) -> int | None:
+    cells = json.loads((ROOT / "nbs" / f"{name}.ipynb").read_text())["cells"][:4]
+    m = re.search(r"Time: (\d+) s \(quick profile, 2 CPU cores; run of record in `reports/notebook_times.json`\)",
+                  "".join("".join(c["source"]) for c in cells))
+    return int(m.group(1)) if m else None
+
+
+def test_the_run_of_record_covers_every_notebook_within_budget():
+    rec = json.loads(RECORD.read_text())
+    assert rec["profile"] == "quick" and "cores" in rec["hardware"]
+    assert set(NOTEBOOKS) <= set(rec["seconds"])
+    over = {n: s for n, s in rec["seconds"].items() if s > 90}
+    assert not over, f"over the 90 s quick-profile budget: {over}"
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_a_chapter_states_the_time_of_the_run_of_record(name):
+    secs = json.loads(RECORD.read_text())["seconds"][name]
+    assert stated_time(name) == secs, (f"{name} must say 'Time: {secs} s ...' as measured; run "
+                                       "`python scripts/update_times.py build/notebook_times.json` after scripts/test.sh")
