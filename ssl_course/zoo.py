@@ -287,7 +287,9 @@ def train_recipe(name: str, device=None, zoo: str | Path | None = None, resume: 
         "format": ZOO_FORMAT, "name": name, "recipe": recipe.to_dict(), "command": recipe.command(dev.type),
         "git_commit": commit, "ssl_course_version": ssl_course.__version__, "seed": recipe.seed,
         "steps": hist.rows[-1]["step"] if hist.rows else n_steps,
-        "data": {"dataset": recipe.dataset, "split": "train", "items": len(data), "labels_used": False},
+        "data": {"dataset": recipe.dataset, "split": "train", "items": len(data),
+                 # the fashion captions are written from the class names: CLIP's text is weak supervision by the labels
+                 "labels_used": "through the captions (made from the class names)" if recipe.protocol == "image-text" else False},
         "training": {"wall_time_s": round(wall, 1), "resumed": bool(resume), "first_loss": hist["loss"][0] if len(hist) else None,
                      "last_loss": float(np.mean(hist["loss"][-20:])) if len(hist) else None,
                      "loss_curve": [[r["step"], round(r["loss"], 5)] for r in hist.rows[:: max(1, len(hist) // 50)]]},
@@ -686,7 +688,7 @@ def format_comparison(card: dict) -> str:
         lines.append(f"[{'met' if t['met'] else 'MISSED'}] {t['claim']}: {t['value']:.3f} (needs {need})")
     return "\n".join(lines)
 
-# %% ../nbs/24_zoo.ipynb #169d2749
+# %% ../nbs/24_zoo.ipynb #75d73d10
 TEXT_PROTOCOL = {
     "name": "ssl-course text protocol v1", "pretraining": "wordnet_glosses train split",
     "perplexity": "masked-LM perplexity on the wordnet_glosses test split (held-out synsets), 15% masking 80/10/10, "
@@ -817,7 +819,7 @@ def text_subset_figures(model, corpus_test, pool, test_all) -> dict:
     return {"perplexity_500": evaluate_mlm(model, corpus_test.subset(torch.arange(500)))["perplexity"],
             "probe_20": linear_probe(ftr, ytr, *text_features(model.encoder, small, "mean"), C=PROBE_C).accuracy}
 
-# %% ../nbs/24_zoo.ipynb #2ed65809
+# %% ../nbs/24_zoo.ipynb #a92b37e8
 AUDIO_PROTOCOL = {
     "name": "ssl-course speech protocol v1", "pretraining": "synth_words train split (no labels)",
     "code_perplexity": "perplexity of the argmax codes over all frames of the held-out voices, summed over groups; ceiling G*V",
@@ -942,7 +944,7 @@ def audio_subset_figures(model, pool, test) -> dict:
     return {"probe_5": linear_probe(ftr, pool.labels[idx], embed(model.encoder, test)[0], test.labels, C=PROBE_C).accuracy,
             "code_perplexity_50": hard_code_perplexity(_codes(model, test.waves[:50]), model.quantizer.num_vars)}
 
-# %% ../nbs/24_zoo.ipynb #c3faed62
+# %% ../nbs/24_zoo.ipynb #2a3b8ca2
 CLIP_PROTOCOL = {
     "name": "ssl-course image-text protocol v1", "pretraining": "fashion_captions train split (60,000 images, template captions)",
     "zero_shot": "10,000 test images; one prompt ('a photo of the {}.') and the ensemble of the held-out prompts",
@@ -1024,7 +1026,7 @@ def clip_subset_figure(model, test) -> float:
     from .clip import FASHION_CLASSNAMES, FASHION_PROMPTS, zero_shot_accuracy
     return zero_shot_accuracy(model, test.subset(torch.arange(500)), FASHION_CLASSNAMES, FASHION_PROMPTS)
 
-# %% ../nbs/24_zoo.ipynb #005bd1c8
+# %% ../nbs/24_zoo.ipynb #3e37b0c6
 def recompute_subset_check(name: str, zoo=None) -> dict:
     "The card's `subset_check` figures recomputed from the verified weights (what the tests compare with the card)."
     recipe = get_recipe(name)
