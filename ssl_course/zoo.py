@@ -41,10 +41,10 @@ __all__ = ['ZOO_FORMAT', 'ZOO_ENV', 'MAX_FILE_BYTES', 'MAX_ZOO_BYTES', 'RECIPES'
            'feature_metrics', 'choose_supervised_hparams', 'supervised_curve', 'object_attention_ratio',
            'baselines_path', 'compute_baselines', 'load_baselines', 'best_baseline', 'image_targets', 'subset_figures',
            'evaluate_recipe', 'comparison_rows', 'card_curves', 'plot_card', 'compare_cards', 'plot_cards',
-           'format_comparison', 'tokenizer_path', 'text_data', 'evaluate_text_recipe', 'text_subset_figures',
-           'hard_code_perplexity', 'evaluate_audio_recipe', 'audio_subset_figures', 'clip_metrics',
-           'evaluate_clip_recipe', 'build_recipe_like', 'clip_subset_figure', 'recompute_subset_check', 'verify_zoo',
-           'headline', 'zoo_table']
+           'format_comparison', 'tokenizer_path', 'load_tokenizer', 'text_data', 'evaluate_text_recipe',
+           'text_subset_figures', 'hard_code_perplexity', 'evaluate_audio_recipe', 'audio_subset_figures',
+           'clip_metrics', 'evaluate_clip_recipe', 'build_recipe_like', 'clip_subset_figure', 'recompute_subset_check',
+           'verify_zoo', 'headline', 'zoo_table']
 
 # %% ../nbs/24_zoo.ipynb #e1e462c6
 class ZooError(RuntimeError):
@@ -718,6 +718,11 @@ def _text_tokenizer(name: str, zoo=None):
         raise ZooError(f"{p} does not match the SHA-256 in its card: it was changed. Restore it (git checkout zoo/{p.name}) "
                        f"or retrain with `ssl-course zoo train {name}`")
     return Tokenizer.from_file(str(p))
+
+def load_tokenizer(name: str, zoo=None):
+    "The tokenizer of text recipe `name` (a `tokenizers.Tokenizer`), verified against the SHA-256 in its card."
+    if get_recipe(name).protocol != "text": raise ZooError(f"{name} is not a text recipe: only text models have a tokenizer")
+    return _text_tokenizer(name, zoo)
 
 def text_data(name: str, dataset: str, split: str, zoo=None, tokenizer=None):
     "A text dataset encoded with recipe `name`'s tokenizer and sequence length."

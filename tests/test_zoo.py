@@ -230,10 +230,14 @@ def test_text_recipe_keeps_its_tokenizer_and_refuses_a_changed_one(tmp_path):
     model = zoo.load_pretrained(name, tmp_path)
     assert model.encoder.config.vocab_size == card["tokenizer"]["vocab_size"] == 8000
     assert model.encoder.config.dim == 128 and model.encoder.config.depth == 4    # pinned by the recipe, not the profile
+    tok = zoo.load_tokenizer(name, tmp_path)
+    assert tok.get_vocab_size() == 8000 and tok.token_to_id("[MASK]") == model.mask_token_id
+    with pytest.raises(zoo.ZooError, match="not a text recipe"): zoo.load_tokenizer("simclr-fmnist-cnn", tmp_path)
     data = zoo.text_data(name, "wordnet_categories", "test", tmp_path)
     assert data.input_ids.shape[1] == 64 and int(data.input_ids.max()) < 8000
     tok_file.write_text(tok_file.read_text().replace('"[MASK]"', '"[MASQ]"', 1))
     with pytest.raises(zoo.ZooError, match="tokenizer.json does not match"): zoo.load_pretrained(name, tmp_path)
+    with pytest.raises(zoo.ZooError, match="tokenizer.json does not match"): zoo.load_tokenizer(name, tmp_path)
     tok_file.unlink()
     with pytest.raises(zoo.ZooError, match="only usable with its own tokenizer"): zoo.load_pretrained(name, tmp_path)
 
