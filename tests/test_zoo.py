@@ -164,9 +164,13 @@ def _evaluated_cards():
 
 @pytest.mark.parametrize("name", _evaluated_cards())
 def test_subset_figures_reproduce_the_card(name):
-    "`zoo evaluate` on the fixed small subset, recomputed from the committed weights, gives the card's figures exactly."
+    """`zoo evaluate` on the fixed small subset, recomputed from the committed weights, gives the card's figures:
+    accuracies exactly, a perplexity to float32 summation order (the thread count changes it in the 6th digit)."""
     card = zoo.load_card(name, REPO_ZOO)
-    assert zoo.recompute_subset_check(name, REPO_ZOO) == card["metrics"]["subset_check"]
+    got, want = zoo.recompute_subset_check(name, REPO_ZOO), card["metrics"]["subset_check"]
+    assert set(got) == set(want)
+    for key, value in want.items():
+        assert got[key] == (pytest.approx(value, rel=1e-5) if "perplexity" in key else value), key
 
 
 def test_evaluated_cards_exist_and_record_their_protocol():
