@@ -674,7 +674,8 @@ def format_comparison(card: dict) -> str:
     if "zero_shot_ensemble" in m:
         q = m["quick_run"]
         lines.append(f"zero-shot: {m['zero_shot_ensemble']:.3f} with the prompt ensemble, {m['zero_shot_one_prompt']:.3f} with "
-                     f"one prompt (the chapter's quick run: {q['zero_shot_ensemble']:.3f}, {q['zero_shot_one_prompt']:.3f})")
+                     f"one prompt (the chapter's quick recipe, rerun by zoo evaluate on the full data: {q['zero_shot_ensemble']:.3f}, "
+                     f"{q['zero_shot_one_prompt']:.3f})")
         for d in ("text_to_image", "image_to_text"):
             lines.append(f"{d.replace('_', ' ')} Recall@1/5/10: " + "/".join(f"{m[d][k]:.3f}" for k in ("1", "5", "10")) +
                          " (quick run " + "/".join(f"{q[d][k]:.3f}" for k in ("1", "5", "10")) + ")")
