@@ -138,6 +138,14 @@ def test_the_check_catches_what_is_missing(tmp_path):
     nbformat.write(nb, tmp_path / "12_broken.ipynb")
     probs = " ".join(check_chapter(tmp_path / "12_broken.ipynb"))
     assert "no quiz" in probs and "no solution cell" in probs and "exercises under" not in probs
+    # expected results: asserted claims about the run, or quoted numbers; a lesson with neither is flagged
+    nb = nbformat.read(REPO / "nbs" / "01_why_ssl.ipynb", as_version=4)
+    assert check_chapter(REPO / "nbs" / "01_why_ssl.ipynb") == []
+    for c in nb.cells:
+        if c.cell_type == "code": c.source = "\n".join(l for l in c.source.split("\n") if not re.search(r"#.*claim", l, re.I))
+        else: c.source = re.sub(r"\d\.\d\d", "x", c.source)
+    nbformat.write(nb, tmp_path / "01_unchecked.ipynb")
+    assert "no expected quick-profile results" in " ".join(check_chapter(tmp_path / "01_unchecked.ipynb"))
 
 
 def test_bad_input_names_the_fix(tmp_path):

@@ -165,12 +165,14 @@ def _evaluated_cards():
 @pytest.mark.parametrize("name", _evaluated_cards())
 def test_subset_figures_reproduce_the_card(name):
     """`zoo evaluate` on the fixed small subset, recomputed from the committed weights, gives the card's figures:
-    accuracies exactly, a perplexity to float32 summation order (the thread count changes it in the 6th digit)."""
+    accuracies exactly; perplexities to float summation order, which changes with the thread count: an MLM perplexity
+    in the 6th digit, a code perplexity (exp of the entropy of argmax codes) by the few frames whose argmax flips."""
     card = zoo.load_card(name, REPO_ZOO)
     got, want = zoo.recompute_subset_check(name, REPO_ZOO), card["metrics"]["subset_check"]
     assert set(got) == set(want)
+    tolerance = {"perplexity_500": 1e-5, "code_perplexity_50": 1e-3}
     for key, value in want.items():
-        assert got[key] == (pytest.approx(value, rel=1e-5) if "perplexity" in key else value), key
+        assert got[key] == (pytest.approx(value, rel=tolerance[key]) if key in tolerance else value), key
 
 
 def test_evaluated_cards_exist_and_record_their_protocol():
