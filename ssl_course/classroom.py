@@ -343,8 +343,7 @@ def check_chapter(path: str | Path, min_exercises: int = 3) -> list[str]:
     problems = []
     if "What you will learn" not in md: problems.append("no objectives ('**What you will learn**' list)")
     texts = [c.source for c in nb.cells if c.cell_type == "markdown"]
-    checked = [c.source for c in nb.cells if c.cell_type == "code" and "assert" in c.source
-               and re.search(r"#.*\bclaim", c.source, re.I)]
+    checked = any(c.cell_type == "code" and "assert" in c.source and re.search(r"#.*\bclaim", c.source, re.I) for c in nb.cells)
     if not checked and not any(re.search(r"quick", s, re.I) and re.search(r"\d\.\d\d", s) for s in texts):
         problems.append("no expected quick-profile results (a cell asserting what the prose claims about the run, with a "
                         "comment saying so, or a markdown cell quoting numbers, e.g. 'quick profile ... 0.65')")

@@ -708,9 +708,10 @@ BOW_GRID = (1.0, 10.0, 100.0)
 
 def tokenizer_path(name: str, zoo=None) -> Path: return zoo_dir(zoo) / f"{name}.tokenizer.json"
 
-def _text_tokenizer(name: str, zoo=None):
-    "The tokenizer a text recipe was trained with, from the zoo, checked against the SHA-256 in its card."
+def load_tokenizer(name: str, zoo=None):
+    "The tokenizer text recipe `name` was trained with (a `tokenizers.Tokenizer`), checked against the SHA-256 in its card."
     from tokenizers import Tokenizer
+    if get_recipe(name).protocol != "text": raise ZooError(f"{name} is not a text recipe: only text models have a tokenizer")
     card, p = read_card(name, zoo), tokenizer_path(name, zoo)
     if not p.is_file() or "tokenizer" not in card:
         raise ZooError(f"{p} is missing: a text model is only usable with its own tokenizer. Restore it "
@@ -720,16 +721,11 @@ def _text_tokenizer(name: str, zoo=None):
                        f"or retrain with `ssl-course zoo train {name}`")
     return Tokenizer.from_file(str(p))
 
-def load_tokenizer(name: str, zoo=None):
-    "The tokenizer of text recipe `name` (a `tokenizers.Tokenizer`), verified against the SHA-256 in its card."
-    if get_recipe(name).protocol != "text": raise ZooError(f"{name} is not a text recipe: only text models have a tokenizer")
-    return _text_tokenizer(name, zoo)
-
 def text_data(name: str, dataset: str, split: str, zoo=None, tokenizer=None):
     "A text dataset encoded with recipe `name`'s tokenizer and sequence length."
     recipe = get_recipe(name)
     importlib.import_module(f"ssl_course.{recipe.module}")
-    tok = tokenizer or _text_tokenizer(name, zoo)
+    tok = tokenizer or load_tokenizer(name, zoo)
     return load_dataset(dataset, split, data_dir=get_settings().data_dir, tokenizer=tok,
                         max_len=recipe.data_kwargs.get("max_len", 64))
 
@@ -775,7 +771,7 @@ def evaluate_text_recipe(name: str, device=None, zoo=None, verbose: bool = True)
     dev = get_device(device)
     say = print if verbose else (lambda *a, **k: None)
     t0 = time.perf_counter()
-    tok = _text_tokenizer(name, zoo)
+    tok = load_tokenizer(name, zoo)
     corpus_test = text_data(name, "wordnet_glosses", "test", zoo, tok)
     model = load_pretrained(name, zoo, device=dev, data=corpus_test)
     init = build_model(recipe, corpus_test).to(dev)              # the same network at initialisation (same seed)
@@ -1038,7 +1034,7 @@ def recompute_subset_check(name: str, zoo=None) -> dict:
     recipe = get_recipe(name)
     importlib.import_module(f"ssl_course.{recipe.module}")
     if recipe.protocol == "text":
-        tok = _text_tokenizer(name, zoo)
+        tok = load_tokenizer(name, zoo)
         corpus = text_data(name, "wordnet_glosses", "test", zoo, tok)
         return text_subset_figures(load_pretrained(name, zoo, data=corpus), corpus,
                                    text_data(name, "wordnet_categories", "train", zoo, tok),
