@@ -3,28 +3,33 @@
 
     python scripts/update_times.py build/notebook_times.json      # written by scripts/test.sh
 """
+
 import json
 import re
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-TIME_RE = re.compile(r"Time: (?:about |under )?\d+ s(?: \([^)]*\)| in either profile)?|Time: a few seconds(?: \([^)]*\))?")
+TIME_RE = re.compile(
+    r"Time: (?:about |under )?\d+ s(?: \([^)]*\)| in either profile)?|Time: a few seconds(?: \([^)]*\))?"
+)
 RECORD = "reports/notebook_times.json"
 
 
 def time_phrase(seconds: int) -> str:
-    shown = "under 1" if seconds < 1 else str(seconds)     # the timing file counts whole seconds
+    shown = "under 1" if seconds < 1 else str(seconds)  # the timing file counts whole seconds
     return f"Time: {shown} s (quick profile, 2 CPU cores; run of record in `{RECORD}`)"
 
 
 def main(path: str) -> None:
     rec = json.loads(Path(path).read_text())
-    if not rec.get("seconds"): sys.exit(f"{path} holds no notebook times; run scripts/test.sh first")
+    if not rec.get("seconds"):
+        sys.exit(f"{path} holds no notebook times; run scripts/test.sh first")
     (ROOT / RECORD).write_text(json.dumps(rec, indent=1) + "\n")
     for name, secs in sorted(rec["seconds"].items()):
         nb_path = ROOT / "nbs" / f"{name}.ipynb"
-        if not nb_path.is_file(): continue
+        if not nb_path.is_file():
+            continue
         nb = json.loads(nb_path.read_text())
         for cell in nb["cells"][:4]:
             src = "".join(cell["source"])
@@ -35,7 +40,9 @@ def main(path: str) -> None:
         else:
             print(f"note: {name} has no 'Time:' line in its first cells")
         nb_path.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
-    print(f"wrote {RECORD} and the Time lines of {len(rec['seconds'])} notebooks; now run nbdev-clean and ssl-course student")
+    print(
+        f"wrote {RECORD} and the Time lines of {len(rec['seconds'])} notebooks; now run nbdev-clean and ssl-course student"
+    )
 
 
 if __name__ == "__main__":

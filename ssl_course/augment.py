@@ -8,7 +8,6 @@ Docs: https://ssl-course.github.io/ssl-course/augment.html.md"""
 from __future__ import annotations
 
 import math
-from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -19,27 +18,45 @@ from torchvision.transforms import v2
 __all__ = ['simclr_augment', 'MultiCrop', 'batch_random_resized_crop', 'batch_gaussian_blur', 'BatchAugment', 'show_views']
 
 # %% ../nbs/07_augment.ipynb #3cf617e5
-def simclr_augment(image_size: int, channels: int = 3, crop_scale=(0.08, 1.0), jitter_strength: float = 0.5,
-                   blur: bool = False, solarize_p: float = 0.0, flip: bool = True, blur_p: float | None = None) -> v2.Compose:
+def simclr_augment(
+    image_size: int,
+    channels: int = 3,
+    crop_scale=(0.08, 1.0),
+    jitter_strength: float = 0.5,
+    blur: bool = False,
+    solarize_p: float = 0.0,
+    flip: bool = True,
+    blur_p: float | None = None,
+) -> v2.Compose:
     """SimCLR/BYOL view pipeline (torchvision v2) for uint8 or float CHW tensors; returns float images in [0, 1].
 
     Gaussian blur (sigma in [0.1, 2], kernel ~10% of the side) is applied with probability `blur_p`; by default
     `blur=True` means SimCLR's p = 0.5 (Chen et al. 2020, appendix A) and `blur=False` no blur. BYOL (Grill et al. 2020)
     and DINO (Caron et al. 2021) use uneven probabilities per view, e.g. `blur_p=1.0` and `blur_p=0.1, solarize_p=0.2`."""
-    if blur_p is None: blur_p = 0.5 if blur else 0.0
-    if not 0.0 <= blur_p <= 1.0: raise ValueError(f"blur_p must be a probability in [0, 1], got {blur_p}")
+    if blur_p is None:
+        blur_p = 0.5 if blur else 0.0
+    if not 0.0 <= blur_p <= 1.0:
+        raise ValueError(f"blur_p must be a probability in [0, 1], got {blur_p}")
     s = jitter_strength
-    ops = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
-           v2.RandomResizedCrop(image_size, scale=tuple(crop_scale), antialias=True)]
-    if flip: ops.append(v2.RandomHorizontalFlip())
+    ops = [
+        v2.ToImage(),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.RandomResizedCrop(image_size, scale=tuple(crop_scale), antialias=True),
+    ]
+    if flip:
+        ops.append(v2.RandomHorizontalFlip())
     if channels == 3:
-        ops += [v2.RandomApply([v2.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=0.8), v2.RandomGrayscale(p=0.2)]
+        ops += [
+            v2.RandomApply([v2.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=0.8),
+            v2.RandomGrayscale(p=0.2),
+        ]
     else:
         ops.append(v2.RandomApply([v2.ColorJitter(0.8 * s, 0.8 * s)], p=0.8))
     if blur_p > 0:
         k = max(3, int(0.1 * image_size) // 2 * 2 + 1)  # ~10% of the image side, odd
         ops.append(v2.RandomApply([v2.GaussianBlur(k, sigma=(0.1, 2.0))], p=blur_p))
-    if solarize_p: ops.append(v2.RandomSolarize(0.5, p=solarize_p))
+    if solarize_p:
+        ops.append(v2.RandomSolarize(0.5, p=solarize_p))
     return v2.Compose(ops)
 
 # %% ../nbs/07_augment.ipynb #a38f25db
@@ -49,60 +66,109 @@ class MultiCrop:
     Blur and solarisation are uneven, as in DINO's `DataAugmentationDINO` (Caron et al. 2021, after BYOL): global view 1
     is always blurred, global view 2 is blurred with p = 0.1 and solarised with p = 0.2, local views are blurred with
     p = 0.5. `blur=False` turns the blur off in every view (the solarisation stays)."""
-    def __init__(self, global_size: int, local_size: int, n_local: int = 4, channels: int = 3,
-                 global_scale=(0.4, 1.0), local_scale=(0.05, 0.4), jitter_strength: float = 0.5, blur: bool = True):
-        if local_size > global_size: raise ValueError("local crops should be smaller than global crops")
+
+    def __init__(
+        self,
+        global_size: int,
+        local_size: int,
+        n_local: int = 4,
+        channels: int = 3,
+        global_scale=(0.4, 1.0),
+        local_scale=(0.05, 0.4),
+        jitter_strength: float = 0.5,
+        blur: bool = True,
+    ):
+        if local_size > global_size:
+            raise ValueError("local crops should be smaller than global crops")
         on = 1.0 if blur else 0.0
-        self.g1 = simclr_augment(global_size, channels, global_scale, jitter_strength, blur_p=1.0 * on)
-        self.g2 = simclr_augment(global_size, channels, global_scale, jitter_strength, blur_p=0.1 * on, solarize_p=0.2)
-        self.local = simclr_augment(local_size, channels, local_scale, jitter_strength, blur_p=0.5 * on)
+        self.g1 = simclr_augment(
+            global_size, channels, global_scale, jitter_strength, blur_p=1.0 * on
+        )
+        self.g2 = simclr_augment(
+            global_size, channels, global_scale, jitter_strength, blur_p=0.1 * on, solarize_p=0.2
+        )
+        self.local = simclr_augment(
+            local_size, channels, local_scale, jitter_strength, blur_p=0.5 * on
+        )
         self.n_local = n_local
-    def __call__(self, x): return [self.g1(x), self.g2(x)] + [self.local(x) for _ in range(self.n_local)]
+
+    def __call__(self, x):
+        return [self.g1(x), self.g2(x)] + [self.local(x) for _ in range(self.n_local)]
 
 # %% ../nbs/07_augment.ipynb #1ff9d273
-def _rand(n, lo, hi, device): return torch.empty(n, device=device).uniform_(lo, hi)
+def _rand(n, lo, hi, device):
+    return torch.empty(n, device=device).uniform_(lo, hi)
+
 
 def _gray(x):
-    if x.shape[1] == 1: return x
+    if x.shape[1] == 1:
+        return x
     w = torch.tensor([0.299, 0.587, 0.114], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     return (x * w).sum(1, keepdim=True).expand_as(x)
 
-def batch_random_resized_crop(x: torch.Tensor, size: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip_p: float = 0.5):
+
+def batch_random_resized_crop(
+    x: torch.Tensor, size: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip_p: float = 0.5
+):
     "Per-image random resized crop (+ horizontal flip) of a batch via one affine warp."
     n, dev = x.shape[0], x.device
     area = _rand(n, *scale, dev)
     r = torch.exp(_rand(n, math.log(ratio[0]), math.log(ratio[1]), dev))
     w, h = (area * r).sqrt().clamp(max=1.0), (area / r).sqrt().clamp(max=1.0)
-    cx, cy = (torch.rand(n, device=dev) * 2 - 1) * (1 - w), (torch.rand(n, device=dev) * 2 - 1) * (1 - h)
+    cx, cy = (
+        (torch.rand(n, device=dev) * 2 - 1) * (1 - w),
+        (torch.rand(n, device=dev) * 2 - 1) * (1 - h),
+    )
     sign = torch.where(torch.rand(n, device=dev) < flip_p, -1.0, 1.0)
     theta = torch.zeros(n, 2, 3, device=dev, dtype=x.dtype)
     theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w * sign, cx, h, cy
     grid = F.affine_grid(theta, (n, x.shape[1], size, size), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
+
 def batch_gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
     "Separable Gaussian blur with one sigma per image."
     n, c, hgt, wid = x.shape
     r = kernel_size // 2
     t = torch.arange(-r, r + 1, device=x.device, dtype=x.dtype)
-    k = torch.exp(-t[None] ** 2 / (2 * sigma[:, None] ** 2)); k = k / k.sum(1, keepdim=True)   # (n, K)
+    k = torch.exp(-(t[None] ** 2) / (2 * sigma[:, None] ** 2))
+    k = k / k.sum(1, keepdim=True)  # (n, K)
     xp = F.pad(x, (r, r, r, r), mode="reflect").reshape(1, n * c, hgt + 2 * r, wid + 2 * r)
     kk = k.repeat_interleave(c, 0)
     xp = F.conv2d(xp, kk[:, None, None, :], groups=n * c)
     xp = F.conv2d(xp, kk[:, None, :, None], groups=n * c)
     return xp.reshape(n, c, hgt, wid)
 
+
 class BatchAugment(nn.Module):
     "SimCLR-style views of a float batch (N, C, H, W) in [0, 1], computed on the batch's device."
-    def __init__(self, size: int, crop_scale=(0.08, 1.0), jitter_strength: float = 0.5, jitter_p: float = 0.8,
-                 gray_p: float = 0.2, blur_p: float = 0.0, solarize_p: float = 0.0, flip_p: float = 0.5):
+
+    def __init__(
+        self,
+        size: int,
+        crop_scale=(0.08, 1.0),
+        jitter_strength: float = 0.5,
+        jitter_p: float = 0.8,
+        gray_p: float = 0.2,
+        blur_p: float = 0.0,
+        solarize_p: float = 0.0,
+        flip_p: float = 0.5,
+    ):
         super().__init__()
-        self.size, self.crop_scale, self.s, self.jitter_p = size, tuple(crop_scale), jitter_strength, jitter_p
+        self.size, self.crop_scale, self.s, self.jitter_p = (
+            size,
+            tuple(crop_scale),
+            jitter_strength,
+            jitter_p,
+        )
         self.gray_p, self.blur_p, self.solarize_p, self.flip_p = gray_p, blur_p, solarize_p, flip_p
+
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4 or not x.is_floating_point():
-            raise ValueError(f"BatchAugment expects a float batch (N, C, H, W) in [0, 1]; got {tuple(x.shape)} {x.dtype}")
+            raise ValueError(
+                f"BatchAugment expects a float batch (N, C, H, W) in [0, 1]; got {tuple(x.shape)} {x.dtype}"
+            )
         n, dev = x.shape[0], x.device
         x = batch_random_resized_crop(x, self.size, self.crop_scale, flip_p=self.flip_p)
         s = self.s
@@ -114,33 +180,54 @@ class BatchAugment(nn.Module):
         y = ((y - m) * c + m).clamp(0, 1)
         if x.shape[1] == 3:
             sat = _rand(n, 1 - 0.8 * s, 1 + 0.8 * s, dev).view(n, 1, 1, 1)
-            g = _gray(y); y = ((y - g) * sat + g).clamp(0, 1)
+            g = _gray(y)
+            y = ((y - g) * sat + g).clamp(0, 1)
         x = torch.where(on, y, x)
-        if x.shape[1] == 3 and self.gray_p:      # SimCLR's RandomGrayscale(p=0.2): independent of whether jitter fired
+        if (
+            x.shape[1] == 3 and self.gray_p
+        ):  # SimCLR's RandomGrayscale(p=0.2): independent of whether jitter fired
             x = torch.where((torch.rand(n, device=dev) < self.gray_p).view(n, 1, 1, 1), _gray(x), x)
         if self.blur_p:
             k = max(3, int(0.1 * self.size) // 2 * 2 + 1)
             blurred = batch_gaussian_blur(x, _rand(n, 0.1, 2.0, dev), k)
             x = torch.where((torch.rand(n, device=dev) < self.blur_p).view(n, 1, 1, 1), blurred, x)
         if self.solarize_p:
-            x = torch.where((torch.rand(n, device=dev) < self.solarize_p).view(n, 1, 1, 1) & (x >= 0.5), 1 - x, x)
+            x = torch.where(
+                (torch.rand(n, device=dev) < self.solarize_p).view(n, 1, 1, 1) & (x >= 0.5),
+                1 - x,
+                x,
+            )
         return x
 
 # %% ../nbs/07_augment.ipynb #c843b787
 def show_views(images: torch.Tensor, augment, n_views: int = 4, n_images: int = 6, title: str = ""):
     "Draw `n_views` augmented views (columns) of the first `n_images` images (rows), originals first."
     import matplotlib.pyplot as plt
+
     imgs = images[:n_images]
-    if imgs.dtype == torch.uint8: imgs = imgs.float() / 255
+    if imgs.dtype == torch.uint8:
+        imgs = imgs.float() / 255
     batched = isinstance(augment, nn.Module)
-    cols = [imgs] + [augment(imgs) if batched else torch.stack([augment(im) for im in imgs]) for _ in range(n_views)]
-    fig, axes = plt.subplots(len(imgs), n_views + 1, figsize=(1.1 * (n_views + 1), 1.1 * len(imgs)), squeeze=False)
+    cols = [imgs] + [
+        augment(imgs) if batched else torch.stack([augment(im) for im in imgs])
+        for _ in range(n_views)
+    ]
+    fig, axes = plt.subplots(
+        len(imgs), n_views + 1, figsize=(1.1 * (n_views + 1), 1.1 * len(imgs)), squeeze=False
+    )
     for r in range(len(imgs)):
         for c, col in enumerate(cols):
             im = col[r].detach().cpu().clamp(0, 1)
-            axes[r, c].imshow(im.permute(1, 2, 0).squeeze(-1), cmap="gray" if im.shape[0] == 1 else None, vmin=0, vmax=1)
+            axes[r, c].imshow(
+                im.permute(1, 2, 0).squeeze(-1),
+                cmap="gray" if im.shape[0] == 1 else None,
+                vmin=0,
+                vmax=1,
+            )
             axes[r, c].axis("off")
     axes[0, 0].set_title("original", fontsize=8)
-    for c in range(1, n_views + 1): axes[0, c].set_title(f"view {c}", fontsize=8)
-    if title: fig.suptitle(title, fontsize=9)
+    for c in range(1, n_views + 1):
+        axes[0, c].set_title(f"view {c}", fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
     return fig

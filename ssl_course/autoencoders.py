@@ -23,40 +23,67 @@ __all__ = ['ConvDecoder', 'reconstruction_loss', 'gaussian_noise', 'masking_nois
 # %% ../nbs/10_autoencoders.ipynb #0678d955
 class ConvDecoder(nn.Module):
     "Vector (N, latent_dim) -> image logits (N, channels, image_size, image_size): linear to a 1/4-size map, two x2 upsamplings."
+
     def __init__(self, latent_dim: int, channels: int = 1, image_size: int = 28, width: int = 16):
         super().__init__()
-        if image_size < 4: raise ValueError(f"ConvDecoder needs images of at least 4 px, got {image_size}")
-        self.latent_dim, self.channels, self.image_size, self.width = latent_dim, channels, image_size, width
-        self.base = -(-image_size // 4)                                   # ceil: 28 -> 7, 32 -> 8, 30 -> 8 (cropped)
-        self.fc = nn.Sequential(nn.Linear(latent_dim, 4 * width * self.base ** 2), nn.ReLU(inplace=True))
+        if image_size < 4:
+            raise ValueError(f"ConvDecoder needs images of at least 4 px, got {image_size}")
+        self.latent_dim, self.channels, self.image_size, self.width = (
+            latent_dim,
+            channels,
+            image_size,
+            width,
+        )
+        self.base = -(-image_size // 4)  # ceil: 28 -> 7, 32 -> 8, 30 -> 8 (cropped)
+        self.fc = nn.Sequential(
+            nn.Linear(latent_dim, 4 * width * self.base**2), nn.ReLU(inplace=True)
+        )
         self.up = nn.Sequential(
-            nn.ConvTranspose2d(4 * width, 2 * width, 4, stride=2, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(inplace=True),
-            nn.ConvTranspose2d(2 * width, width, 4, stride=2, padding=1), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
-            nn.Conv2d(width, channels, 3, padding=1))
+            nn.ConvTranspose2d(4 * width, 2 * width, 4, stride=2, padding=1),
+            nn.BatchNorm2d(2 * width),
+            nn.ReLU(inplace=True),
+            nn.ConvTranspose2d(2 * width, width, 4, stride=2, padding=1),
+            nn.BatchNorm2d(width),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(width, channels, 3, padding=1),
+        )
+
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         if z.ndim != 2 or z.shape[1] != self.latent_dim:
-            raise ValueError(f"ConvDecoder expects codes of shape (N, {self.latent_dim}); got {tuple(z.shape)}")
+            raise ValueError(
+                f"ConvDecoder expects codes of shape (N, {self.latent_dim}); got {tuple(z.shape)}"
+            )
         h = self.fc(z).view(len(z), 4 * self.width, self.base, self.base)
-        return self.up(h)[..., :self.image_size, :self.image_size]
+        return self.up(h)[..., : self.image_size, : self.image_size]
 
 # %% ../nbs/10_autoencoders.ipynb #9604e3e3
-def reconstruction_loss(logits: torch.Tensor, target: torch.Tensor, kind: str = "bce") -> torch.Tensor:
+def reconstruction_loss(
+    logits: torch.Tensor, target: torch.Tensor, kind: str = "bce"
+) -> torch.Tensor:
     """Per-image reconstruction loss (N,), summed over pixels: `bce` = Bernoulli negative log-likelihood of `target`
     in [0, 1] under sigmoid(`logits`); `mse` = squared error of sigmoid(`logits`)."""
     if logits.shape != target.shape:
-        raise ValueError(f"reconstruction and target differ in shape: {tuple(logits.shape)} vs {tuple(target.shape)}")
-    if kind == "bce": per = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
-    elif kind == "mse": per = (torch.sigmoid(logits) - target) ** 2
-    else: raise ValueError(f"unknown reconstruction loss {kind!r}; use 'bce' or 'mse'")
+        raise ValueError(
+            f"reconstruction and target differ in shape: {tuple(logits.shape)} vs {tuple(target.shape)}"
+        )
+    if kind == "bce":
+        per = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    elif kind == "mse":
+        per = (torch.sigmoid(logits) - target) ** 2
+    else:
+        raise ValueError(f"unknown reconstruction loss {kind!r}; use 'bce' or 'mse'")
     return per.flatten(1).sum(1)
+
 
 def gaussian_noise(x: torch.Tensor, std: float = 0.3) -> torch.Tensor:
     "Additive Gaussian corruption, clipped back to [0, 1]."
     return (x + std * torch.randn_like(x)).clamp(0, 1)
 
+
 def masking_noise(x: torch.Tensor, drop: float = 0.5) -> torch.Tensor:
     "Masking corruption (Vincent et al. 2008): a random fraction `drop` of the pixels (all channels of each) set to 0."
-    if not 0 <= drop < 1: raise ValueError(f"drop must be in [0, 1), got {drop}")
+    if not 0 <= drop < 1:
+        raise ValueError(f"drop must be in [0, 1), got {drop}")
     keep = (torch.rand_like(x[:, :1]) >= drop).to(x.dtype)
     return x * keep
 
@@ -64,29 +91,53 @@ def masking_noise(x: torch.Tensor, drop: float = 0.5) -> torch.Tensor:
 class Autoencoder(SSLMethod):
     """Autoencoder (Hinton & Salakhutdinov 2006) on any encoder with `out_dim`; with `noise` = 'gaussian' or 'masking'
     a denoising autoencoder (Vincent et al. 2008): the encoder sees a corrupted copy, the loss compares with the clean image."""
-    def __init__(self, encoder: nn.Module, image_size: int = 28, channels: int = 1, noise: str | None = None,
-                 noise_level: float | None = None, loss: str = "bce", decoder_width: int = 16):
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        image_size: int = 28,
+        channels: int = 1,
+        noise: str | None = None,
+        noise_level: float | None = None,
+        loss: str = "bce",
+        decoder_width: int = 16,
+    ):
         super().__init__()
         if noise not in (None, "gaussian", "masking"):
-            raise ValueError(f"unknown noise {noise!r}; use None (plain autoencoder), 'gaussian' or 'masking'")
-        if loss not in ("bce", "mse"): raise ValueError(f"unknown reconstruction loss {loss!r}; use 'bce' or 'mse'")
+            raise ValueError(
+                f"unknown noise {noise!r}; use None (plain autoencoder), 'gaussian' or 'masking'"
+            )
+        if loss not in ("bce", "mse"):
+            raise ValueError(f"unknown reconstruction loss {loss!r}; use 'bce' or 'mse'")
         self.encoder, self.image_size, self.channels = encoder, image_size, channels
         self.noise, self.loss = noise, loss
-        self.noise_level = noise_level if noise_level is not None else {"gaussian": 0.3, "masking": 0.5}.get(noise, 0.0)
+        self.noise_level = (
+            noise_level
+            if noise_level is not None
+            else {"gaussian": 0.3, "masking": 0.5}.get(noise, 0.0)
+        )
         self.decoder = ConvDecoder(feature_dim(encoder), channels, image_size, decoder_width)
 
     def check(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim != 4 or x.shape[1] != self.channels or x.shape[-2:] != (self.image_size, self.image_size):
-            raise ValueError(f"{type(self).__name__} was built for ({self.channels}, {self.image_size}, {self.image_size}) "
-                             f"images, got a batch of shape {tuple(x.shape)}; build it with image_size={x.shape[-1]} "
-                             f"and channels={x.shape[1] if x.ndim == 4 else '?'}, or resize the data "
-                             f"(load_dataset(..., image_size={self.image_size}))")
+        if (
+            x.ndim != 4
+            or x.shape[1] != self.channels
+            or x.shape[-2:] != (self.image_size, self.image_size)
+        ):
+            raise ValueError(
+                f"{type(self).__name__} was built for ({self.channels}, {self.image_size}, {self.image_size}) "
+                f"images, got a batch of shape {tuple(x.shape)}; build it with image_size={x.shape[-1]} "
+                f"and channels={x.shape[1] if x.ndim == 4 else '?'}, or resize the data "
+                f"(load_dataset(..., image_size={self.image_size}))"
+            )
         return x
 
     def corrupt(self, x: torch.Tensor) -> torch.Tensor:
         "The corrupted copy the encoder sees (the input itself for a plain autoencoder)."
-        if self.noise == "gaussian": return gaussian_noise(x, self.noise_level)
-        if self.noise == "masking": return masking_noise(x, self.noise_level)
+        if self.noise == "gaussian":
+            return gaussian_noise(x, self.noise_level)
+        if self.noise == "masking":
+            return masking_noise(x, self.noise_level)
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -96,23 +147,38 @@ class Autoencoder(SSLMethod):
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         "Reconstructed images in [0, 1] (eval mode, no corruption: pass a noisy `x` to see denoising)."
-        was = self.training; self.eval()
-        try: return torch.sigmoid(self(x))
-        finally: self.train(was)
+        was = self.training
+        self.eval()
+        try:
+            return torch.sigmoid(self(x))
+        finally:
+            self.train(was)
 
     def training_step(self, batch):
         x = self.check(batch[0] if isinstance(batch, (tuple, list)) else batch)
         logits = self.decoder(self.encoder(self.corrupt(x)))
         return reconstruction_loss(logits, x, self.loss).mean() / x[0].numel()
 
-@register_method("autoencoder", "Autoencoder: reconstruct the image through the encoder's code", "10_autoencoders",
-                 "Hinton & Salakhutdinov, Science 2006")
+
+@register_method(
+    "autoencoder",
+    "Autoencoder: reconstruct the image through the encoder's code",
+    "10_autoencoders",
+    "Hinton & Salakhutdinov, Science 2006",
+)
 def build_autoencoder(encoder, image_size: int = 28, channels: int = 1, **kw) -> Autoencoder:
     return Autoencoder(encoder, image_size=image_size, channels=channels, **kw)
 
-@register_method("dae", "Denoising autoencoder: reconstruct the clean image from a noisy copy (Gaussian or masking noise)",
-                 "10_autoencoders", "Vincent et al., ICML 2008")
-def build_dae(encoder, image_size: int = 28, channels: int = 1, noise: str = "gaussian", **kw) -> Autoencoder:
+
+@register_method(
+    "dae",
+    "Denoising autoencoder: reconstruct the clean image from a noisy copy (Gaussian or masking noise)",
+    "10_autoencoders",
+    "Vincent et al., ICML 2008",
+)
+def build_dae(
+    encoder, image_size: int = 28, channels: int = 1, noise: str = "gaussian", **kw
+) -> Autoencoder:
     return Autoencoder(encoder, image_size=image_size, channels=channels, noise=noise, **kw)
 
 # %% ../nbs/10_autoencoders.ipynb #d66fbc50
@@ -120,20 +186,35 @@ def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     "KL( N(mu, diag exp(logvar)) || N(0, I) ) per row, in closed form (Kingma & Welling 2014, appendix B)."
     return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(-1)
 
-def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor | None = None) -> torch.Tensor:
+
+def reparameterize(
+    mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor | None = None
+) -> torch.Tensor:
     "A sample z = mu + sigma * eps with eps ~ N(0, I): differentiable in mu and logvar (the reparameterisation trick)."
-    if eps is None: eps = torch.randn_like(mu)
+    if eps is None:
+        eps = torch.randn_like(mu)
     return mu + (0.5 * logvar).exp() * eps
 
 # %% ../nbs/10_autoencoders.ipynb #2802d129
 class VAE(SSLMethod):
     """Variational autoencoder (Kingma & Welling 2014): encoder features -> (mu, logvar) of q(z|x), one reparameterised
     sample, `ConvDecoder` -> Bernoulli logits. Loss = (reconstruction + beta * KL) per pixel; `encoder` is kept for transfer."""
-    def __init__(self, encoder: nn.Module, image_size: int = 28, channels: int = 1, latent_dim: int = 16,
-                 beta: float = 1.0, loss: str = "bce", decoder_width: int = 16):
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        image_size: int = 28,
+        channels: int = 1,
+        latent_dim: int = 16,
+        beta: float = 1.0,
+        loss: str = "bce",
+        decoder_width: int = 16,
+    ):
         super().__init__()
-        if latent_dim < 1: raise ValueError(f"latent_dim must be >= 1, got {latent_dim}")
-        if loss not in ("bce", "mse"): raise ValueError(f"unknown reconstruction loss {loss!r}; use 'bce' or 'mse'")
+        if latent_dim < 1:
+            raise ValueError(f"latent_dim must be >= 1, got {latent_dim}")
+        if loss not in ("bce", "mse"):
+            raise ValueError(f"unknown reconstruction loss {loss!r}; use 'bce' or 'mse'")
         d = feature_dim(encoder)
         self.encoder, self.image_size, self.channels = encoder, image_size, channels
         self.latent_dim, self.beta, self.loss = latent_dim, beta, loss
@@ -160,9 +241,12 @@ class VAE(SSLMethod):
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         "Images in [0, 1] for codes z (N, latent_dim)."
-        was = self.decoder.training; self.decoder.eval()
-        try: return torch.sigmoid(self.decoder(z.to(next(self.parameters()).device)))
-        finally: self.decoder.train(was)
+        was = self.decoder.training
+        self.decoder.eval()
+        try:
+            return torch.sigmoid(self.decoder(z.to(next(self.parameters()).device)))
+        finally:
+            self.decoder.train(was)
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -172,9 +256,12 @@ class VAE(SSLMethod):
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         "Reconstruction from the posterior mean mu (no sampling), in [0, 1]."
-        was = self.training; self.eval()
-        try: return torch.sigmoid(self.decoder(self.encode(x)[0]))
-        finally: self.train(was)
+        was = self.training
+        self.eval()
+        try:
+            return torch.sigmoid(self.decoder(self.encode(x)[0]))
+        finally:
+            self.train(was)
 
     def training_step(self, batch):
         x = self.check(batch[0] if isinstance(batch, (tuple, list)) else batch)
@@ -182,7 +269,12 @@ class VAE(SSLMethod):
         d = x[0].numel()
         return {"loss": (rec + self.beta * kl).mean() / d, "recon": rec.mean() / d, "kl": kl.mean()}
 
-@register_method("vae", "Variational autoencoder: ELBO with a Gaussian latent, reparameterised", "10_autoencoders",
-                 "Kingma & Welling, ICLR 2014, arXiv:1312.6114")
+
+@register_method(
+    "vae",
+    "Variational autoencoder: ELBO with a Gaussian latent, reparameterised",
+    "10_autoencoders",
+    "Kingma & Welling, ICLR 2014, arXiv:1312.6114",
+)
 def build_vae(encoder, image_size: int = 28, channels: int = 1, **kw) -> VAE:
     return VAE(encoder, image_size=image_size, channels=channels, **kw)

@@ -9,32 +9,42 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import torchvision
 
 # %% auto #0
 __all__ = ['BACKBONES', 'conv_bn_relu', 'SmallConvNet', 'resnet18_cifar', 'mlp', 'build_backbone', 'feature_dim']
 
 # %% ../nbs/06_backbones.ipynb #c52ca689
-from .core import check_images    # shared with ssl_course.vit
+from .core import check_images  # shared with ssl_course.vit
+
 
 def conv_bn_relu(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
+    )
+
 
 class SmallConvNet(nn.Module):
     "A 3-layer CNN encoder: (N, C, H, W) -> (N, 4*width). `forward_features` keeps the spatial map."
+
     def __init__(self, in_channels: int = 1, width: int = 32):
         super().__init__()
         self.in_channels, self.out_dim = in_channels, 4 * width
         self.features = nn.Sequential(
-            conv_bn_relu(in_channels, width), nn.MaxPool2d(2),
-            conv_bn_relu(width, 2 * width), nn.MaxPool2d(2),
-            conv_bn_relu(2 * width, 4 * width))
+            conv_bn_relu(in_channels, width),
+            nn.MaxPool2d(2),
+            conv_bn_relu(width, 2 * width),
+            nn.MaxPool2d(2),
+            conv_bn_relu(2 * width, 4 * width),
+        )
         self.pool = nn.AdaptiveAvgPool2d(1)
+
     def forward_features(self, x):
         check_images(x, self.in_channels, "SmallConvNet")
         return self.features(x)
-    def forward(self, x): return self.pool(self.forward_features(x)).flatten(1)
+
+    def forward(self, x):
+        return self.pool(self.forward_features(x)).flatten(1)
 
 # %% ../nbs/06_backbones.ipynb #b83c736b
 def resnet18_cifar(in_channels: int = 3) -> nn.Module:
@@ -45,35 +55,55 @@ def resnet18_cifar(in_channels: int = 3) -> nn.Module:
     m.fc = nn.Identity()
     m.in_channels, m.out_dim = in_channels, 512
     orig = m.forward
+
     def forward(x):
         check_images(x, in_channels, "resnet18_cifar")
         return orig(x)
+
     m.forward = forward
     return m
 
 # %% ../nbs/06_backbones.ipynb #2d3b2951
-def mlp(in_dim: int, hidden_dim: int, out_dim: int, layers: int = 2, bn: bool = True, last_bn: bool = False) -> nn.Sequential:
+def mlp(
+    in_dim: int,
+    hidden_dim: int,
+    out_dim: int,
+    layers: int = 2,
+    bn: bool = True,
+    last_bn: bool = False,
+) -> nn.Sequential:
     "An MLP head: (Linear -> [BN] -> ReLU) x (layers-1) -> Linear [-> BN without affine]."
     mods, d = [], in_dim
     for _ in range(layers - 1):
-        mods += [nn.Linear(d, hidden_dim, bias=not bn)] + ([nn.BatchNorm1d(hidden_dim)] if bn else []) + [nn.ReLU(inplace=True)]
+        mods += (
+            [nn.Linear(d, hidden_dim, bias=not bn)]
+            + ([nn.BatchNorm1d(hidden_dim)] if bn else [])
+            + [nn.ReLU(inplace=True)]
+        )
         d = hidden_dim
     mods.append(nn.Linear(d, out_dim, bias=not last_bn))
-    if last_bn: mods.append(nn.BatchNorm1d(out_dim, affine=False))
+    if last_bn:
+        mods.append(nn.BatchNorm1d(out_dim, affine=False))
     return nn.Sequential(*mods)
 
-from .vit import vit_tiny                 # vit depends on core only: the import goes one way
+
+from .vit import vit_tiny  # vit depends on core only: the import goes one way
 
 BACKBONES = {"small_cnn": SmallConvNet, "resnet18_cifar": resnet18_cifar, "vit_tiny": vit_tiny}
 
+
 def build_backbone(name: str, in_channels: int = 1, **kwargs) -> nn.Module:
     "Build a registered backbone by name (`small_cnn`, `resnet18_cifar`, `vit_tiny`); it has `.out_dim`."
-    if name not in BACKBONES: raise KeyError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+    if name not in BACKBONES:
+        raise KeyError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
     return BACKBONES[name](in_channels=in_channels, **kwargs)
+
 
 def feature_dim(encoder: nn.Module, example: torch.Tensor | None = None) -> int:
     "The encoder's output width: `encoder.out_dim`, else measured on `example`."
-    if hasattr(encoder, "out_dim"): return int(encoder.out_dim)
-    if example is None: raise ValueError("encoder has no out_dim; pass an example batch")
-    with torch.no_grad(): return encoder(example[:2]).shape[1]
-
+    if hasattr(encoder, "out_dim"):
+        return int(encoder.out_dim)
+    if example is None:
+        raise ValueError("encoder has no out_dim; pass an example batch")
+    with torch.no_grad():
+        return encoder(example[:2]).shape[1]

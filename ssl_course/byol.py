@@ -23,29 +23,53 @@ __all__ = ['byol_loss', 'BYOL', 'build_byol']
 # %% ../nbs/14_byol.ipynb #787bc34e
 def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     "BYOL's regression loss (Grill et al. 2020): mean over the batch of 2 - 2 cos(p, stopgrad(z))."
-    if p.shape != z.shape: raise ValueError(f"prediction and target must have the same shape; got {tuple(p.shape)} and {tuple(z.shape)}")
+    if p.shape != z.shape:
+        raise ValueError(
+            f"prediction and target must have the same shape; got {tuple(p.shape)} and {tuple(z.shape)}"
+        )
     return (2 - 2 * F.cosine_similarity(p.float(), z.detach().float(), dim=-1)).mean()
 
 # %% ../nbs/14_byol.ipynb #9c33efeb
 class BYOL(SSLMethod):
     "BYOL (Grill et al. 2020): online encoder+projector+predictor regresses an EMA target's projection of the other view."
-    sync_batchnorm = True     # the official code's cross-replica batch norm: statistics over all devices under multi-GPU DDP
-    def __init__(self, encoder: nn.Module, image_size: int = 28, channels: int = 1, proj_dim: int = 128,
-                 hidden_dim: int | None = None, base_momentum: float = 0.996, predictor: bool = True,
-                 stop_gradient: bool = True, augment: nn.Module | None = None):
+
+    sync_batchnorm = True  # the official code's cross-replica batch norm: statistics over all devices under multi-GPU DDP
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        image_size: int = 28,
+        channels: int = 1,
+        proj_dim: int = 128,
+        hidden_dim: int | None = None,
+        base_momentum: float = 0.996,
+        predictor: bool = True,
+        stop_gradient: bool = True,
+        augment: nn.Module | None = None,
+    ):
         super().__init__()
         d = feature_dim(encoder)
         h = hidden_dim or max(512, d)
         self.encoder, self.projector = encoder, mlp(d, h, proj_dim, layers=2, bn=True)
-        self.predictor = mlp(proj_dim, h, proj_dim, layers=2, bn=True) if predictor else nn.Identity()
-        self.stop_gradient, self.base_momentum, self.momentum = stop_gradient, base_momentum, base_momentum
+        self.predictor = (
+            mlp(proj_dim, h, proj_dim, layers=2, bn=True) if predictor else nn.Identity()
+        )
+        self.stop_gradient, self.base_momentum, self.momentum = (
+            stop_gradient,
+            base_momentum,
+            base_momentum,
+        )
         if stop_gradient:
-            self.target_encoder, self.target_projector = momentum_copy(encoder), momentum_copy(self.projector)
+            self.target_encoder, self.target_projector = (
+                momentum_copy(encoder),
+                momentum_copy(self.projector),
+            )
         self.augment = augment if augment is not None else default_augment(image_size, channels)
 
     def views(self, batch):
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        if isinstance(x, (tuple, list)): return x[0], x[1]
+        if isinstance(x, (tuple, list)):
+            return x[0], x[1]
         return self.augment(x), self.augment(x)
 
     def training_step(self, batch):
@@ -57,18 +81,25 @@ class BYOL(SSLMethod):
             with torch.no_grad():
                 z1, z2 = self.target_projector(self.target_encoder(torch.cat([v1, v2]))).split(n)
             loss = byol_loss(p1, z2) + byol_loss(p2, z1)
-        else:                                        # ablation: target = online network, gradients flow both ways
+        else:  # ablation: target = online network, gradients flow both ways
             z1, z2 = z_online.split(n)
             cos = lambda a, b: (2 - 2 * F.cosine_similarity(a, b, dim=-1)).mean()
             loss = cos(p1, z2) + cos(p2, z1)
         return {"loss": loss, "tau": torch.tensor(self.momentum)}
 
     def on_step_end(self, step: int, total_steps: int) -> None:
-        if not self.stop_gradient: return
+        if not self.stop_gradient:
+            return
         self.momentum = cosine_momentum(step, total_steps, self.base_momentum)
         ema_update(self.target_encoder, self.encoder, self.momentum)
         ema_update(self.target_projector, self.projector, self.momentum)
 
-@register_method("byol", "BYOL: predictor + EMA target, no negatives", "14_byol", "Grill et al., NeurIPS 2020, arXiv:2006.07733")
+
+@register_method(
+    "byol",
+    "BYOL: predictor + EMA target, no negatives",
+    "14_byol",
+    "Grill et al., NeurIPS 2020, arXiv:2006.07733",
+)
 def build_byol(encoder, image_size: int = 28, channels: int = 1, **kw) -> BYOL:
     return BYOL(encoder, image_size=image_size, channels=channels, **kw)

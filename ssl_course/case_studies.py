@@ -24,20 +24,34 @@ __all__ = ['detection_metrics', 'average_precision', 'add_scratch', 'add_hole', 
 def detection_metrics(y_true, y_pred, scores=None) -> dict:
     "Precision, recall, false-positive rate, counts (positive = defect = 1) and, given `scores`, average precision."
     y, p = np.asarray(y_true).astype(int).ravel(), np.asarray(y_pred).astype(int).ravel()
-    if y.shape != p.shape: raise ValueError(f"y_true and y_pred differ in length: {len(y)} vs {len(p)}")
-    if not set(np.unique(y)) <= {0, 1} or not set(np.unique(p)) <= {0, 1}: raise ValueError("labels must be 0 (normal) or 1 (defect)")
+    if y.shape != p.shape:
+        raise ValueError(f"y_true and y_pred differ in length: {len(y)} vs {len(p)}")
+    if not set(np.unique(y)) <= {0, 1} or not set(np.unique(p)) <= {0, 1}:
+        raise ValueError("labels must be 0 (normal) or 1 (defect)")
     tp, fp = int(((p == 1) & (y == 1)).sum()), int(((p == 1) & (y == 0)).sum())
     fn, tn = int(((p == 0) & (y == 1)).sum()), int(((p == 0) & (y == 0)).sum())
-    out = {"precision": tp / (tp + fp) if tp + fp else 0.0, "recall": tp / (tp + fn) if tp + fn else 0.0,
-           "fpr": fp / (fp + tn) if fp + tn else 0.0, "tp": tp, "fp": fp, "fn": fn, "tn": tn}
-    if scores is not None: out["average_precision"] = average_precision(y, scores)
+    out = {
+        "precision": tp / (tp + fp) if tp + fp else 0.0,
+        "recall": tp / (tp + fn) if tp + fn else 0.0,
+        "fpr": fp / (fp + tn) if fp + tn else 0.0,
+        "tp": tp,
+        "fp": fp,
+        "fn": fn,
+        "tn": tn,
+    }
+    if scores is not None:
+        out["average_precision"] = average_precision(y, scores)
     return out
+
 
 def average_precision(y_true, scores) -> float:
     "Area under the precision-recall curve: mean precision at the rank of each positive (higher score = more defective)."
-    y = np.asarray(y_true).astype(int).ravel(); s = np.asarray(scores, dtype=float).ravel()
-    if y.sum() == 0: raise ValueError("average precision needs at least one positive (defect)")
-    order = np.argsort(-s, kind="stable"); hits = y[order]
+    y = np.asarray(y_true).astype(int).ravel()
+    s = np.asarray(scores, dtype=float).ravel()
+    if y.sum() == 0:
+        raise ValueError("average precision needs at least one positive (defect)")
+    order = np.argsort(-s, kind="stable")
+    hits = y[order]
     precision_at = np.cumsum(hits) / np.arange(1, len(hits) + 1)
     return float((precision_at * hits).sum() / hits.sum())
 
@@ -47,67 +61,110 @@ def add_scratch(img: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     c, h, w = img.shape
     out = img.clone().float()
     bright = torch.nonzero(out.mean(0) > 60)
-    cy, cx = (bright[torch.randint(len(bright), (1,), generator=g)].flatten().tolist() if len(bright)
-              else [h // 2, w // 2])
+    cy, cx = (
+        bright[torch.randint(len(bright), (1,), generator=g)].flatten().tolist()
+        if len(bright)
+        else [h // 2, w // 2]
+    )
     ang = torch.rand(1, generator=g).item() * math.pi
     length = 10 + torch.randint(11, (1,), generator=g).item()
     for t in torch.linspace(-length / 2, length / 2, 4 * length):
         y, x = int(round(cy + t.item() * math.sin(ang))), int(round(cx + t.item() * math.cos(ang)))
-        if 0 <= y < h and 0 <= x < w: out[:, y, x] = 255.0
+        if 0 <= y < h and 0 <= x < w:
+            out[:, y, x] = 255.0
     return out.to(torch.uint8)
+
 
 def add_hole(img: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     "A dark disc (radius 2-4 px) centred on a random bright pixel of a uint8 (C, H, W) image."
     c, h, w = img.shape
     bright = torch.nonzero(img.float().mean(0) > 60)
-    cy, cx = (bright[torch.randint(len(bright), (1,), generator=g)].flatten().tolist() if len(bright)
-              else [h // 2, w // 2])
+    cy, cx = (
+        bright[torch.randint(len(bright), (1,), generator=g)].flatten().tolist()
+        if len(bright)
+        else [h // 2, w // 2]
+    )
     r = 2 + torch.randint(3, (1,), generator=g).item()
     yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
     disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
-    out = img.clone(); out[:, disc] = 0
+    out = img.clone()
+    out[:, disc] = 0
     return out
+
 
 def make_defects(images: torch.Tensor, seed: int = 0) -> torch.Tensor:
     "A scratch or a hole (50/50) on each uint8 image of `images` (N, C, H, W)."
     g = torch.Generator().manual_seed(seed)
-    return torch.stack([(add_scratch if torch.rand(1, generator=g).item() < 0.5 else add_hole)(x, g) for x in images])
+    return torch.stack(
+        [
+            (add_scratch if torch.rand(1, generator=g).item() < 0.5 else add_hole)(x, g)
+            for x in images
+        ]
+    )
 
 # %% ../nbs/23_domain_shift_and_case_studies.ipynb #c7f4ed79
 @dataclass
 class DefectSplit:
     "Rare-defect data: an unlabeled pool, a tiny labelled set and a test set (label 1 = defect)."
+
     pool: ImageDataset
     labelled: ImageDataset
     test: ImageDataset
-    source_idx: dict          # which base images each part was made from (to check that nothing leaks)
+    source_idx: dict  # which base images each part was made from (to check that nothing leaks)
 
-def defect_split(train: ImageDataset, test: ImageDataset, defect_rate: float = 0.02, n_defect_labels: int = 5,
-                 n_normal_labels: int = 50, n_test: int = 2000, product_class: int | None = None, seed: int = 0) -> DefectSplit:
+
+def defect_split(
+    train: ImageDataset,
+    test: ImageDataset,
+    defect_rate: float = 0.02,
+    n_defect_labels: int = 5,
+    n_normal_labels: int = 50,
+    n_test: int = 2000,
+    product_class: int | None = None,
+    seed: int = 0,
+) -> DefectSplit:
     """Pool and labelled set from `train`'s images, test set from `test`'s (never shared). A fraction `defect_rate`
     of the pool and of the test set get a synthetic defect; the labelled set has `n_defect_labels` defects and
     `n_normal_labels` normal items, drawn from the pool. `product_class`: keep only that class (one product line)."""
-    if not 0 < defect_rate < 0.5: raise DataError(f"defect_rate must be in (0, 0.5), got {defect_rate}")
+    if not 0 < defect_rate < 0.5:
+        raise DataError(f"defect_rate must be in (0, 0.5), got {defect_rate}")
     if product_class is not None:
         train = train.subset(torch.nonzero(train.labels == product_class).flatten())
         test = test.subset(torch.nonzero(test.labels == product_class).flatten())
-        if len(train) == 0 or len(test) == 0: raise DataError(f"no items of class {product_class} in train or test")
+        if len(train) == 0 or len(test) == 0:
+            raise DataError(f"no items of class {product_class} in train or test")
     g = torch.Generator().manual_seed(seed)
+
     def build(base, n, s):
         idx = torch.randperm(len(base), generator=g)[:n]
         imgs, y = base.images[idx].clone(), torch.zeros(len(idx), dtype=torch.long)
         n_def = max(1, round(defect_rate * len(idx)))
-        imgs[:n_def] = make_defects(imgs[:n_def], seed=s); y[:n_def] = 1
+        imgs[:n_def] = make_defects(imgs[:n_def], seed=s)
+        y[:n_def] = 1
         return ImageDataset(imgs, y, ["normal", "defect"], f"{base.name}-defects", base.split), idx
+
     pool, pool_idx = build(train, len(train), seed)
     if n_defect_labels > int(pool.labels.sum()):
-        raise DataError(f"the pool has only {int(pool.labels.sum())} defects; ask for n_defect_labels <= that or raise defect_rate")
-    defects, normals = torch.nonzero(pool.labels == 1).flatten(), torch.nonzero(pool.labels == 0).flatten()
-    lab = torch.cat([defects[torch.randperm(len(defects), generator=g)[:n_defect_labels]],
-                     normals[torch.randperm(len(normals), generator=g)[:n_normal_labels]]])
+        raise DataError(
+            f"the pool has only {int(pool.labels.sum())} defects; ask for n_defect_labels <= that or raise defect_rate"
+        )
+    defects, normals = (
+        torch.nonzero(pool.labels == 1).flatten(),
+        torch.nonzero(pool.labels == 0).flatten(),
+    )
+    lab = torch.cat(
+        [
+            defects[torch.randperm(len(defects), generator=g)[:n_defect_labels]],
+            normals[torch.randperm(len(normals), generator=g)[:n_normal_labels]],
+        ]
+    )
     tst, test_idx = build(test, min(n_test, len(test)), seed + 1)
-    return DefectSplit(pool.without_labels(), pool.subset(lab), tst,
-                       {"pool": pool_idx, "labelled": pool_idx[lab], "test": test_idx})
+    return DefectSplit(
+        pool.without_labels(),
+        pool.subset(lab),
+        tst,
+        {"pool": pool_idx, "labelled": pool_idx[lab], "test": test_idx},
+    )
 
 # %% ../nbs/23_domain_shift_and_case_studies.ipynb #2479438e
 def oversample(labels: torch.Tensor, seed: int = 0) -> torch.Tensor:
@@ -117,21 +174,30 @@ def oversample(labels: torch.Tensor, seed: int = 0) -> torch.Tensor:
     out = []
     for c in classes:
         idx = torch.nonzero(labels == c).flatten()
-        reps = torch.randint(len(idx), (int(counts.max()),), generator=g) if len(idx) < counts.max() else torch.arange(len(idx))
+        reps = (
+            torch.randint(len(idx), (int(counts.max()),), generator=g)
+            if len(idx) < counts.max()
+            else torch.arange(len(idx))
+        )
         out.append(idx[reps])
     return torch.cat(out)
+
 
 class MaxPooledFeatures(torch.nn.Module):
     """Features that keep small, local evidence: the encoder's spatial map (`forward_features`) max-pooled as well as
     average-pooled. Global average pooling dilutes a 3-pixel hole into 1/49 of one feature; the max keeps it
     (the idea behind patch-level anomaly detectors such as PatchCore, Roth et al., CVPR 2022, arXiv:2106.08265)."""
+
     def __init__(self, encoder: torch.nn.Module):
         super().__init__()
-        if not hasattr(encoder, "forward_features"): raise ValueError("the encoder has no forward_features (a spatial map) to pool")
+        if not hasattr(encoder, "forward_features"):
+            raise ValueError("the encoder has no forward_features (a spatial map) to pool")
         self.encoder = encoder
+
     def forward(self, x):
         m = self.encoder.forward_features(x)
         return torch.cat([m.mean((2, 3)), m.amax((2, 3))], dim=1)
+
 
 def knn_anomaly_scores(normal_feats: torch.Tensor, feats: torch.Tensor, k: int = 1) -> torch.Tensor:
     "Anomaly score: 1 - cosine similarity to the k-th most similar normal feature (higher = more unusual)."
@@ -142,13 +208,30 @@ def knn_anomaly_scores(normal_feats: torch.Tensor, feats: torch.Tensor, k: int =
 def noise_images(n: int, size: int = 28, channels: int = 1, seed: int = 0) -> ImageDataset:
     "`n` images of uniform random pixels (unlabelled): the garbage of the 'garbage in' experiment."
     g = torch.Generator().manual_seed(seed)
-    return ImageDataset(torch.randint(0, 256, (n, channels, size, size), generator=g, dtype=torch.uint8), None,
-                        name="noise", split="train")
+    return ImageDataset(
+        torch.randint(0, 256, (n, channels, size, size), generator=g, dtype=torch.uint8),
+        None,
+        name="noise",
+        split="train",
+    )
 
-def mix_datasets(a: ImageDataset, b: ImageDataset, frac_b: float, n: int, seed: int = 0) -> ImageDataset:
+
+def mix_datasets(
+    a: ImageDataset, b: ImageDataset, frac_b: float, n: int, seed: int = 0
+) -> ImageDataset:
     "`n` unlabelled images: a fraction `frac_b` drawn from `b`, the rest from `a` (with repetition if a set is small)."
     g = torch.Generator().manual_seed(seed)
-    nb = int(round(frac_b * n)); na = n - nb
-    pick = lambda d, m: d.images[torch.randint(len(d), (m,), generator=g)] if m > len(d) else d.images[torch.randperm(len(d), generator=g)[:m]]
+    nb = int(round(frac_b * n))
+    na = n - nb
+    pick = lambda d, m: (
+        d.images[torch.randint(len(d), (m,), generator=g)]
+        if m > len(d)
+        else d.images[torch.randperm(len(d), generator=g)[:m]]
+    )
     imgs = torch.cat([pick(a, na), pick(b, nb)])
-    return ImageDataset(imgs[torch.randperm(n, generator=g)], None, name=f"{a.name}+{frac_b:.0%} {b.name}", split="train")
+    return ImageDataset(
+        imgs[torch.randperm(n, generator=g)],
+        None,
+        name=f"{a.name}+{frac_b:.0%} {b.name}",
+        split="train",
+    )

@@ -7,7 +7,6 @@ Docs: https://ssl-course.github.io/ssl-course/classroom.html.md"""
 # %% ../nbs/90_classroom.ipynb #cd017810
 from __future__ import annotations
 
-import base64
 import copy
 import hashlib
 import html
@@ -27,8 +26,10 @@ __all__ = ['REVEAL_VERSION', 'SKIP_SECTIONS', 'ClassroomError', 'course_root', '
 # %% ../nbs/90_classroom.ipynb #68de0cb5
 REVEAL_VERSION = "5.2.1"
 
+
 class ClassroomError(ValueError):
     "A problem with the course checkout or a chapter that the user can fix; the message says how."
+
 
 def course_root(start: str | Path | None = None) -> Path:
     """The course checkout containing `start`: the first folder upwards with `nbs/` and `settings.ini`. Without `start`,
@@ -39,17 +40,23 @@ def course_root(start: str | Path | None = None) -> Path:
         pkg = Path(__file__).resolve().parent if "__file__" in globals() else here
         candidates += [pkg, *pkg.parents]
     for d in candidates:
-        if (d / "nbs").is_dir() and (d / "settings.ini").is_file(): return d
-    raise ClassroomError(f"no course checkout above {here} (a folder with nbs/ and settings.ini); "
-                         "run this from inside the ssl-course repository")
+        if (d / "nbs").is_dir() and (d / "settings.ini").is_file():
+            return d
+    raise ClassroomError(
+        f"no course checkout above {here} (a folder with nbs/ and settings.ini); "
+        "run this from inside the ssl-course repository"
+    )
+
 
 def lesson_notebooks(root: str | Path | None = None, kind: str | None = None) -> list[Path]:
     """The chapter notebooks of the course in order (`nbs/NN_*.ipynb`), optionally only those whose `Chapter.kind`
     in `ssl_course.cli.CHAPTERS` is `kind` ('lesson' or 'reference')."""
     from ssl_course.core import CHAPTERS
+
     root = course_root(root)
     nbs = sorted(p for p in (root / "nbs").glob("[0-9][0-9]*_*.ipynb"))
-    if kind is None: return nbs
+    if kind is None:
+        return nbs
     kinds = {c.notebook: c.kind for c in CHAPTERS}
     return [p for p in nbs if kinds.get(p.stem) == kind]
 
@@ -57,13 +64,16 @@ def lesson_notebooks(root: str | Path | None = None, kind: str | None = None) ->
 @dataclass
 class Section:
     "One `##` section of a chapter: its heading, its markdown, and the PNG figures its code cells produced."
+
     title: str
     markdown: str = ""
     figures: list = field(default_factory=list)
 
+
 @dataclass
 class Outline:
     "What a deck is made of."
+
     name: str
     title: str
     summary: str = ""
@@ -74,15 +84,25 @@ class Outline:
     def section(self, title: str) -> Section | None:
         return next((s for s in self.sections if s.title.lower() == title.lower()), None)
 
+
 def _sources_digest(nb) -> str:
-    return hashlib.sha256(json.dumps([(c.cell_type, c.source) for c in nb.cells]).encode()).hexdigest()
+    return hashlib.sha256(
+        json.dumps([(c.cell_type, c.source) for c in nb.cells]).encode()
+    ).hexdigest()
+
 
 def read_notebook(path: str | Path):
     "The notebook at `path` (nbformat 4), with a clear error for a missing or corrupt file."
     path = Path(path)
-    if not path.is_file(): raise ClassroomError(f"{path} does not exist")
-    try: return nbformat.read(path, as_version=4)
-    except Exception as e: raise ClassroomError(f"{path} is not a readable notebook ({e}); restore it with git") from None
+    if not path.is_file():
+        raise ClassroomError(f"{path} does not exist")
+    try:
+        return nbformat.read(path, as_version=4)
+    except Exception as e:
+        raise ClassroomError(
+            f"{path} is not a readable notebook ({e}); restore it with git"
+        ) from None
+
 
 def outline(path: str | Path, executed: str | Path | None = None) -> Outline:
     "Parse the chapter at `path`; take figures from `executed` (an executed copy) when its cells match."
@@ -91,103 +111,165 @@ def outline(path: str | Path, executed: str | Path | None = None) -> Outline:
     figures_nb = None
     if executed is not None and Path(executed).is_file():
         ex = read_notebook(executed)
-        if _sources_digest(ex) == _sources_digest(nb): figures_nb = ex
+        if _sources_digest(ex) == _sources_digest(nb):
+            figures_nb = ex
     cells = (figures_nb or nb).cells
     out = Outline(path.stem, path.stem, has_figures=figures_nb is not None)
     current = None
     for cell in cells:
         if cell.cell_type == "markdown":
             for chunk in re.split(r"(?m)^(?=#{1,2} )", cell.source):
-                if not chunk.strip(): continue
+                if not chunk.strip():
+                    continue
                 if chunk.startswith("# ") and not out.sections and out.title == path.stem:
                     head, _, rest = chunk.partition("\n")
                     out.title = head[2:].strip()
-                    out.summary = " ".join(l.lstrip("> ").strip() for l in rest.splitlines() if l.startswith(">"))
+                    out.summary = " ".join(
+                        l.lstrip("> ").strip() for l in rest.splitlines() if l.startswith(">")
+                    )
                 elif chunk.startswith("## "):
                     head, _, rest = chunk.partition("\n")
                     current = Section(head[3:].strip(), rest.strip())
                     out.sections.append(current)
-                elif current is None: out.intro += chunk.strip() + "\n\n"
-                else: current.markdown += "\n\n" + chunk.strip()
+                elif current is None:
+                    out.intro += chunk.strip() + "\n\n"
+                else:
+                    current.markdown += "\n\n" + chunk.strip()
         elif cell.cell_type == "code" and current is not None:
             for o in cell.get("outputs", []):
-                png = o.get("data", {}).get("image/png") if o.get("output_type") in ("display_data", "execute_result") else None
-                if png: current.figures.append(png if isinstance(png, str) else "".join(png))
+                png = (
+                    o.get("data", {}).get("image/png")
+                    if o.get("output_type") in ("display_data", "execute_result")
+                    else None
+                )
+                if png:
+                    current.figures.append(png if isinstance(png, str) else "".join(png))
     out.intro = out.intro.strip()
     return out
 
 # %% ../nbs/90_classroom.ipynb #6d42b4da
 _MATH = re.compile(r"\$\$(.+?)\$\$|(?<![\\$])\$(?!\s)([^$\n]+?)(?<!\s)\$", re.S)
 
+
 def _first_sentences(text: str, n: int = 1) -> str:
     "The first `n` sentences of `text` (a sentence ends at . ! or ? followed by a space and a capital, a digit or markup)."
     parts = re.split(r"(?<=[.!?])\s+(?=[A-Z0-9*`(\[$])", text.strip())
     return " ".join(parts[:n])
+
 
 def digest(md: str, max_bullets: int = 6, max_equations: int = 2) -> str:
     "The slide version of a section's markdown: its display equations, first table and first bullets or sentences."
     md = re.sub(r"<!--.*?-->", "", md, flags=re.S)
     equations = [m.group(0) for m in re.finditer(r"\$\$.+?\$\$", md, re.S)][:max_equations]
     blocks = [b.strip() for b in re.split(r"\n\s*\n", md) if b.strip()]
-    table = next((b for b in blocks if b.startswith("|") and "\n|" in b and re.search(r"\|\s*:?-{3,}", b)), None)
+    table = next(
+        (b for b in blocks if b.startswith("|") and "\n|" in b and re.search(r"\|\s*:?-{3,}", b)),
+        None,
+    )
     bullets = []
     for line in md.splitlines():
         m = re.match(r"^\s{0,3}(?:[-*]|\d+\.)\s+(.*)", line)
-        if m and len(bullets) < max_bullets: bullets.append("- " + _first_sentences(m.group(1)))
+        if m and len(bullets) < max_bullets:
+            bullets.append("- " + _first_sentences(m.group(1)))
     parts = []
-    if bullets: parts.append("\n".join(bullets))
+    if bullets:
+        parts.append("\n".join(bullets))
     else:
-        prose = next((b for b in blocks if not b.startswith(("|", "$$", "!", "<", "```")) and not re.match(r"^\s*(?:[-*]|\d+\.)\s", b)), "")
-        if prose: parts.append(_first_sentences(prose, 2))
+        prose = next(
+            (
+                b
+                for b in blocks
+                if not b.startswith(("|", "$$", "!", "<", "```"))
+                and not re.match(r"^\s*(?:[-*]|\d+\.)\s", b)
+            ),
+            "",
+        )
+        if prose:
+            parts.append(_first_sentences(prose, 2))
     parts += equations
-    if table: parts.append(table)
+    if table:
+        parts.append(table)
     return "\n\n".join(parts)
+
 
 def markdown_to_html(md: str) -> str:
     "Markdown with $inline$ and $$display$$ mathematics -> HTML with MathML (offline)."
     import mistune
     from latex2mathml.converter import convert
+
     maths = []
+
     def keep(m):
         maths.append((m.group(1) is not None, (m.group(1) or m.group(2)).strip()))
         return f"MATHPLACEHOLDER{len(maths) - 1}X"
+
     body = mistune.create_markdown(plugins=["table", "strikethrough"])(_MATH.sub(keep, md))
+
     def render(m):
         display, tex = maths[int(m.group(1))]
-        try: return convert(tex, display="block" if display else "inline")
-        except Exception: return f"<code>{html.escape(tex)}</code>"
+        try:
+            return convert(tex, display="block" if display else "inline")
+        except Exception:
+            return f"<code>{html.escape(tex)}</code>"
+
     return re.sub(r"MATHPLACEHOLDER(\d+)X", render, body)
 
 # %% ../nbs/90_classroom.ipynb #c8e0b598
 SKIP_SECTIONS = ("exercises", "summary")
 
+
 def deck_slides(o: Outline) -> list[str]:
     "HTML of each slide of the deck for the chapter outline `o`."
     esc = html.escape
     paper = next((l for l in o.intro.splitlines() if l.lower().startswith(("paper", "papers"))), "")
-    slides = [f'<h2>{esc(o.title)}</h2><p class="story">{markdown_to_html(o.summary)}</p>'
-              + (f'<div class="small">{markdown_to_html(paper)}</div>' if paper else "")
-              + f'<p class="small">ssl-course · {esc(o.name)}</p>']
-    learn = re.search(r"\*\*What you will learn\*\*.*?\n\n(.*?)(?:\n\n(?!\s*[-*] )|$)", o.intro, re.S)
-    if learn: slides.append(f"<h3>What you will learn</h3>{markdown_to_html(digest(learn.group(1), max_bullets=6))}")
+    slides = [
+        f'<h2>{esc(o.title)}</h2><p class="story">{markdown_to_html(o.summary)}</p>'
+        + (f'<div class="small">{markdown_to_html(paper)}</div>' if paper else "")
+        + f'<p class="small">ssl-course · {esc(o.name)}</p>'
+    ]
+    learn = re.search(
+        r"\*\*What you will learn\*\*.*?\n\n(.*?)(?:\n\n(?!\s*[-*] )|$)", o.intro, re.S
+    )
+    if learn:
+        slides.append(
+            f"<h3>What you will learn</h3>{markdown_to_html(digest(learn.group(1), max_bullets=6))}"
+        )
     for s in o.sections:
-        if s.title.lower() in SKIP_SECTIONS: continue
+        if s.title.lower() in SKIP_SECTIONS:
+            continue
         body = digest(s.markdown)
-        slides.append(f'<h3>{markdown_to_html(s.title)[3:-5]}</h3><div class="body">{markdown_to_html(body)}</div>')
+        slides.append(
+            f'<h3>{markdown_to_html(s.title)[3:-5]}</h3><div class="body">{markdown_to_html(body)}</div>'
+        )
         if s.figures:
-            slides.append(f'<h3>{markdown_to_html(s.title)[3:-5]}</h3>'
-                          f'<img class="figure" alt="figure from the chapter" src="data:image/png;base64,{s.figures[0].strip()}">')
+            slides.append(
+                f"<h3>{markdown_to_html(s.title)[3:-5]}</h3>"
+                f'<img class="figure" alt="figure from the chapter" src="data:image/png;base64,{s.figures[0].strip()}">'
+            )
     ex = o.section("Exercises")
     if ex:
-        items = [f"{i}. " + _first_sentences(t) for i, t in
-                 enumerate(re.findall(r"(?m)^\d+\.\s+(.*)$", ex.markdown), 1)]
+        items = [
+            f"{i}. " + _first_sentences(t)
+            for i, t in enumerate(re.findall(r"(?m)^\d+\.\s+(.*)$", ex.markdown), 1)
+        ]
         quiz = re.search(r"\*\*Quiz\.?\*\*(.*)", ex.markdown, re.S)
-        slides.append("<h3>Exercises</h3>" + markdown_to_html("\n".join(items))
-                      + (f'<div class="quiz">{markdown_to_html("**Quiz.** " + quiz.group(1).strip())}</div>' if quiz else ""))
+        slides.append(
+            "<h3>Exercises</h3>"
+            + markdown_to_html("\n".join(items))
+            + (
+                f'<div class="quiz">{markdown_to_html("**Quiz.** " + quiz.group(1).strip())}</div>'
+                if quiz
+                else ""
+            )
+        )
     summ = o.section("Summary")
     if summ:
-        slides.append("<h3>Summary</h3>" + markdown_to_html(digest(summ.markdown.split("**Further reading")[0], max_bullets=5)))
+        slides.append(
+            "<h3>Summary</h3>"
+            + markdown_to_html(digest(summ.markdown.split("**Further reading")[0], max_bullets=5))
+        )
     return slides
+
 
 _CSS = """
 .reveal { font-size: 30px; }
@@ -201,17 +283,26 @@ _CSS = """
 .reveal ul, .reveal ol { display: block; margin-left: 1em; }
 """
 
+
 def reveal_assets(root: str | Path | None = None) -> dict:
     "The vendored reveal.js script, stylesheet and theme (text), with the theme's web-font import removed (offline)."
     base = course_root(root) / "slides" / "vendor" / f"reveal.js-{REVEAL_VERSION}"
-    files = {"js": base / "reveal.js", "css": base / "reveal.css", "theme": base / "theme" / "white.css"}
+    files = {
+        "js": base / "reveal.js",
+        "css": base / "reveal.css",
+        "theme": base / "theme" / "white.css",
+    }
     missing = [str(p) for p in files.values() if not p.is_file()]
-    if missing: raise ClassroomError(f"reveal.js {REVEAL_VERSION} is missing ({', '.join(missing)}); restore slides/vendor "
-                                     f"with git, or unpack `npm pack reveal.js@{REVEAL_VERSION}` there (dist/ files)")
+    if missing:
+        raise ClassroomError(
+            f"reveal.js {REVEAL_VERSION} is missing ({', '.join(missing)}); restore slides/vendor "
+            f"with git, or unpack `npm pack reveal.js@{REVEAL_VERSION}` there (dist/ files)"
+        )
     out = {k: p.read_text(encoding="utf-8") for k, p in files.items()}
     out["theme"] = re.sub(r"@import url\([^)]*\);", "", out["theme"])
     out["js"] = out["js"].replace("</script", "<\\/script")
     return out
+
 
 def render_deck(title: str, slides: list[str], assets: dict) -> str:
     "One self-contained HTML page: reveal.js inlined, one <section> per slide."
@@ -219,11 +310,11 @@ def render_deck(title: str, slides: list[str], assets: dict) -> str:
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{html.escape(title)}</title>
-<style>{assets['css']}</style><style>{assets['theme']}</style><style>{_CSS}</style></head>
+<style>{assets["css"]}</style><style>{assets["theme"]}</style><style>{_CSS}</style></head>
 <body data-slide-count="{len(slides)}"><div class="reveal"><div class="slides">
 {sections}
 </div></div>
-<script>{assets['js']}</script>
+<script>{assets["js"]}</script>
 <script>
 Reveal.initialize({{hash: true, width: 1280, height: 720, margin: 0.04, controls: true, progress: true,
                    slideNumber: 'c/t', transition: 'none', center: false}})
@@ -237,23 +328,43 @@ def execute_notebook(src: Path, dest: Path, timeout: int = 900) -> Path:
     "Run the chapter `src` in the quick profile and write the executed copy to `dest` (atomically)."
     import os
     from nbclient import NotebookClient
+
     nb = read_notebook(src)
     # the kernel inherits the environment: quick profile, and inline figures even where MPLBACKEND=Agg (CI, scripts)
-    want = {"SSL_COURSE_PROFILE": "quick", "MPLBACKEND": "module://matplotlib_inline.backend_inline"}
+    want = {
+        "SSL_COURSE_PROFILE": "quick",
+        "MPLBACKEND": "module://matplotlib_inline.backend_inline",
+    }
     before = {k: os.environ.get(k) for k in want}
     os.environ.update(want)
-    try: NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(src.parent)}}).execute()
+    try:
+        NotebookClient(
+            nb,
+            timeout=timeout,
+            kernel_name="python3",
+            resources={"metadata": {"path": str(src.parent)}},
+        ).execute()
     finally:
         for k, v in before.items():
-            if v is None: os.environ.pop(k, None)
-            else: os.environ[k] = v
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_suffix(".ipynb.part")
-    nbformat.write(nb, tmp); tmp.replace(dest)
+    nbformat.write(nb, tmp)
+    tmp.replace(dest)
     return dest
 
-def build_decks(names: list[str] | None = None, out: str | Path | None = None, executed: str | Path | None = None,
-                execute: bool = False, root: str | Path | None = None, verbose: bool = False) -> list[Path]:
+
+def build_decks(
+    names: list[str] | None = None,
+    out: str | Path | None = None,
+    executed: str | Path | None = None,
+    execute: bool = False,
+    root: str | Path | None = None,
+    verbose: bool = False,
+) -> list[Path]:
     "Build the deck of each chapter (all, or those whose notebook name starts with one of `names`); return the paths."
     root = course_root(root)
     out = Path(out) if out else root / "slides" / "build"
@@ -261,37 +372,51 @@ def build_decks(names: list[str] | None = None, out: str | Path | None = None, e
     nbs = lesson_notebooks(root)
     if names:
         nbs = [p for p in nbs if any(p.stem.startswith(n) for n in names)]
-        if not nbs: raise ClassroomError(f"no chapter matches {names}; see `ssl-course list chapters`")
+        if not nbs:
+            raise ClassroomError(f"no chapter matches {names}; see `ssl-course list chapters`")
     assets = reveal_assets(root)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for nb in nbs:
-        if execute: execute_notebook(nb, executed / nb.name)
+        if execute:
+            execute_notebook(nb, executed / nb.name)
         o = outline(nb, executed / nb.name)
         dest = out / f"{nb.stem}.html"
         tmp = dest.with_suffix(".html.part")
-        tmp.write_text(render_deck(o.title, deck_slides(o), assets), encoding="utf-8"); tmp.replace(dest)
+        tmp.write_text(render_deck(o.title, deck_slides(o), assets), encoding="utf-8")
+        tmp.replace(dest)
         paths.append(dest)
-        if verbose: print(f"{dest.relative_to(root) if dest.is_relative_to(root) else dest}: "
-                          f"{len(deck_slides(o))} slides{'' if o.has_figures else ' (no figures: no current executed copy)'}")
-    links = "".join(f'<li><a href="{p.name}">{html.escape(outline(n).title)}</a> <small>({p.stem})</small></li>'
-                    for p, n in zip(paths, nbs))
-    (out / "index.html").write_text(f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>ssl-course slides</title></head>'
-                                    f'<body style="font-family:sans-serif"><h1>ssl-course: slide decks</h1><ol>{links}</ol></body></html>',
-                                    encoding="utf-8")
+        if verbose:
+            print(
+                f"{dest.relative_to(root) if dest.is_relative_to(root) else dest}: "
+                f"{len(deck_slides(o))} slides{'' if o.has_figures else ' (no figures: no current executed copy)'}"
+            )
+    links = "".join(
+        f'<li><a href="{p.name}">{html.escape(outline(n).title)}</a> <small>({p.stem})</small></li>'
+        for p, n in zip(paths, nbs)
+    )
+    (out / "index.html").write_text(
+        f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>ssl-course slides</title></head>'
+        f'<body style="font-family:sans-serif"><h1>ssl-course: slide decks</h1><ol>{links}</ol></body></html>',
+        encoding="utf-8",
+    )
     return paths
 
 # %% ../nbs/90_classroom.ipynb #cbb23476
 _SOLUTION = re.compile(r"^#\s*Exercises?\s+([\d ,and&]+?)\s*(?:\(|:|solution|—|-)", re.I)
 
+
 def solution_exercises(cell) -> list[int]:
     "The exercise numbers a code cell solves (empty when it is not a solution cell)."
-    if cell.cell_type != "code": return []
+    if cell.cell_type != "code":
+        return []
     nums = []
     for line in cell.source.splitlines():
         m = _SOLUTION.match(line.strip())
-        if m and "solution" in line.lower(): nums += [int(n) for n in re.findall(r"\d+", m.group(1)) if int(n) not in nums]
+        if m and "solution" in line.lower():
+            nums += [int(n) for n in re.findall(r"\d+", m.group(1)) if int(n) not in nums]
     return nums
+
 
 def student_notebook(nb):
     "A student copy of the chapter `nb`: solution cells replaced by empty exercise cells, no outputs, RISE metadata."
@@ -305,18 +430,25 @@ def student_notebook(nb):
         if cell.cell_type == "code":
             cell.outputs, cell.execution_count = [], None
         hidden = cell.cell_type == "code" and cell.source.lstrip().startswith("#| hide")
-        slide = "slide" if cell.cell_type == "markdown" and re.match(r"#{1,2} ", cell.source) else "-"
+        slide = (
+            "slide" if cell.cell_type == "markdown" and re.match(r"#{1,2} ", cell.source) else "-"
+        )
         cell.metadata = {"slideshow": {"slide_type": "skip" if hidden else slide}}
         cell.pop("id", None)
         cells.append(cell)
-    for i, c in enumerate(cells): c["id"] = f"c{i:03d}"
+    for i, c in enumerate(cells):
+        c["id"] = f"c{i:03d}"
     nb.cells = cells
     return nb
+
 
 def _nb_text(nb) -> str:
     return nbformat.writes(nb) + "\n"
 
-def write_student_notebooks(out: str | Path | None = None, check: bool = False, root: str | Path | None = None) -> list[Path]:
+
+def write_student_notebooks(
+    out: str | Path | None = None, check: bool = False, root: str | Path | None = None
+) -> list[Path]:
     """Write the student version of every chapter to `out` (default `student/`); with `check=True` write nothing and
     return the student notebooks that are missing or differ from what the sources give (and stale extra files)."""
     root = course_root(root)
@@ -325,13 +457,19 @@ def write_student_notebooks(out: str | Path | None = None, check: bool = False, 
     for nb in lesson_notebooks(root):
         wanted[out / nb.name] = _nb_text(student_notebook(read_notebook(nb)))
     if check:
-        stale = [p for p, text in wanted.items() if not p.is_file() or p.read_text(encoding="utf-8") != text]
+        stale = [
+            p
+            for p, text in wanted.items()
+            if not p.is_file() or p.read_text(encoding="utf-8") != text
+        ]
         return stale + sorted(p for p in out.glob("*.ipynb") if p not in wanted)
     out.mkdir(parents=True, exist_ok=True)
     for p in out.glob("*.ipynb"):
-        if p not in wanted: p.unlink()
+        if p not in wanted:
+            p.unlink()
     for p, text in wanted.items():
-        if not p.is_file() or p.read_text(encoding="utf-8") != text: p.write_text(text, encoding="utf-8")
+        if not p.is_file() or p.read_text(encoding="utf-8") != text:
+            p.write_text(text, encoding="utf-8")
     return list(wanted)
 
 # %% ../nbs/90_classroom.ipynb #8346a6fe
@@ -341,24 +479,43 @@ def check_chapter(path: str | Path, min_exercises: int = 3) -> list[str]:
     md = "\n\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
     o = outline(path)
     problems = []
-    if "What you will learn" not in md: problems.append("no objectives ('**What you will learn**' list)")
+    if "What you will learn" not in md:
+        problems.append("no objectives ('**What you will learn**' list)")
     texts = [c.source for c in nb.cells if c.cell_type == "markdown"]
-    checked = any(c.cell_type == "code" and "assert" in c.source and re.search(r"#.*\bclaim", c.source, re.I) for c in nb.cells)
-    if not checked and not any(re.search(r"quick", s, re.I) and re.search(r"\d\.\d\d", s) for s in texts):
-        problems.append("no expected quick-profile results (a cell asserting what the prose claims about the run, with a "
-                        "comment saying so, or a markdown cell quoting numbers, e.g. 'quick profile ... 0.65')")
+    checked = any(
+        c.cell_type == "code" and "assert" in c.source and re.search(r"#.*\bclaim", c.source, re.I)
+        for c in nb.cells
+    )
+    if not checked and not any(
+        re.search(r"quick", s, re.I) and re.search(r"\d\.\d\d", s) for s in texts
+    ):
+        problems.append(
+            "no expected quick-profile results (a cell asserting what the prose claims about the run, with a "
+            "comment saying so, or a markdown cell quoting numbers, e.g. 'quick profile ... 0.65')"
+        )
     if not any(re.search(r"full[- ]profile", s, re.I) for s in texts):
-        problems.append("nothing about the full profile (its protocol and numbers, or that they are not measured yet)")
+        problems.append(
+            "nothing about the full profile (its protocol and numbers, or that they are not measured yet)"
+        )
     ex = o.section("Exercises")
     items = [int(n) for n in re.findall(r"(?m)^(\d+)\.\s", ex.markdown)] if ex else []
-    if len(items) < min_exercises: problems.append(f"{len(items)} exercises under '## Exercises' (need >= {min_exercises})")
+    if len(items) < min_exercises:
+        problems.append(f"{len(items)} exercises under '## Exercises' (need >= {min_exercises})")
     solved = {n for c in nb.cells for n in solution_exercises(c)}
     unsolved = [n for n in items if n not in solved]
-    if unsolved: problems.append(f"no solution cell for exercise(s) {unsolved} (a '#| hide' cell starting '# Exercise N solution')")
-    if not re.search(r"\*\*Quiz", md): problems.append("no quiz ('**Quiz.**' under the exercises)")
-    if not o.section("Summary"): problems.append("no '## Summary' section")
+    if unsolved:
+        problems.append(
+            f"no solution cell for exercise(s) {unsolved} (a '#| hide' cell starting '# Exercise N solution')"
+        )
+    if not re.search(r"\*\*Quiz", md):
+        problems.append("no quiz ('**Quiz.**' under the exercises)")
+    if not o.section("Summary"):
+        problems.append("no '## Summary' section")
     return problems
+
 
 def check_chapters(root: str | Path | None = None) -> dict:
     "Problems of every lesson chapter: {notebook name: [problems]} (only chapters with problems)."
-    return {p.stem: probs for p in lesson_notebooks(root, kind="lesson") if (probs := check_chapter(p))}
+    return {
+        p.stem: probs for p in lesson_notebooks(root, kind="lesson") if (probs := check_chapter(p))
+    }

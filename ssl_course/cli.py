@@ -10,37 +10,53 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import pkgutil
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 import ssl_course
-from .core import SettingsError, get_device, hardware_summary, load_settings, seed_everything
-from .data import DATASETS, DataError, DatasetUnavailableError, list_datasets, load_dataset, sample_per_class
+from ssl_course.core import (
+    SettingsError,
+    get_device,
+    hardware_summary,
+    load_settings,
+    seed_everything,
+)
+from ssl_course.data import (
+    DATASETS,
+    DataError,
+    DatasetUnavailableError,
+    list_datasets,
+    load_dataset,
+    sample_per_class,
+)
 from .backbones import build_backbone
 from .train import CheckpointError, METHODS, build_method, fit, list_methods
 from .zoo import ZooError
-from .evaluate import (embed, knn_accuracy, label_efficiency_curve, linear_probe, plot_label_efficiency,
-                                 probe_evaluator, summarize_curve, supervised_evaluator)
+from ssl_course.evaluate import (
+    embed,
+    knn_accuracy,
+    label_efficiency_curve,
+    plot_label_efficiency,
+    probe_evaluator,
+    summarize_curve,
+)
 
 # %% auto #0
 __all__ = ['list_command', 'parse_label_counts', 'run_demo', 'run_pretrain', 'zoo_command', 'main']
 
 # %% ../nbs/08_cli.ipynb #03096b81
-from .core import Chapter, CHAPTERS            # the course map lives in core (the one-way layering)
+from .core import CHAPTERS  # the course map lives in core (the one-way layering)
 from .train import load_chapter_modules
+
 
 def _module_exists(name: str) -> bool:
     return importlib.util.find_spec(f"ssl_course.{name}") is not None
 
-
 # %% ../nbs/08_cli.ipynb #d6807644
-from .core import format_table         # defined in core, so any module can print a table
-
+from .core import format_table  # defined in core, so any module can print a table
 
 # %% ../nbs/08_cli.ipynb #495b6091
 def list_command(what: str = "all") -> str:
@@ -48,65 +64,121 @@ def list_command(what: str = "all") -> str:
     load_chapter_modules()
     parts = []
     if what in ("all", "chapters"):
-        rows = [{"notebook": c.notebook, "title": c.title,
-                 "module": f"ssl_course.{c.module}" if c.module else "-",
-                 "status": "available" if (not c.module or _module_exists(c.module)) else "planned"} for c in CHAPTERS]
+        rows = [
+            {
+                "notebook": c.notebook,
+                "title": c.title,
+                "module": f"ssl_course.{c.module}" if c.module else "-",
+                "status": "available" if (not c.module or _module_exists(c.module)) else "planned",
+            }
+            for c in CHAPTERS
+        ]
         parts.append("Chapters (nbs/):\n" + format_table(rows))
     if what in ("all", "methods"):
-        rows = [{"method": m.name, "modality": m.modality, "chapter": m.chapter, "description": m.description,
-                 "paper": m.paper} for m in list_methods()]
+        rows = [
+            {
+                "method": m.name,
+                "modality": m.modality,
+                "chapter": m.chapter,
+                "description": m.description,
+                "paper": m.paper,
+            }
+            for m in list_methods()
+        ]
         parts.append("Methods (ssl-course pretrain --method NAME):\n" + format_table(rows))
     if what in ("all", "datasets"):
-        rows = [{"dataset": d.name, "kind": d.kind, "splits": ",".join(d.splits), "offline": d.offline} for d in list_datasets()]
+        rows = [
+            {"dataset": d.name, "kind": d.kind, "splits": ",".join(d.splits), "offline": d.offline}
+            for d in list_datasets()
+        ]
         parts.append("Datasets (load_dataset(name, split)):\n" + format_table(rows))
-    if not parts: raise ValueError(f"ssl-course list: choose chapters, methods, datasets or all; got {what!r}")
+    if not parts:
+        raise ValueError(
+            f"ssl-course list: choose chapters, methods, datasets or all; got {what!r}"
+        )
     return "\n\n".join(parts)
 
 # %% ../nbs/08_cli.ipynb #5b0838fc
 def parse_label_counts(value) -> list[int]:
     "'1 5 10' / '1,5,10' / 10 / [1, 5] -> sorted unique positive ints."
     items = value if isinstance(value, (list, tuple)) else str(value).replace(",", " ").split()
-    try: counts = sorted({int(v) for v in items})
-    except ValueError: raise ValueError(f"labels per class must be integers, e.g. '1,5,10'; got {value!r}") from None
-    if not counts or counts[0] < 1: raise ValueError(f"labels per class must be >= 1; got {value!r}")
+    try:
+        counts = sorted({int(v) for v in items})
+    except ValueError:
+        raise ValueError(
+            f"labels per class must be integers, e.g. '1,5,10'; got {value!r}"
+        ) from None
+    if not counts or counts[0] < 1:
+        raise ValueError(f"labels per class must be >= 1; got {value!r}")
     return counts
+
 
 def _budget_get(b, key, default):
     v = b.get(key, 0)
     return v if v else default
 
+
 def _fresh_checkpoints(folder: Path, resume: bool, say) -> Path:
     "A run that does not resume starts from an empty checkpoint folder (a stale `latest` would confuse a later --resume)."
     if not resume and folder.exists() and any(folder.iterdir()):
         import shutil
-        say(f"note: starting a new run; removing old checkpoints in {folder} (use --resume to continue them)")
+
+        say(
+            f"note: starting a new run; removing old checkpoints in {folder} (use --resume to continue them)"
+        )
         shutil.rmtree(folder)
     return folder
+
 
 def _mean_pm(summary, method, k) -> str:
     r = next(r for r in summary if r["method"] == method and r["labels_per_class"] == k)
     return f"{r['mean']:.3f} +- {r['std']:.3f}"
 
+
 def _supervised_hparams(b, make_encoder, train, dev, say) -> tuple[dict, str]:
     "The zoo's supervised protocol: lr and length chosen on a validation split (the zoo's file, else this pool's)."
     from ssl_course import zoo
-    rec = zoo.get_recipe("simclr-fmnist-cnn")
-    cached = zoo.load_baselines(rec) if b.backbone == rec.backbone and train.image_size == 28 and train.channels == 1 else None
-    if cached is not None:
-        return cached["supervised"]["hparams"], f"chosen on a validation split of the pool ({zoo.baselines_path(rec.dataset, rec.backbone).name})"
-    say("choosing the supervised baseline's learning rate and length on a validation split of the pool ...")
-    return zoo.choose_supervised_hparams(make_encoder, train, dev, verbose=False), "chosen on a validation split of this run's pool"
 
-def run_demo(profile: str | None = None, dataset: str | None = None, device: str | None = None,
-             steps: int | None = None, labels_per_class=None, seeds: int | None = None,
-             train_images: int | None = None, out_dir: str | Path | None = None, resume: bool = False,
-             progress: bool = True, verbose: bool = True, use_zoo: bool = True) -> dict:
+    rec = zoo.get_recipe("simclr-fmnist-cnn")
+    cached = (
+        zoo.load_baselines(rec)
+        if b.backbone == rec.backbone and train.image_size == 28 and train.channels == 1
+        else None
+    )
+    if cached is not None:
+        return (
+            cached["supervised"]["hparams"],
+            f"chosen on a validation split of the pool ({zoo.baselines_path(rec.dataset, rec.backbone).name})",
+        )
+    say(
+        "choosing the supervised baseline's learning rate and length on a validation split of the pool ..."
+    )
+    return zoo.choose_supervised_hparams(
+        make_encoder, train, dev, verbose=False
+    ), "chosen on a validation split of this run's pool"
+
+
+def run_demo(
+    profile: str | None = None,
+    dataset: str | None = None,
+    device: str | None = None,
+    steps: int | None = None,
+    labels_per_class=None,
+    seeds: int | None = None,
+    train_images: int | None = None,
+    out_dir: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    verbose: bool = True,
+    use_zoo: bool = True,
+) -> dict:
     """Pretrain SimCLR live on the profile's unlabelled images, then compare on the same few labelled images (mean +- std
     over labelled draws): its linear probe, the zoo's longer-trained SimCLR, raw pixels, the random-init encoder and the
     same network trained from scratch (the zoo's supervised protocol); and the label multiplier of both SimCLR rows.
     Returns the report (also written to `out_dir`)."""
     from ssl_course import zoo
     from ssl_course.label_efficiency import format_multiplier, label_multiplier
+
     t_start = time.perf_counter()
     settings = load_settings(profile=profile, device=device)
     b, dev = settings.budget, get_device(settings.device)
@@ -116,164 +188,327 @@ def run_demo(profile: str | None = None, dataset: str | None = None, device: str
     say = print if verbose else (lambda *a, **k: None)
 
     max_train = b.max_train_images if train_images is None else train_images
-    train = load_dataset(name, "train", data_dir=settings.data_dir, max_items=max_train or None,
-                         image_size=b.image_size, seed=settings.seed)
-    test = load_dataset(name, "test", data_dir=settings.data_dir, max_items=b.max_test_images or None,
-                        image_size=b.image_size, seed=settings.seed)
-    if not test.is_labeled: raise DataError(f"dataset {name!r} has no labelled test split; the demo needs one")
+    train = load_dataset(
+        name,
+        "train",
+        data_dir=settings.data_dir,
+        max_items=max_train or None,
+        image_size=b.image_size,
+        seed=settings.seed,
+    )
+    test = load_dataset(
+        name,
+        "test",
+        data_dir=settings.data_dir,
+        max_items=b.max_test_images or None,
+        image_size=b.image_size,
+        seed=settings.seed,
+    )
+    if not test.is_labeled:
+        raise DataError(f"dataset {name!r} has no labelled test split; the demo needs one")
     out.mkdir(parents=True, exist_ok=True)
     counts = parse_label_counts(labels_per_class or b.get("demo_labels", b.labels_per_class))
     extra = [k for k in parse_label_counts(b.get("demo_multiplier_labels", 20)) if k > counts[-1]]
     n_seeds = int(seeds or b.get("demo_seeds", b.seeds))
     length = {"steps": int(steps)} if steps else b.length("demo")
-    batch = int(_budget_get(b, "demo_batch_size", _budget_get(b, "simclr_batch_size", b.batch_size)))
+    batch = int(
+        _budget_get(b, "demo_batch_size", _budget_get(b, "simclr_batch_size", b.batch_size))
+    )
     lr = float(_budget_get(b, "demo_lr", _budget_get(b, "simclr_lr", b.lr)))
-    temperature = float(_budget_get(b, "demo_temperature", _budget_get(b, "simclr_temperature", 0.5)))
-    say(f"ssl-course demo | profile {settings.profile} | {name}: pretraining on {len(train)} unlabelled images "
-        f"({test.channels}x{test.image_size}x{test.image_size}), {length} x batch {batch} | device {dev}")
+    temperature = float(
+        _budget_get(b, "demo_temperature", _budget_get(b, "simclr_temperature", 0.5))
+    )
+    say(
+        f"ssl-course demo | profile {settings.profile} | {name}: pretraining on {len(train)} unlabelled images "
+        f"({test.channels}x{test.image_size}x{test.image_size}), {length} x batch {batch} | device {dev}"
+    )
     say(f"hardware: {hardware_summary(dev)}")
 
     load_chapter_modules()
     make_encoder = lambda: build_backbone(b.backbone, in_channels=train.channels)
-    method = build_method("simclr", make_encoder(), image_size=train.image_size, channels=train.channels,
-                          temperature=temperature)
+    method = build_method(
+        "simclr",
+        make_encoder(),
+        image_size=train.image_size,
+        channels=train.channels,
+        temperature=temperature,
+    )
     t0 = time.perf_counter()
     total = length.get("steps") or length["epochs"] * max(1, len(train) // batch)
-    hist = fit(method, train.without_labels(), **length, batch_size=batch, lr=lr, weight_decay=b.weight_decay,
-               device=dev, seed=settings.seed, num_workers=settings.num_workers, progress=progress,
-               checkpoint_dir=_fresh_checkpoints(out / "checkpoints", resume, say), checkpoint_every=max(50, total // 5), resume=resume,
-               desc="SimCLR pretraining")
+    hist = fit(
+        method,
+        train.without_labels(),
+        **length,
+        batch_size=batch,
+        lr=lr,
+        weight_decay=b.weight_decay,
+        device=dev,
+        seed=settings.seed,
+        num_workers=settings.num_workers,
+        progress=progress,
+        checkpoint_dir=_fresh_checkpoints(out / "checkpoints", resume, say),
+        checkpoint_every=max(50, total // 5),
+        resume=resume,
+        desc="SimCLR pretraining",
+    )
     pretrain_s = time.perf_counter() - t0
 
     from safetensors.torch import save_model
+
     save_model(method.encoder, str(out / "encoder.safetensors"))
 
     t0 = time.perf_counter()
     live, zoo_row = "SimCLR (this run) + linear probe", None
     rec = zoo.get_recipe("simclr-fmnist-cnn")
-    protocol = name == rec.dataset and train.image_size == rec.image_size and b.backbone == rec.backbone \
+    protocol = (
+        name == rec.dataset
+        and train.image_size == rec.image_size
+        and b.backbone == rec.backbone
         and set(counts) <= set(zoo.PROTOCOL["labels_per_class"])
+    )
     if protocol:
         # The zoo's protocol: labelled draws from all 60,000 training images, all 10,000 test images; the baselines
         # (raw pixels, random init, the same CNN trained from scratch with its lr/length chosen on a validation split)
         # come from zoo/baselines-*.json, measured by `ssl-course zoo evaluate` on exactly these labelled images.
         bl = zoo.load_baselines(rec)
         if bl is None:
-            say("computing the zoo's baselines once (raw pixels, random init, supervised from scratch) ...")
+            say(
+                "computing the zoo's baselines once (raw pixels, random init, supervised from scratch) ..."
+            )
             bl = zoo.compute_baselines(rec, dev, verbose=verbose)
         pool, test = zoo._eval_data(name, None, None, settings.data_dir)
-        ftr, ytr = embed(method.encoder, pool, device=dev); fte, yte = embed(method.encoder, test, device=dev)
+        ftr, ytr = embed(method.encoder, pool, device=dev)
+        fte, yte = embed(method.encoder, test, device=dev)
         draws = zoo.PROTOCOL["draws"][:n_seeds]
         n_seeds = len(draws)
         curve = zoo.probe_curve(ftr, ytr, fte, yte, counts, draws)
-        rows = [{"method": live, "labels_per_class": k, "seed": s, "accuracy": a}
-                for k in counts for s, a in zip(draws, curve[str(k)]["values"])]
+        rows = [
+            {"method": live, "labels_per_class": k, "seed": s, "accuracy": a}
+            for k in counts
+            for s, a in zip(draws, curve[str(k)]["values"])
+        ]
+
         def add(method_name, d, ks):
-            rows.extend({"method": method_name, "labels_per_class": int(k), "seed": s, "accuracy": a}
-                        for k in ks for s, a in zip(draws, d[str(k)]["values"][:n_seeds]))
+            rows.extend(
+                {"method": method_name, "labels_per_class": int(k), "seed": s, "accuracy": a}
+                for k in ks
+                for s, a in zip(draws, d[str(k)]["values"][:n_seeds])
+            )
+
         zoo_info = None
         if use_zoo:
             try:
                 card = zoo.load_card(rec.name)
-                if not card["metrics"]: raise zoo.ZooError(f"{rec.name} is trained but not evaluated (ssl-course zoo evaluate {rec.name})")
+                if not card["metrics"]:
+                    raise zoo.ZooError(
+                        f"{rec.name} is trained but not evaluated (ssl-course zoo evaluate {rec.name})"
+                    )
                 zoo_row = f"SimCLR (zoo: {card['steps']} steps, {card['training']['wall_time_s'] / 60:.0f} min on {card['device']}) + linear probe"
                 add(zoo_row, card["metrics"]["probe"], counts)
-                zoo_info = {"name": card["name"], "steps": card["steps"], "wall_time_s": card["training"]["wall_time_s"],
-                            "hardware": card["hardware"], "sha256": card["weights"]["sha256"],
-                            "knn_accuracy_all_train_labels": card["metrics"]["knn_all_labels"]}
+                zoo_info = {
+                    "name": card["name"],
+                    "steps": card["steps"],
+                    "wall_time_s": card["training"]["wall_time_s"],
+                    "hardware": card["hardware"],
+                    "sha256": card["weights"]["sha256"],
+                    "knn_accuracy_all_train_labels": card["metrics"]["knn_all_labels"],
+                }
             except zoo.ZooError as e:
                 say(f"note: no zoo SimCLR row ({e})")
         add("raw pixels + linear probe", bl["pixels"]["probe"], counts)
         add("random encoder + linear probe", bl["random_init"]["probe"], counts)
-        add("supervised from scratch", bl["supervised"]["accuracy"], zoo.PROTOCOL["labels_per_class"])
-        hp, hp_source = bl["supervised"]["hparams"], f"the zoo's protocol, {zoo.baselines_path(rec.dataset, rec.backbone).name}"
+        add(
+            "supervised from scratch",
+            bl["supervised"]["accuracy"],
+            zoo.PROTOCOL["labels_per_class"],
+        )
+        hp, hp_source = (
+            bl["supervised"]["hparams"],
+            f"the zoo's protocol, {zoo.baselines_path(rec.dataset, rec.backbone).name}",
+        )
         knn_all = knn_accuracy(ftr, ytr, fte, yte, k=20, temperature=0.07)
         eval_pool, eval_test = len(pool), len(test)
     else:
         # Another dataset or size: every baseline is computed here, on this run's pool and test images.
-        ftr, ytr = embed(method.encoder, train, device=dev); fte, yte = embed(method.encoder, test, device=dev)
+        ftr, ytr = embed(method.encoder, train, device=dev)
+        fte, yte = embed(method.encoder, test, device=dev)
         torch.manual_seed(settings.seed + 1)
         rand_enc = make_encoder()
-        rtr, _ = embed(rand_enc, train, device=dev); rte, _ = embed(rand_enc, test, device=dev)
+        rtr, _ = embed(rand_enc, train, device=dev)
+        rte, _ = embed(rand_enc, test, device=dev)
         hp, hp_source = _supervised_hparams(b, make_encoder, train, dev, say)
+
         def supervised(idx, seed):
-            return zoo._sup_run(make_encoder, train.subset(idx), test, zoo.supervised_steps(len(idx), hp["min_steps"]),
-                                hp["lr"], seed, dev)
-        evaluators = {live: probe_evaluator(ftr, ytr, fte, yte, C=zoo.PROBE_C),
-                      "raw pixels + linear probe": probe_evaluator(zoo._pixels(train), ytr, zoo._pixels(test), yte, C=zoo.PROBE_C),
-                      "random encoder + linear probe": probe_evaluator(rtr, ytr, rte, yte, C=zoo.PROBE_C),
-                      "supervised from scratch": supervised}
-        rows = label_efficiency_curve(train.labels, evaluators, counts, seeds=range(n_seeds), verbose=False)
-        if extra:   # the supervised curve goes further, so the label multiplier can be read off it
-            rows += label_efficiency_curve(train.labels, {"supervised from scratch": supervised}, extra, seeds=range(n_seeds))
+            return zoo._sup_run(
+                make_encoder,
+                train.subset(idx),
+                test,
+                zoo.supervised_steps(len(idx), hp["min_steps"]),
+                hp["lr"],
+                seed,
+                dev,
+            )
+
+        evaluators = {
+            live: probe_evaluator(ftr, ytr, fte, yte, C=zoo.PROBE_C),
+            "raw pixels + linear probe": probe_evaluator(
+                zoo._pixels(train), ytr, zoo._pixels(test), yte, C=zoo.PROBE_C
+            ),
+            "random encoder + linear probe": probe_evaluator(rtr, ytr, rte, yte, C=zoo.PROBE_C),
+            "supervised from scratch": supervised,
+        }
+        rows = label_efficiency_curve(
+            train.labels, evaluators, counts, seeds=range(n_seeds), verbose=False
+        )
+        if extra:  # the supervised curve goes further, so the label multiplier can be read off it
+            rows += label_efficiency_curve(
+                train.labels, {"supervised from scratch": supervised}, extra, seeds=range(n_seeds)
+            )
         zoo_info = None
         knn_all = knn_accuracy(ftr, ytr, fte, yte, k=b.knn_k, temperature=b.knn_temperature)
         eval_pool, eval_test = len(train), len(test)
     eval_s = time.perf_counter() - t0
     summary = summarize_curve(rows)
-    get = lambda m, k: next(r["mean"] for r in summary if r["method"] == m and r["labels_per_class"] == k)
-    baselines = ["raw pixels + linear probe", "random encoder + linear probe", "supervised from scratch"]
+    get = lambda m, k: next(
+        r["mean"] for r in summary if r["method"] == m and r["labels_per_class"] == k
+    )
+    baselines = [
+        "raw pixels + linear probe",
+        "random encoder + linear probe",
+        "supervised from scratch",
+    ]
     columns = [live] + ([zoo_row] if zoo_row else []) + baselines
 
     table = []
     for k in counts:
         row = {"labels/class": k, "labelled images": k * test.num_classes}
-        for m in columns: row[m.replace(" + linear probe", "")] = _mean_pm(summary, m, k)
+        for m in columns:
+            row[m.replace(" + linear probe", "")] = _mean_pm(summary, m, k)
         row["this run - best baseline"] = f"{get(live, k) - max(get(m, k) for m in baselines):+.3f}"
         table.append(row)
-    multipliers = {m: [label_multiplier(summary, m, "supervised from scratch", k) for k in counts]
-                   for m in (live, zoo_row) if m}
-    claims = [{"claim": f"SimCLR (this run) >= {m} + 3 points at {k} labels/class", "value": get(live, k),
-               "required": get(m, k) + 0.03, "met": get(live, k) >= get(m, k) + 0.03}
-              for k in counts if k in (5, 10) for m in baselines]
+    multipliers = {
+        m: [label_multiplier(summary, m, "supervised from scratch", k) for k in counts]
+        for m in (live, zoo_row)
+        if m
+    }
+    claims = [
+        {
+            "claim": f"SimCLR (this run) >= {m} + 3 points at {k} labels/class",
+            "value": get(live, k),
+            "required": get(m, k) + 0.03,
+            "met": get(live, k) >= get(m, k) + 0.03,
+        }
+        for k in counts
+        if k in (5, 10)
+        for m in baselines
+    ]
 
-    import matplotlib; import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    plot_label_efficiency(rows, ax=ax, title=f"{name}, {settings.profile} profile: test accuracy vs labels")
-    fig.tight_layout(); fig.savefig(out / "label_efficiency.png", dpi=120); plt.close(fig)
+    plot_label_efficiency(
+        rows, ax=ax, title=f"{name}, {settings.profile} profile: test accuracy vs labels"
+    )
+    fig.tight_layout()
+    fig.savefig(out / "label_efficiency.png", dpi=120)
+    plt.close(fig)
 
     report = {
-        "ssl_course_version": ssl_course.__version__, "profile": settings.profile, "dataset": name,
-        "device": str(dev), "hardware": hardware_summary(dev), "seed": settings.seed,
-        "train_images": len(train), "test_images": eval_test, "labelled_pool": eval_pool, "backbone": b.backbone,
-        "method": "simclr", "evaluation": "zoo protocol" if protocol else "this run's pool and test images",
-        "pretrain": {**length, "batch_size": batch, "lr": lr, "temperature": temperature, "first_loss": hist["loss"][0],
-                     "last_loss": hist["loss"][-1], "seconds": round(pretrain_s, 1)},
-        "knn_accuracy_all_train_labels": knn_all, "zoo": zoo_info,
-        "supervised_protocol": {"hparams": {"lr": hp["lr"], "min_steps": hp["min_steps"]}, "source": hp_source,
-                                "steps": "max(min_steps, 30 epochs of the labelled set)", "augment": "random shift +-2 px, flips"},
+        "ssl_course_version": ssl_course.__version__,
+        "profile": settings.profile,
+        "dataset": name,
+        "device": str(dev),
+        "hardware": hardware_summary(dev),
+        "seed": settings.seed,
+        "train_images": len(train),
+        "test_images": eval_test,
+        "labelled_pool": eval_pool,
+        "backbone": b.backbone,
+        "method": "simclr",
+        "evaluation": "zoo protocol" if protocol else "this run's pool and test images",
+        "pretrain": {
+            **length,
+            "batch_size": batch,
+            "lr": lr,
+            "temperature": temperature,
+            "first_loss": hist["loss"][0],
+            "last_loss": hist["loss"][-1],
+            "seconds": round(pretrain_s, 1),
+        },
+        "knn_accuracy_all_train_labels": knn_all,
+        "zoo": zoo_info,
+        "supervised_protocol": {
+            "hparams": {"lr": hp["lr"], "min_steps": hp["min_steps"]},
+            "source": hp_source,
+            "steps": "max(min_steps, 30 epochs of the labelled set)",
+            "augment": "random shift +-2 px, flips",
+        },
         "probe": f"standardised features + logistic regression, C={zoo.PROBE_C}",
-        "labels_per_class": counts, "seeds": n_seeds, "table": table, "rows": rows, "summary": summary,
-        "label_multiplier": multipliers, "claims": claims,
-        "eval_seconds": round(eval_s, 1), "total_seconds": round(time.perf_counter() - t_start, 1),
-        "files": {"plot": str(out / "label_efficiency.png"), "encoder": str(out / "encoder.safetensors"),
-                  "report": str(out / "report.json")},
+        "labels_per_class": counts,
+        "seeds": n_seeds,
+        "table": table,
+        "rows": rows,
+        "summary": summary,
+        "label_multiplier": multipliers,
+        "claims": claims,
+        "eval_seconds": round(eval_s, 1),
+        "total_seconds": round(time.perf_counter() - t_start, 1),
+        "files": {
+            "plot": str(out / "label_efficiency.png"),
+            "encoder": str(out / "encoder.safetensors"),
+            "report": str(out / "report.json"),
+        },
     }
     tmp = out / "report.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2)); tmp.replace(out / "report.json")
-    say(f"\nSimCLR pretraining: {hist.rows[-1]['step']} steps in {pretrain_s:.0f} s on {len(train)} unlabelled images, loss "
-        f"{hist['loss'][0]:.3f} -> {hist['loss'][-1]:.3f}; kNN accuracy with all {eval_pool} pool labels: {knn_all:.3f}")
-    say(f"\nTest accuracy on {eval_test} test images with few labels drawn from {eval_pool} images (mean +- std over "
+    tmp.write_text(json.dumps(report, indent=2))
+    tmp.replace(out / "report.json")
+    say(
+        f"\nSimCLR pretraining: {hist.rows[-1]['step']} steps in {pretrain_s:.0f} s on {len(train)} unlabelled images, loss "
+        f"{hist['loss'][0]:.3f} -> {hist['loss'][-1]:.3f}; kNN accuracy with all {eval_pool} pool labels: {knn_all:.3f}"
+    )
+    say(
+        f"\nTest accuracy on {eval_test} test images with few labels drawn from {eval_pool} images (mean +- std over "
         f"{n_seeds} labelled draw{'s' * (n_seeds > 1)}; the same labelled images in every column; supervised: lr {hp['lr']:g}, "
-        f">= {hp['min_steps']} steps, augmentation; {hp_source}):")
+        f">= {hp['min_steps']} steps, augmentation; {hp_source}):"
+    )
     say(format_table(table))
     for m, ms in multipliers.items():
-        say(f"label multiplier of {m.replace(' + linear probe', '')} vs supervised: " +
-            ", ".join(f"{x['at_labels_per_class']}/class {format_multiplier(x)}" for x in ms))
-    for c in claims: say(f"[{'met' if c['met'] else 'MISSED'}] {c['claim']}: {c['value']:.3f} (needs {c['required']:.3f})")
-    say(f"\nplot: {out / 'label_efficiency.png'}\nreport: {out / 'report.json'}\nencoder: {out / 'encoder.safetensors'}"
-        f"\ntotal time: {report['total_seconds']:.0f} s")
+        say(
+            f"label multiplier of {m.replace(' + linear probe', '')} vs supervised: "
+            + ", ".join(f"{x['at_labels_per_class']}/class {format_multiplier(x)}" for x in ms)
+        )
+    for c in claims:
+        say(
+            f"[{'met' if c['met'] else 'MISSED'}] {c['claim']}: {c['value']:.3f} (needs {c['required']:.3f})"
+        )
+    say(
+        f"\nplot: {out / 'label_efficiency.png'}\nreport: {out / 'report.json'}\nencoder: {out / 'encoder.safetensors'}"
+        f"\ntotal time: {report['total_seconds']:.0f} s"
+    )
     return report
 
 # %% ../nbs/08_cli.ipynb #e025cfdb
-def run_pretrain(method: str, profile: str | None = None, dataset: str | None = None, device: str | None = None,
-                 steps: int | None = None, epochs: int | None = None, batch_size: int | None = None,
-                 lr: float | None = None, train_images: int | None = None, out_dir: str | Path | None = None,
-                 resume: bool = False, progress: bool = True, verbose: bool = True) -> dict:
+def run_pretrain(
+    method: str,
+    profile: str | None = None,
+    dataset: str | None = None,
+    device: str | None = None,
+    steps: int | None = None,
+    epochs: int | None = None,
+    batch_size: int | None = None,
+    lr: float | None = None,
+    train_images: int | None = None,
+    out_dir: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    verbose: bool = True,
+) -> dict:
     "Pretrain registered `method` and save its encoder; returns a small report (also written as JSON)."
     load_chapter_modules()
     if method not in METHODS:
-        raise KeyError(f"unknown method {method!r}; available: {', '.join(sorted(METHODS))} (see `ssl-course list methods`)")
+        raise KeyError(
+            f"unknown method {method!r}; available: {', '.join(sorted(METHODS))} (see `ssl-course list methods`)"
+        )
     info = METHODS[method]
     settings = load_settings(profile=profile, device=device)
     b, dev = settings.budget, get_device(settings.device)
@@ -281,168 +516,359 @@ def run_pretrain(method: str, profile: str | None = None, dataset: str | None = 
     name = dataset or info.dataset or b.dataset
     kind = DATASETS[name].kind if name in DATASETS else None
     if kind is not None and kind != info.modality:
-        raise DataError(f"method {method!r} trains on {info.modality} data but dataset {name!r} is {kind}; choose one of: "
-                        f"{', '.join(d.name for d in list_datasets(info.modality)) or 'none registered'}")
+        raise DataError(
+            f"method {method!r} trains on {info.modality} data but dataset {name!r} is {kind}; choose one of: "
+            f"{', '.join(d.name for d in list_datasets(info.modality)) or 'none registered'}"
+        )
     out = Path(out_dir) if out_dir else Path(settings.reports_dir) / f"pretrain-{method}"
     say = print if verbose else (lambda *a, **k: None)
     max_train = b.max_train_images if train_images is None else train_images
-    train = load_dataset(name, "train", data_dir=settings.data_dir, max_items=max_train or None, seed=settings.seed,
-                         **({"image_size": b.image_size} if info.modality == "image" else {}))
-    if steps: length = {"steps": int(steps)}
-    elif epochs: length = {"epochs": int(epochs)}
-    else: length = b.length(method)
+    train = load_dataset(
+        name,
+        "train",
+        data_dir=settings.data_dir,
+        max_items=max_train or None,
+        seed=settings.seed,
+        **({"image_size": b.image_size} if info.modality == "image" else {}),
+    )
+    if steps:
+        length = {"steps": int(steps)}
+    elif epochs:
+        length = {"epochs": int(epochs)}
+    else:
+        length = b.length(method)
     batch = int(batch_size or _budget_get(b, f"{method}_batch_size", b.batch_size))
     lr = float(lr or _budget_get(b, f"{method}_lr", b.lr))
     if info.modality == "image":
-        model = build_method(method, build_backbone(b.backbone, in_channels=train.channels),
-                             image_size=train.image_size, channels=train.channels)
+        model = build_method(
+            method,
+            build_backbone(b.backbone, in_channels=train.channels),
+            image_size=train.image_size,
+            channels=train.channels,
+        )
     else:
         model = info.build(None, data=train)
-    say(f"ssl-course pretrain | {method} ({info.paper}) | {name}: {len(train)} items | {length} batch {batch} lr {lr} | {dev}")
+    say(
+        f"ssl-course pretrain | {method} ({info.paper}) | {name}: {len(train)} items | {length} batch {batch} lr {lr} | {dev}"
+    )
     t0 = time.perf_counter()
-    hist = fit(model, train.without_labels() if hasattr(train, "without_labels") else train, **length,
-               batch_size=batch, lr=lr, weight_decay=b.weight_decay, device=dev, seed=settings.seed,
-               num_workers=settings.num_workers, progress=progress, checkpoint_dir=_fresh_checkpoints(out / "checkpoints", resume, say),
-               resume=resume, desc=method)
+    hist = fit(
+        model,
+        train.without_labels() if hasattr(train, "without_labels") else train,
+        **length,
+        batch_size=batch,
+        lr=lr,
+        weight_decay=b.weight_decay,
+        device=dev,
+        seed=settings.seed,
+        num_workers=settings.num_workers,
+        progress=progress,
+        checkpoint_dir=_fresh_checkpoints(out / "checkpoints", resume, say),
+        resume=resume,
+        desc=method,
+    )
     seconds = time.perf_counter() - t0
     from safetensors.torch import save_model
+
     out.mkdir(parents=True, exist_ok=True)
     save_model(model.encoder, str(out / "encoder.safetensors"))
-    report = {"method": method, "dataset": name, "profile": settings.profile, "device": str(dev),
-              "hardware": hardware_summary(dev), **length, "batch_size": batch, "lr": lr,
-              "first_loss": hist["loss"][0], "last_loss": hist["loss"][-1], "seconds": round(seconds, 1)}
+    report = {
+        "method": method,
+        "dataset": name,
+        "profile": settings.profile,
+        "device": str(dev),
+        "hardware": hardware_summary(dev),
+        **length,
+        "batch_size": batch,
+        "lr": lr,
+        "first_loss": hist["loss"][0],
+        "last_loss": hist["loss"][-1],
+        "seconds": round(seconds, 1),
+    }
     if info.modality == "image" and getattr(train, "is_labeled", False):
-        test = load_dataset(name, "test", data_dir=settings.data_dir, max_items=b.max_test_images or None,
-                            image_size=b.image_size, seed=settings.seed)
+        test = load_dataset(
+            name,
+            "test",
+            data_dir=settings.data_dir,
+            max_items=b.max_test_images or None,
+            image_size=b.image_size,
+            seed=settings.seed,
+        )
         lab = sample_per_class(train.labels, 100, seed=settings.seed)
-        ftr, ytr = embed(model.encoder, train.subset(lab), device=dev); fte, yte = embed(model.encoder, test, device=dev)
-        report["knn_accuracy_100_per_class"] = knn_accuracy(ftr, ytr, fte, yte, k=b.knn_k, temperature=b.knn_temperature)
+        ftr, ytr = embed(model.encoder, train.subset(lab), device=dev)
+        fte, yte = embed(model.encoder, test, device=dev)
+        report["knn_accuracy_100_per_class"] = knn_accuracy(
+            ftr, ytr, fte, yte, k=b.knn_k, temperature=b.knn_temperature
+        )
     (out / "report.json").write_text(json.dumps(report, indent=2))
-    say(f"done in {seconds:.0f} s; loss {report['first_loss']:.3f} -> {report['last_loss']:.3f}"
-        + (f"; kNN accuracy (100 labels/class): {report['knn_accuracy_100_per_class']:.3f}" if "knn_accuracy_100_per_class" in report else "")
-        + f"\nencoder: {out / 'encoder.safetensors'}")
+    say(
+        f"done in {seconds:.0f} s; loss {report['first_loss']:.3f} -> {report['last_loss']:.3f}"
+        + (
+            f"; kNN accuracy (100 labels/class): {report['knn_accuracy_100_per_class']:.3f}"
+            if "knn_accuracy_100_per_class" in report
+            else ""
+        )
+        + f"\nencoder: {out / 'encoder.safetensors'}"
+    )
     return report
 
 # %% ../nbs/08_cli.ipynb #b81f3c4e
-def zoo_command(action: str, names: list[str] | None = None, device: str | None = None, zoo_path: str | None = None,
-                resume: bool = False, recompute_baselines: bool = False, progress: bool = True) -> int:
+def zoo_command(
+    action: str,
+    names: list[str] | None = None,
+    device: str | None = None,
+    zoo_path: str | None = None,
+    resume: bool = False,
+    recompute_baselines: bool = False,
+    progress: bool = True,
+) -> int:
     "`ssl-course zoo list | train NAME | evaluate NAME | verify [NAME...]`."
     from ssl_course import zoo
+
     names = names or []
     if action == "list":
         print(f"zoo folder: {zoo.zoo_dir(zoo_path)}\n" + format_table(zoo.zoo_table(zoo_path)))
         return 0
     if action in ("train", "evaluate") and len(names) != 1:
-        raise ValueError(f"ssl-course zoo {action} takes one recipe name; choose one of: {', '.join(zoo.RECIPES)}")
+        raise ValueError(
+            f"ssl-course zoo {action} takes one recipe name; choose one of: {', '.join(zoo.RECIPES)}"
+        )
     if action == "train":
         zoo.train_recipe(names[0], device=device, zoo=zoo_path, resume=resume, progress=progress)
     elif action == "evaluate":
-        zoo.evaluate_recipe(names[0], device=device, zoo=zoo_path, recompute_baselines=recompute_baselines)
+        zoo.evaluate_recipe(
+            names[0], device=device, zoo=zoo_path, recompute_baselines=recompute_baselines
+        )
     elif action == "verify":
         rows = zoo.verify_zoo(zoo_path, names or None)
-        print(format_table(rows) + f"\n{len(rows)} zoo model(s) verified: SHA-256, size and card match, and each loads")
+        print(
+            format_table(rows)
+            + f"\n{len(rows)} zoo model(s) verified: SHA-256, size and card match, and each loads"
+        )
     else:
         raise ValueError(f"unknown zoo action {action!r}; use list, train, evaluate or verify")
     return 0
 
 # %% ../nbs/08_cli.ipynb #668aef34
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ssl-course", description="Self-supervised learning course: run the demo, "
-                                "list chapters/methods/datasets, pretrain a method.")
+    p = argparse.ArgumentParser(
+        prog="ssl-course",
+        description="Self-supervised learning course: run the demo, "
+        "list chapters/methods/datasets, pretrain a method.",
+    )
     p.add_argument("--version", action="version", version=f"ssl-course {ssl_course.__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     pl = sub.add_parser("list", help="chapters, methods and datasets")
-    pl.add_argument("what", nargs="?", default="all", choices=["all", "chapters", "methods", "datasets"])
+    pl.add_argument(
+        "what", nargs="?", default="all", choices=["all", "chapters", "methods", "datasets"]
+    )
     ps = sub.add_parser("settings", help="show the merged settings of a profile")
-    ps.add_argument("--profile"); ps.add_argument("--device")
+    ps.add_argument("--profile")
+    ps.add_argument("--device")
+
     def common(q):
-        q.add_argument("--profile", help="quick (default; CPU, minutes) or full (GPU, the real numbers)")
-        q.add_argument("--dataset", help="a registered image dataset (see `ssl-course list datasets`)")
+        q.add_argument(
+            "--profile", help="quick (default; CPU, minutes) or full (GPU, the real numbers)"
+        )
+        q.add_argument(
+            "--dataset", help="a registered image dataset (see `ssl-course list datasets`)"
+        )
         q.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps")
         q.add_argument("--steps", type=int, help="pretraining steps (default: the profile's)")
         q.add_argument("--train-images", type=int, help="use this many training images (0 = all)")
-        q.add_argument("--out", help="output folder (default: <reports_dir>/demo or /pretrain-METHOD)")
-        q.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+        q.add_argument(
+            "--out", help="output folder (default: <reports_dir>/demo or /pretrain-METHOD)"
+        )
+        q.add_argument(
+            "--resume", action="store_true", help="continue from the latest checkpoint in --out"
+        )
         q.add_argument("--no-progress", action="store_true", help="no progress bars (logs, CI)")
+
     pd = sub.add_parser("demo", help="pretrain SimCLR, then few-label probe vs supervised baseline")
     common(pd)
-    pd.add_argument("--labels", help="labels per class to compare, e.g. '1,5,10' (default: the profile's)")
+    pd.add_argument(
+        "--labels", help="labels per class to compare, e.g. '1,5,10' (default: the profile's)"
+    )
     pd.add_argument("--seeds", type=int, help="labelled subsets per count (default: the profile's)")
     pp = sub.add_parser("pretrain", help="pretrain a registered method and save its encoder")
     common(pp)
     pp.add_argument("--method", required=True, help="see `ssl-course list methods`")
-    pp.add_argument("--epochs", type=int); pp.add_argument("--batch-size", type=int); pp.add_argument("--lr", type=float)
-    pk = sub.add_parser("slides", help="build one offline reveal.js deck per chapter into slides/build/")
-    pk.add_argument("chapters", nargs="*", help="notebook name prefixes, e.g. 12_ 16_ (default: all)")
-    pk.add_argument("--execute", action="store_true", help="run the chapters first (quick profile) so the decks get their figures")
+    pp.add_argument("--epochs", type=int)
+    pp.add_argument("--batch-size", type=int)
+    pp.add_argument("--lr", type=float)
+    pk = sub.add_parser(
+        "slides", help="build one offline reveal.js deck per chapter into slides/build/"
+    )
+    pk.add_argument(
+        "chapters", nargs="*", help="notebook name prefixes, e.g. 12_ 16_ (default: all)"
+    )
+    pk.add_argument(
+        "--execute",
+        action="store_true",
+        help="run the chapters first (quick profile) so the decks get their figures",
+    )
     pk.add_argument("--out", help="output folder (default: slides/build)")
-    pt = sub.add_parser("student", help="write the student notebooks (solutions removed) to student/")
-    pt.add_argument("--check", action="store_true", help="write nothing; fail if student/ is out of date")
-    pz = sub.add_parser("zoo", help="trained models with verified weights: list | train NAME | evaluate NAME | verify")
+    pt = sub.add_parser(
+        "student", help="write the student notebooks (solutions removed) to student/"
+    )
+    pt.add_argument(
+        "--check", action="store_true", help="write nothing; fail if student/ is out of date"
+    )
+    pz = sub.add_parser(
+        "zoo",
+        help="trained models with verified weights: list | train NAME | evaluate NAME | verify",
+    )
     pz.add_argument("zoo_command", choices=["list", "train", "evaluate", "verify"])
     pz.add_argument("names", nargs="*", help="recipe name(s), see `ssl-course zoo list`")
     pz.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps")
-    pz.add_argument("--zoo", help="zoo folder (default: $SSL_COURSE_ZOO, else the repository's zoo/)")
-    pz.add_argument("--resume", action="store_true", help="train: continue from the recipe's last checkpoint")
-    pz.add_argument("--recompute-baselines", action="store_true", help="evaluate: recompute the cached baselines")
+    pz.add_argument(
+        "--zoo", help="zoo folder (default: $SSL_COURSE_ZOO, else the repository's zoo/)"
+    )
+    pz.add_argument(
+        "--resume", action="store_true", help="train: continue from the recipe's last checkpoint"
+    )
+    pz.add_argument(
+        "--recompute-baselines",
+        action="store_true",
+        help="evaluate: recompute the cached baselines",
+    )
     pz.add_argument("--no-progress", action="store_true", help="no progress bars (logs, CI)")
-    sub.add_parser("check-chapters", help="list what each lesson lacks (objectives, numbers, exercises, quiz, summary)")
-    pe = sub.add_parser("label-efficiency", help="chapter 22: accuracy vs labels per class for each method and a supervised "
-                        "baseline, and the label multiplier (writes <reports_dir>/label_efficiency_<profile>.json)")
-    pe.add_argument("--profile", help="quick (default) or full (all of Fashion-MNIST, 3 seeds: ~25 min on 2 CPU cores)")
+    sub.add_parser(
+        "check-chapters",
+        help="list what each lesson lacks (objectives, numbers, exercises, quiz, summary)",
+    )
+    pe = sub.add_parser(
+        "label-efficiency",
+        help="chapter 22: accuracy vs labels per class for each method and a supervised "
+        "baseline, and the label multiplier (writes <reports_dir>/label_efficiency_<profile>.json)",
+    )
+    pe.add_argument(
+        "--profile",
+        help="quick (default) or full (all of Fashion-MNIST, 3 seeds: ~25 min on 2 CPU cores)",
+    )
     pe.add_argument("--methods", help="e.g. 'simclr,byol' (default: the profile's le_methods)")
-    pe.add_argument("--labels", help="labels per class, e.g. '1,10,100' (default: the profile's le_labels)")
-    pe.add_argument("--seeds", type=int); pe.add_argument("--out", help="output folder (default: reports_dir)")
+    pe.add_argument(
+        "--labels", help="labels per class, e.g. '1,10,100' (default: the profile's le_labels)"
+    )
+    pe.add_argument("--seeds", type=int)
+    pe.add_argument("--out", help="output folder (default: reports_dir)")
     return p
+
 
 def main(argv: list[str] | None = None) -> int:
     "The `ssl-course` console script."
     args = _parser().parse_args(argv)
     try:
-        if args.command == "list": print(list_command(args.what))
+        if args.command == "list":
+            print(list_command(args.what))
         elif args.command == "settings":
             s = load_settings(profile=args.profile, device=args.device)
-            print(f"{s}\nsettings file: {s.source or '(built-in defaults)'}\nprofiles: {', '.join(s.profiles)}\n")
+            print(
+                f"{s}\nsettings file: {s.source or '(built-in defaults)'}\nprofiles: {', '.join(s.profiles)}\n"
+            )
             print(format_table([{"key": k, "value": v} for k, v in sorted(s.budget.items())]))
         elif args.command == "demo":
-            run_demo(args.profile, args.dataset, args.device, args.steps, args.labels, args.seeds,
-                     args.train_images, args.out, args.resume, progress=not args.no_progress)
+            run_demo(
+                args.profile,
+                args.dataset,
+                args.device,
+                args.steps,
+                args.labels,
+                args.seeds,
+                args.train_images,
+                args.out,
+                args.resume,
+                progress=not args.no_progress,
+            )
         elif args.command == "pretrain":
-            run_pretrain(args.method, args.profile, args.dataset, args.device, args.steps, args.epochs,
-                         args.batch_size, args.lr, args.train_images, args.out, args.resume, progress=not args.no_progress)
+            run_pretrain(
+                args.method,
+                args.profile,
+                args.dataset,
+                args.device,
+                args.steps,
+                args.epochs,
+                args.batch_size,
+                args.lr,
+                args.train_images,
+                args.out,
+                args.resume,
+                progress=not args.no_progress,
+            )
         elif args.command == "zoo":
-            return zoo_command(args.zoo_command, args.names, args.device, args.zoo, args.resume,
-                               args.recompute_baselines, progress=not args.no_progress)
+            return zoo_command(
+                args.zoo_command,
+                args.names,
+                args.device,
+                args.zoo,
+                args.resume,
+                args.recompute_baselines,
+                progress=not args.no_progress,
+            )
         elif args.command == "label-efficiency":
             from ssl_course import label_efficiency
-            argv2 = [f"--{k}={v}" for k, v in (("profile", args.profile), ("methods", args.methods), ("labels", args.labels),
-                                                ("seeds", args.seeds), ("out", args.out)) if v is not None]
+
+            argv2 = [
+                f"--{k}={v}"
+                for k, v in (
+                    ("profile", args.profile),
+                    ("methods", args.methods),
+                    ("labels", args.labels),
+                    ("seeds", args.seeds),
+                    ("out", args.out),
+                )
+                if v is not None
+            ]
             return label_efficiency.main(argv2)
         elif args.command in ("slides", "student", "check-chapters"):
             from ssl_course import classroom
+
             if args.command == "slides":
-                paths = classroom.build_decks(args.chapters or None, out=args.out, execute=args.execute, verbose=True)
+                paths = classroom.build_decks(
+                    args.chapters or None, out=args.out, execute=args.execute, verbose=True
+                )
                 print(f"{len(paths)} decks; open {paths[0].parent / 'index.html'}")
             elif args.command == "student":
                 if args.check:
                     stale = classroom.write_student_notebooks(check=True)
                     if stale:
-                        print("ssl-course student: error: student/ is out of date: " + ", ".join(p.name for p in stale)
-                              + "; run `ssl-course student` and commit the result", file=sys.stderr)
+                        print(
+                            "ssl-course student: error: student/ is out of date: "
+                            + ", ".join(p.name for p in stale)
+                            + "; run `ssl-course student` and commit the result",
+                            file=sys.stderr,
+                        )
                         return 1
                     print("student/ is in sync with nbs/")
                 else:
-                    print(f"wrote {len(classroom.write_student_notebooks())} student notebooks to student/")
+                    print(
+                        f"wrote {len(classroom.write_student_notebooks())} student notebooks to student/"
+                    )
             else:
                 problems = classroom.check_chapters()
-                for name, probs in problems.items(): print(f"{name}: " + "; ".join(probs))
-                if problems: return 1
-                print("every lesson has objectives, expected numbers, >= 3 exercises with solutions, a quiz and a summary")
-    except (SettingsError, DataError, DatasetUnavailableError, CheckpointError, ZooError, KeyError, ValueError) as e:
+                for name, probs in problems.items():
+                    print(f"{name}: " + "; ".join(probs))
+                if problems:
+                    return 1
+                print(
+                    "every lesson has objectives, expected numbers, >= 3 exercises with solutions, a quiz and a summary"
+                )
+    except (
+        SettingsError,
+        DataError,
+        DatasetUnavailableError,
+        CheckpointError,
+        ZooError,
+        KeyError,
+        ValueError,
+    ) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"ssl-course {args.command}: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("\ninterrupted; run the same command with --resume to continue from the last checkpoint", file=sys.stderr)
+        print(
+            "\ninterrupted; run the same command with --resume to continue from the last checkpoint",
+            file=sys.stderr,
+        )
         return 130
     return 0

@@ -19,7 +19,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from .data import DataError, DatasetUnavailableError, ImageDataset, load_dataset, register_dataset
+from ssl_course.data import (
+    DataError,
+    DatasetUnavailableError,
+    ImageDataset,
+    load_dataset,
+    register_dataset,
+)
 from .backbones import feature_dim
 from .train import SSLMethod, register_method
 from .vit import Block, ViT
@@ -33,36 +39,51 @@ __all__ = ['FASHION_NAMES', 'FASHION_CLASSNAMES', 'FASHION_TEMPLATES', 'FASHION_
            'zero_shot_accuracy', 'recall_at_k']
 
 # %% ../nbs/19_clip.ipynb #8feddb2a
-def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor | float) -> torch.Tensor:
+def clip_loss(
+    image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor | float
+) -> torch.Tensor:
     """CLIP's symmetric cross-entropy (Radford et al., ICML 2021, arXiv:2103.00020).
 
     `image_features[i]` and `text_features[i]` are a matching pair (N, D); both are L2-normalised here.
     `logit_scale` is the *exponentiated* inverse temperature (1/0.07 at init, at most 100).
     Returns (CE(image -> text) + CE(text -> image)) / 2 with the diagonal as targets."""
     if image_features.ndim != 2 or text_features.ndim != 2:
-        raise ValueError(f"clip_loss expects (N, D) features; got images {tuple(image_features.shape)}, "
-                         f"texts {tuple(text_features.shape)}")
+        raise ValueError(
+            f"clip_loss expects (N, D) features; got images {tuple(image_features.shape)}, "
+            f"texts {tuple(text_features.shape)}"
+        )
     if image_features.shape[0] != text_features.shape[0]:
-        raise ValueError(f"mismatched batch sizes: {image_features.shape[0]} images but {text_features.shape[0]} texts; "
-                         "CLIP needs one caption per image (pair i is image i with text i)")
+        raise ValueError(
+            f"mismatched batch sizes: {image_features.shape[0]} images but {text_features.shape[0]} texts; "
+            "CLIP needs one caption per image (pair i is image i with text i)"
+        )
     if image_features.shape[1] != text_features.shape[1]:
-        raise ValueError(f"image and text features live in different spaces: widths {image_features.shape[1]} and "
-                         f"{text_features.shape[1]}; project both to the same embed_dim")
-    if image_features.shape[0] < 2: raise ValueError("clip_loss needs at least 2 pairs (otherwise there are no negatives)")
+        raise ValueError(
+            f"image and text features live in different spaces: widths {image_features.shape[1]} and "
+            f"{text_features.shape[1]}; project both to the same embed_dim"
+        )
+    if image_features.shape[0] < 2:
+        raise ValueError("clip_loss needs at least 2 pairs (otherwise there are no negatives)")
     img, txt = F.normalize(image_features.float(), dim=1), F.normalize(text_features.float(), dim=1)
-    logits = torch.as_tensor(logit_scale, dtype=img.dtype, device=img.device) * img @ txt.T   # (N images, N texts)
+    logits = (
+        torch.as_tensor(logit_scale, dtype=img.dtype, device=img.device) * img @ txt.T
+    )  # (N images, N texts)
     targets = torch.arange(len(img), device=img.device)
     return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
 
 # %% ../nbs/19_clip.ipynb #f1be95f6
 class WordTokenizer:
     "Word-level tokenizer over a fixed vocabulary: `<pad>`=0, `<sos>`=1, `<eos>`=2, `<unk>`=3, then the words."
+
     specials = ("<pad>", "<sos>", "<eos>", "<unk>")
     pad_id, sos_id, eos_id, unk_id = 0, 1, 2, 3
     _word = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")
 
     def __init__(self, words: Sequence[str], context_length: int = 16):
-        if context_length < 3: raise ValueError(f"context_length must be >= 3 (<sos>, a word, <eos>); got {context_length}")
+        if context_length < 3:
+            raise ValueError(
+                f"context_length must be >= 3 (<sos>, a word, <eos>); got {context_length}"
+            )
         words = [w for w in dict.fromkeys(words) if w not in self.specials]
         self.itos = list(self.specials) + words
         self.stoi = {w: i for i, w in enumerate(self.itos)}
@@ -70,29 +91,49 @@ class WordTokenizer:
 
     @classmethod
     def words_of(cls, text: str) -> list[str]:
-        if not isinstance(text, str): raise TypeError(f"a caption must be a str, got {type(text).__name__}")
+        if not isinstance(text, str):
+            raise TypeError(f"a caption must be a str, got {type(text).__name__}")
         return cls._word.findall(text.lower())
 
     @classmethod
-    def from_texts(cls, texts: Sequence[str], context_length: int = 16, max_words: int | None = None, min_count: int = 1):
+    def from_texts(
+        cls,
+        texts: Sequence[str],
+        context_length: int = 16,
+        max_words: int | None = None,
+        min_count: int = 1,
+    ):
         "Vocabulary of `texts`, most frequent first (ties alphabetical), optionally capped at `max_words`."
         counts = Counter(w for t in texts for w in cls.words_of(t))
-        words = sorted((w for w, c in counts.items() if c >= min_count), key=lambda w: (-counts[w], w))
+        words = sorted(
+            (w for w, c in counts.items() if c >= min_count), key=lambda w: (-counts[w], w)
+        )
         return cls(words[:max_words] if max_words else words, context_length)
 
-    def __len__(self): return len(self.itos)
-    def __repr__(self): return f"WordTokenizer({len(self)} tokens, context_length={self.context_length})"
+    def __len__(self):
+        return len(self.itos)
+
+    def __repr__(self):
+        return f"WordTokenizer({len(self)} tokens, context_length={self.context_length})"
 
     def encode(self, texts: str | Sequence[str]) -> torch.Tensor:
         "Token ids (N, context_length): <sos> words <eos> <pad>...; long captions are cut (keeping <eos>)."
-        if isinstance(texts, str): texts = [texts]
-        if len(texts) == 0: raise ValueError("no captions to encode (got an empty list)")
+        if isinstance(texts, str):
+            texts = [texts]
+        if len(texts) == 0:
+            raise ValueError("no captions to encode (got an empty list)")
         out = torch.full((len(texts), self.context_length), self.pad_id, dtype=torch.long)
         for i, t in enumerate(texts):
             words = self.words_of(t)
             if not words:
-                raise ValueError(f"caption {i} is empty ({t!r}): every image needs a caption with at least one word")
-            ids = [self.sos_id] + [self.stoi.get(w, self.unk_id) for w in words][: self.context_length - 2] + [self.eos_id]
+                raise ValueError(
+                    f"caption {i} is empty ({t!r}): every image needs a caption with at least one word"
+                )
+            ids = (
+                [self.sos_id]
+                + [self.stoi.get(w, self.unk_id) for w in words][: self.context_length - 2]
+                + [self.eos_id]
+            )
             out[i, : len(ids)] = torch.tensor(ids)
         return out
 
@@ -110,74 +151,123 @@ def masked_block(blk: Block, x: torch.Tensor, pad: torch.Tensor) -> torch.Tensor
     x = x + a.proj(out.transpose(1, 2).reshape(b, t, d))
     return x + blk.mlp(blk.norm2(x))
 
+
 class TextEncoder(nn.Module):
     "Token + position embeddings, `Block`s with a padding mask, final norm; the sentence feature is the `<eos>` token's."
-    def __init__(self, vocab_size: int, context_length: int = 16, dim: int = 64, depth: int = 2, heads: int = 4,
-                 pad_id: int = 0, eos_id: int = 2):
+
+    def __init__(
+        self,
+        vocab_size: int,
+        context_length: int = 16,
+        dim: int = 64,
+        depth: int = 2,
+        heads: int = 4,
+        pad_id: int = 0,
+        eos_id: int = 2,
+    ):
         super().__init__()
-        self.vocab_size, self.context_length, self.out_dim, self.pad_id, self.eos_id = vocab_size, context_length, dim, pad_id, eos_id
+        self.vocab_size, self.context_length, self.out_dim, self.pad_id, self.eos_id = (
+            vocab_size,
+            context_length,
+            dim,
+            pad_id,
+            eos_id,
+        )
         self.token_embed = nn.Embedding(vocab_size, dim)
         self.pos_embed = nn.Parameter(torch.zeros(1, context_length, dim))
         self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
-        nn.init.normal_(self.token_embed.weight, std=0.02); nn.init.normal_(self.pos_embed, std=0.01)
+        nn.init.normal_(self.token_embed.weight, std=0.02)
+        nn.init.normal_(self.pos_embed, std=0.01)
         self.apply(ViT._init)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if ids.ndim != 2 or ids.dtype != torch.long:
-            raise ValueError(f"TextEncoder expects token ids (N, T) of dtype long; got {tuple(ids.shape)} {ids.dtype}")
+            raise ValueError(
+                f"TextEncoder expects token ids (N, T) of dtype long; got {tuple(ids.shape)} {ids.dtype}"
+            )
         if ids.shape[1] > self.context_length:
-            raise ValueError(f"captions of {ids.shape[1]} tokens exceed the context length {self.context_length}")
+            raise ValueError(
+                f"captions of {ids.shape[1]} tokens exceed the context length {self.context_length}"
+            )
         pad = ids == self.pad_id
         if pad.all(1).any():
-            raise ValueError("a caption is empty (all <pad>): every image needs a caption with at least one token")
-        if ids.max() >= self.vocab_size: raise ValueError(f"token id {ids.max().item()} >= vocab_size {self.vocab_size}")
+            raise ValueError(
+                "a caption is empty (all <pad>): every image needs a caption with at least one token"
+            )
+        if ids.max() >= self.vocab_size:
+            raise ValueError(f"token id {ids.max().item()} >= vocab_size {self.vocab_size}")
         x = self.token_embed(ids) + self.pos_embed[:, : ids.shape[1]]
-        for blk in self.blocks: x = masked_block(blk, x, pad)
+        for blk in self.blocks:
+            x = masked_block(blk, x, pad)
         x = self.norm(x)
         is_eos = ids == self.eos_id
         # the <eos> token (or, for hand-made ids without one, the last non-pad token)
-        last = torch.where(is_eos.any(1), is_eos.float().argmax(1), (~pad).long().cumsum(1).argmax(1))
+        last = torch.where(
+            is_eos.any(1), is_eos.float().argmax(1), (~pad).long().cumsum(1).argmax(1)
+        )
         return x[torch.arange(len(ids), device=ids.device), last]
 
 # %% ../nbs/19_clip.ipynb #60c813ea
-def clip_vit(channels: int = 1, image_size: int = 28, patch_size: int | None = None, dim: int = 64, depth: int = 3,
-             heads: int = 4) -> ViT:
+def clip_vit(
+    channels: int = 1,
+    image_size: int = 28,
+    patch_size: int | None = None,
+    dim: int = 64,
+    depth: int = 3,
+    heads: int = 4,
+) -> ViT:
     "The chapter's image tower: the course's ViT with about 16 patches (7 px patches at 28 px, 8 px at 32 px)."
     if patch_size is None:
         patch_size = next((p for p in (image_size // 4, 7, 8, 4) if p and image_size % p == 0), 1)
-    return ViT(image_size, patch_size, channels, dim=dim, depth=depth, heads=heads, pos_embed="learned")
+    return ViT(
+        image_size, patch_size, channels, dim=dim, depth=depth, heads=heads, pos_embed="learned"
+    )
+
 
 def clip_image_tower(name: str = "small_cnn", channels: int = 1, image_size: int = 28) -> nn.Module:
     "'small_cnn' (the course's CNN at width 16: fast to train on a CPU) or 'vit' (`clip_vit`, as in the paper)."
     if name == "small_cnn":
         from ssl_course.backbones import SmallConvNet
+
         return SmallConvNet(channels, width=16)
-    if name == "vit": return clip_vit(channels, image_size)
+    if name == "vit":
+        return clip_vit(channels, image_size)
     raise ValueError(f"unknown image tower {name!r}; use 'small_cnn' or 'vit'")
+
 
 class CLIP(SSLMethod):
     "Contrastive Language-Image Pre-training (Radford et al., ICML 2021): two towers, one shared space, `clip_loss`."
-    def __init__(self, encoder: nn.Module, text_encoder: TextEncoder, embed_dim: int = 64, init_temperature: float = 0.07,
-                 max_logit_scale: float = 100.0, tokenizer: WordTokenizer | None = None):
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        text_encoder: TextEncoder,
+        embed_dim: int = 64,
+        init_temperature: float = 0.07,
+        max_logit_scale: float = 100.0,
+        tokenizer: WordTokenizer | None = None,
+    ):
         super().__init__()
         self.encoder, self.text_encoder, self.tokenizer = encoder, text_encoder, tokenizer
         self.image_proj = nn.Linear(feature_dim(encoder), embed_dim, bias=False)
         self.text_proj = nn.Linear(text_encoder.out_dim, embed_dim, bias=False)
         nn.init.normal_(self.image_proj.weight, std=feature_dim(encoder) ** -0.5)
-        nn.init.normal_(self.text_proj.weight, std=text_encoder.out_dim ** -0.5)
+        nn.init.normal_(self.text_proj.weight, std=text_encoder.out_dim**-0.5)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / init_temperature)))
         self.max_logit_scale = max_logit_scale
 
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        if images.dtype == torch.uint8: images = images.float() / 255
+        if images.dtype == torch.uint8:
+            images = images.float() / 255
         z = self.image_proj(self.encoder(images))
         return F.normalize(z, dim=-1) if normalize else z
 
     def encode_text(self, texts, normalize: bool = True) -> torch.Tensor:
         "Token ids (N, T), or a list of strings when the model has a `tokenizer`."
         if isinstance(texts, (str, list, tuple)):
-            if self.tokenizer is None: raise ValueError("this CLIP has no tokenizer; pass token ids (N, T)")
+            if self.tokenizer is None:
+                raise ValueError("this CLIP has no tokenizer; pass token ids (N, T)")
             texts = self.tokenizer.encode(texts).to(self.logit_scale.device)
         z = self.text_proj(self.text_encoder(texts))
         return F.normalize(z, dim=-1) if normalize else z
@@ -189,10 +279,17 @@ class CLIP(SSLMethod):
     def training_step(self, batch):
         images, token_ids = batch[0], batch[1]
         if len(images) != len(token_ids):
-            raise ValueError(f"mismatched batch sizes: {len(images)} images but {len(token_ids)} captions")
+            raise ValueError(
+                f"mismatched batch sizes: {len(images)} images but {len(token_ids)} captions"
+            )
         img, txt, scale = self(images, token_ids)
         loss = clip_loss(img, txt, scale)
-        with torch.no_grad(): acc = ((img @ txt.T).argmax(1) == torch.arange(len(img), device=img.device)).float().mean()
+        with torch.no_grad():
+            acc = (
+                ((img @ txt.T).argmax(1) == torch.arange(len(img), device=img.device))
+                .float()
+                .mean()
+            )
         return {"loss": loss, "logit_scale": scale.detach(), "acc": acc}
 
     @torch.no_grad()
@@ -200,154 +297,325 @@ class CLIP(SSLMethod):
         "Keep s = exp(t) in [1, max_logit_scale] (the paper clips at 100 to keep training stable)."
         self.logit_scale.clamp_(0.0, math.log(self.max_logit_scale))
 
-    def on_step_end(self, step: int, total_steps: int) -> None: self.clamp_logit_scale()
+    def on_step_end(self, step: int, total_steps: int) -> None:
+        self.clamp_logit_scale()
 
-@register_method("clip", "CLIP: image-text contrastive pretraining", "19_clip", "Radford et al., ICML 2021, arXiv:2103.00020",
-                 modality="image-text", dataset="fashion_captions")
-def build_clip(encoder: nn.Module | None = None, data=None, tokenizer: WordTokenizer | None = None,
-               image_size: int | None = None, channels: int | None = None, image_tower: str | None = None,
-               embed_dim: int = 64, text_dim: int = 64, text_depth: int = 2, **kw) -> CLIP:
+
+@register_method(
+    "clip",
+    "CLIP: image-text contrastive pretraining",
+    "19_clip",
+    "Radford et al., ICML 2021, arXiv:2103.00020",
+    modality="image-text",
+    dataset="fashion_captions",
+)
+def build_clip(
+    encoder: nn.Module | None = None,
+    data=None,
+    tokenizer: WordTokenizer | None = None,
+    image_size: int | None = None,
+    channels: int | None = None,
+    image_tower: str | None = None,
+    embed_dim: int = 64,
+    text_dim: int = 64,
+    text_depth: int = 2,
+    **kw,
+) -> CLIP:
     """A CLIP for `data` (an `ImageTextDataset`: its tokenizer, channels and size), or for explicit sizes.
     Without `encoder`, the image tower is `image_tower` (default: the profile's `clip_image_tower`, else 'small_cnn')."""
     tokenizer = tokenizer or getattr(data, "tokenizer", None)
-    if tokenizer is None: raise ValueError("build_clip needs a tokenizer (or data= with one) to size the text encoder")
+    if tokenizer is None:
+        raise ValueError(
+            "build_clip needs a tokenizer (or data= with one) to size the text encoder"
+        )
     channels = channels or getattr(data, "channels", 1)
     image_size = image_size or getattr(data, "image_size", 28)
     if encoder is None:
         if image_tower is None:
             from ssl_course.core import get_settings
+
             image_tower = get_settings().budget.get("clip_image_tower", "small_cnn")
         encoder = clip_image_tower(image_tower, channels, image_size)
-    text = TextEncoder(len(tokenizer), tokenizer.context_length, dim=text_dim, depth=text_depth,
-                       pad_id=tokenizer.pad_id, eos_id=tokenizer.eos_id)
+    text = TextEncoder(
+        len(tokenizer),
+        tokenizer.context_length,
+        dim=text_dim,
+        depth=text_depth,
+        pad_id=tokenizer.pad_id,
+        eos_id=tokenizer.eos_id,
+    )
     return CLIP(encoder, text, embed_dim=embed_dim, tokenizer=tokenizer, **kw)
 
 # %% ../nbs/19_clip.ipynb #10642ffb
 class ImageTextDataset(Dataset):
     """Images (N, C, H, W) uint8 and captions. `caption_sets[s]` is a list of sentences; image i uses set `set_index[i]`.
     Items are `(image float in [0, 1], token_ids (context_length,))` with one caption drawn at random from the set."""
-    def __init__(self, images: torch.Tensor, caption_sets: Sequence[Sequence[str]], set_index, tokenizer: WordTokenizer,
-                 labels=None, classes: Sequence[str] = (), attributes: dict | None = None, name: str = "", split: str = ""):
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        caption_sets: Sequence[Sequence[str]],
+        set_index,
+        tokenizer: WordTokenizer,
+        labels=None,
+        classes: Sequence[str] = (),
+        attributes: dict | None = None,
+        name: str = "",
+        split: str = "",
+    ):
         images = torch.as_tensor(images)
-        if images.ndim == 3: images = images.unsqueeze(1)
+        if images.ndim == 3:
+            images = images.unsqueeze(1)
         if images.ndim != 4 or images.dtype != torch.uint8:
-            raise DataError(f"images must be uint8 (N, C, H, W); got {tuple(images.shape)} {images.dtype}")
+            raise DataError(
+                f"images must be uint8 (N, C, H, W); got {tuple(images.shape)} {images.dtype}"
+            )
         set_index = torch.as_tensor(set_index, dtype=torch.long).reshape(-1)
-        if len(set_index) != len(images): raise DataError(f"{len(images)} images but {len(set_index)} caption-set indices")
-        if any(len(s) == 0 for s in caption_sets): raise DataError("a caption set is empty: every image needs a caption")
+        if len(set_index) != len(images):
+            raise DataError(f"{len(images)} images but {len(set_index)} caption-set indices")
+        if any(len(s) == 0 for s in caption_sets):
+            raise DataError("a caption set is empty: every image needs a caption")
         if len(set_index) and (set_index.min() < 0 or set_index.max() >= len(caption_sets)):
             raise DataError(f"set_index points outside the {len(caption_sets)} caption sets")
-        self.images, self.caption_sets, self.set_index, self.tokenizer = images, [list(s) for s in caption_sets], set_index, tokenizer
-        self.labels = (torch.full((len(images),), -1, dtype=torch.long) if labels is None
-                       else torch.as_tensor(labels, dtype=torch.long).reshape(-1))
-        self.classes, self.attributes, self.name, self.split = list(classes), dict(attributes or {}), name, split
+        self.images, self.caption_sets, self.set_index, self.tokenizer = (
+            images,
+            [list(s) for s in caption_sets],
+            set_index,
+            tokenizer,
+        )
+        self.labels = (
+            torch.full((len(images),), -1, dtype=torch.long)
+            if labels is None
+            else torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+        )
+        self.classes, self.attributes, self.name, self.split = (
+            list(classes),
+            dict(attributes or {}),
+            name,
+            split,
+        )
         flat = [c for s in self.caption_sets for c in s]
-        self.tokens = tokenizer.encode(flat)                                     # raises on an empty caption
+        self.tokens = tokenizer.encode(flat)  # raises on an empty caption
         sizes = torch.tensor([len(s) for s in self.caption_sets])
         self.set_start, self.set_size = torch.cumsum(sizes, 0) - sizes, sizes
 
-    def __len__(self): return len(self.images)
+    def __len__(self):
+        return len(self.images)
+
     def __getitem__(self, i):
         s = self.set_index[i]
         j = self.set_start[s] + torch.randint(int(self.set_size[s]), ()).item()
         return self.images[i].float().div(255), self.tokens[j]
+
     def __repr__(self):
         c, h, w = self.images.shape[1:]
-        return (f"ImageTextDataset({self.name or '?'}:{self.split or '?'}, n={len(self)}, {c}x{h}x{w}, "
-                f"{len(self.caption_sets)} caption sets, {len(self.tokens)} captions, vocab {len(self.tokenizer)})")
+        return (
+            f"ImageTextDataset({self.name or '?'}:{self.split or '?'}, n={len(self)}, {c}x{h}x{w}, "
+            f"{len(self.caption_sets)} caption sets, {len(self.tokens)} captions, vocab {len(self.tokenizer)})"
+        )
 
     @property
-    def channels(self) -> int: return self.images.shape[1]
-    @property
-    def image_size(self) -> int: return self.images.shape[-1]
-    @property
-    def num_classes(self) -> int: return len(self.classes) or int(self.labels.max()) + 1
+    def channels(self) -> int:
+        return self.images.shape[1]
 
-    def captions_of(self, i: int) -> list[str]: return self.caption_sets[int(self.set_index[i])]
+    @property
+    def image_size(self) -> int:
+        return self.images.shape[-1]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes) or int(self.labels.max()) + 1
+
+    def captions_of(self, i: int) -> list[str]:
+        return self.caption_sets[int(self.set_index[i])]
+
     def subset(self, indices) -> "ImageTextDataset":
         idx = torch.as_tensor(indices, dtype=torch.long)
-        return ImageTextDataset(self.images[idx], self.caption_sets, self.set_index[idx], self.tokenizer, self.labels[idx],
-                                self.classes, {k: v[idx] for k, v in self.attributes.items()}, self.name, self.split)
+        return ImageTextDataset(
+            self.images[idx],
+            self.caption_sets,
+            self.set_index[idx],
+            self.tokenizer,
+            self.labels[idx],
+            self.classes,
+            {k: v[idx] for k, v in self.attributes.items()},
+            self.name,
+            self.split,
+        )
+
     def resized(self, size: int) -> "ImageTextDataset":
-        if size == self.image_size: return self
-        x = F.interpolate(self.images.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        d = self.subset(torch.arange(len(self))); d.images = x.round().clamp(0, 255).to(torch.uint8); return d
+        if size == self.image_size:
+            return self
+        x = F.interpolate(
+            self.images.float(),
+            size=(size, size),
+            mode="bilinear",
+            antialias=True,
+            align_corners=False,
+        )
+        d = self.subset(torch.arange(len(self)))
+        d.images = x.round().clamp(0, 255).to(torch.uint8)
+        return d
+
     def image_dataset(self) -> ImageDataset:
         "The images with their labels, for `embed`, `linear_probe`, `fine_tune`."
         return ImageDataset(self.images, self.labels, self.classes, self.name, self.split)
 
 # %% ../nbs/19_clip.ipynb #f2ca808c
-FASHION_NAMES = [["t-shirt", "tee"], ["trousers", "pants"], ["pullover", "sweater"], ["dress", "gown"], ["coat", "jacket"],
-                 ["sandal", "summer shoe"], ["shirt", "blouse"], ["sneaker", "trainer"], ["bag", "handbag"],
-                 ["ankle boot", "boot"]]
-FASHION_CLASSNAMES = [n[0] for n in FASHION_NAMES]            # the names used for zero-shot prompts
-FASHION_TEMPLATES = ["a photo of a {}.", "a black and white picture of a {}.", "a grey photo of the {}.",
-                     "a low resolution photo of a {}.", "a product photo of a {}.", "a small picture of the {}.",
-                     "a {} on a black background.", "this is a {}.", "a blurry photo of my {}.", "a centred image of one {}."]
+FASHION_NAMES = [
+    ["t-shirt", "tee"],
+    ["trousers", "pants"],
+    ["pullover", "sweater"],
+    ["dress", "gown"],
+    ["coat", "jacket"],
+    ["sandal", "summer shoe"],
+    ["shirt", "blouse"],
+    ["sneaker", "trainer"],
+    ["bag", "handbag"],
+    ["ankle boot", "boot"],
+]
+FASHION_CLASSNAMES = [n[0] for n in FASHION_NAMES]  # the names used for zero-shot prompts
+FASHION_TEMPLATES = [
+    "a photo of a {}.",
+    "a black and white picture of a {}.",
+    "a grey photo of the {}.",
+    "a low resolution photo of a {}.",
+    "a product photo of a {}.",
+    "a small picture of the {}.",
+    "a {} on a black background.",
+    "this is a {}.",
+    "a blurry photo of my {}.",
+    "a centred image of one {}.",
+]
 # prompts for zero-shot classification: recombine caption words, but none is a training caption verbatim
-FASHION_PROMPTS = ["a picture of a {}.", "a photo of the {}.", "a black and white photo of a {}.", "a small photo of a {}.",
-                   "a grey picture of a {}.", "a {}."]
+FASHION_PROMPTS = [
+    "a picture of a {}.",
+    "a photo of the {}.",
+    "a black and white photo of a {}.",
+    "a small photo of a {}.",
+    "a grey picture of a {}.",
+    "a {}.",
+]
+
 
 def fashion_caption_sets(templates: Sequence[str] = FASHION_TEMPLATES) -> list[list[str]]:
     "One caption set per Fashion-MNIST class: every template with every name of the class."
     return [[t.format(n) for t in templates for n in names] for names in FASHION_NAMES]
 
+
 def fashion_tokenizer(context_length: int = 16) -> WordTokenizer:
     "The vocabulary of the Fashion-MNIST captions and prompts (the same for every split)."
-    return WordTokenizer.from_texts([c for s in fashion_caption_sets(FASHION_TEMPLATES + FASHION_PROMPTS) for c in s], context_length)
+    return WordTokenizer.from_texts(
+        [c for s in fashion_caption_sets(FASHION_TEMPLATES + FASHION_PROMPTS) for c in s],
+        context_length,
+    )
 
-@register_dataset("fashion_captions", "image-text", ("train", "test"), "Debian package dataset-fashion-mnist + templates",
-                  "Fashion-MNIST (70,000 28x28 grey images) with captions from 10 templates x 2 names per class",
-                  "Xiao, Rasul & Vollgraf, arXiv:1708.07747 (images); captions generated by ssl_course.clip")
-def _load_fashion_captions(split, data_dir=None, download=None, tokenizer: WordTokenizer | None = None):
+
+@register_dataset(
+    "fashion_captions",
+    "image-text",
+    ("train", "test"),
+    "Debian package dataset-fashion-mnist + templates",
+    "Fashion-MNIST (70,000 28x28 grey images) with captions from 10 templates x 2 names per class",
+    "Xiao, Rasul & Vollgraf, arXiv:1708.07747 (images); captions generated by ssl_course.clip",
+)
+def _load_fashion_captions(
+    split, data_dir=None, download=None, tokenizer: WordTokenizer | None = None
+):
     img = load_dataset("fashion_mnist", split, data_dir=data_dir, download=download)
-    return ImageTextDataset(img.images, fashion_caption_sets(), img.labels, tokenizer or fashion_tokenizer(), img.labels,
-                            FASHION_CLASSNAMES, name="fashion_captions", split=split)
+    return ImageTextDataset(
+        img.images,
+        fashion_caption_sets(),
+        img.labels,
+        tokenizer or fashion_tokenizer(),
+        img.labels,
+        FASHION_CLASSNAMES,
+        name="fashion_captions",
+        split=split,
+    )
 
 # %% ../nbs/19_clip.ipynb #cf18640d
-SHAPE_COLOURS = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 240), "yellow": (235, 220, 40),
-                 "purple": (170, 60, 220)}
+SHAPE_COLOURS = {
+    "red": (230, 40, 40),
+    "green": (40, 200, 60),
+    "blue": (50, 90, 240),
+    "yellow": (235, 220, 40),
+    "purple": (170, 60, 220),
+}
 SHAPE_KINDS = ["circle", "square", "triangle", "cross"]
 SHAPE_SIZES = ["small", "large"]
 SHAPE_POSITIONS = ["top left", "top right", "bottom left", "bottom right"]
 HELDOUT_PAIRS = [("red", "triangle"), ("green", "cross"), ("blue", "square"), ("yellow", "circle")]
-SHAPE_TEMPLATES = ["a {size} {colour} {shape} in the {position}", "a {colour} {shape} in the {position}",
-                   "a {size} {colour} {shape}", "a {colour} {shape}", "there is a {size} {colour} {shape} in the {position}",
-                   "the {position} has a {colour} {shape}"]
-SHAPE_PAIRS = [f"{c} {s}" for c in SHAPE_COLOURS for s in SHAPE_KINDS]        # the 20 classes
+SHAPE_TEMPLATES = [
+    "a {size} {colour} {shape} in the {position}",
+    "a {colour} {shape} in the {position}",
+    "a {size} {colour} {shape}",
+    "a {colour} {shape}",
+    "there is a {size} {colour} {shape} in the {position}",
+    "the {position} has a {colour} {shape}",
+]
+SHAPE_PAIRS = [f"{c} {s}" for c in SHAPE_COLOURS for s in SHAPE_KINDS]  # the 20 classes
 
-def shape_caption(colour: str, shape: str, size: str, position: str, template: str = SHAPE_TEMPLATES[0]) -> str:
+
+def shape_caption(
+    colour: str, shape: str, size: str, position: str, template: str = SHAPE_TEMPLATES[0]
+) -> str:
     return template.format(colour=colour, shape=shape, size=size, position=position)
+
 
 def shape_combo(colour: int, shape: int, size: int, position: int) -> int:
     "Index of an attribute combination (0 .. 159): the caption set of images with these attributes."
-    return ((colour * len(SHAPE_KINDS) + shape) * len(SHAPE_SIZES) + size) * len(SHAPE_POSITIONS) + position
+    return ((colour * len(SHAPE_KINDS) + shape) * len(SHAPE_SIZES) + size) * len(
+        SHAPE_POSITIONS
+    ) + position
+
 
 def shape_caption_sets() -> list[list[str]]:
     "One caption set per attribute combination, in `shape_combo` order."
-    return [[shape_caption(c, s, z, p, t) for t in SHAPE_TEMPLATES]
-            for c in SHAPE_COLOURS for s in SHAPE_KINDS for z in SHAPE_SIZES for p in SHAPE_POSITIONS]
+    return [
+        [shape_caption(c, s, z, p, t) for t in SHAPE_TEMPLATES]
+        for c in SHAPE_COLOURS
+        for s in SHAPE_KINDS
+        for z in SHAPE_SIZES
+        for p in SHAPE_POSITIONS
+    ]
+
 
 def shapes_tokenizer(context_length: int = 16) -> WordTokenizer:
     return WordTokenizer.from_texts([c for s in shape_caption_sets() for c in s], context_length)
 
+
 def _draw_shape(draw, shape: str, cx: float, cy: float, r: float, fill):
-    if shape == "circle": draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
-    elif shape == "square": draw.rectangle([cx - 0.85 * r, cy - 0.85 * r, cx + 0.85 * r, cy + 0.85 * r], fill=fill)
-    elif shape == "triangle": draw.polygon([(cx, cy - r), (cx + r, cy + 0.8 * r), (cx - r, cy + 0.8 * r)], fill=fill)
+    if shape == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif shape == "square":
+        draw.rectangle([cx - 0.85 * r, cy - 0.85 * r, cx + 0.85 * r, cy + 0.85 * r], fill=fill)
+    elif shape == "triangle":
+        draw.polygon([(cx, cy - r), (cx + r, cy + 0.8 * r), (cx - r, cy + 0.8 * r)], fill=fill)
     elif shape == "cross":
         w = 0.38 * r
-        draw.rectangle([cx - r, cy - w, cx + r, cy + w], fill=fill); draw.rectangle([cx - w, cy - r, cx + w, cy + r], fill=fill)
-    else: raise ValueError(f"unknown shape {shape!r}; choose from {SHAPE_KINDS}")
+        draw.rectangle([cx - r, cy - w, cx + r, cy + w], fill=fill)
+        draw.rectangle([cx - w, cy - r, cx + w, cy + r], fill=fill)
+    else:
+        raise ValueError(f"unknown shape {shape!r}; choose from {SHAPE_KINDS}")
 
-def render_shapes(n: int, seed: int = 0, image_size: int = 28, pairs: Sequence[tuple[str, str]] | None = None,
-                  tokenizer: WordTokenizer | None = None, split: str = "") -> ImageTextDataset:
+
+def render_shapes(
+    n: int,
+    seed: int = 0,
+    image_size: int = 28,
+    pairs: Sequence[tuple[str, str]] | None = None,
+    tokenizer: WordTokenizer | None = None,
+    split: str = "",
+) -> ImageTextDataset:
     """`n` RGB images of one coloured shape each, with compositional captions; deterministic given `seed`.
     `pairs`: the (colour, shape) pairs to draw from (default: all 20)."""
     from PIL import Image, ImageDraw
+
     colours = list(SHAPE_COLOURS)
     pairs = list(pairs) if pairs is not None else [(c, s) for c in colours for s in SHAPE_KINDS]
-    if n < 1 or not pairs: raise DataError("render_shapes needs n >= 1 and at least one (colour, shape) pair")
+    if n < 1 or not pairs:
+        raise DataError("render_shapes needs n >= 1 and at least one (colour, shape) pair")
     rng = np.random.default_rng(seed)
     pair_idx = rng.integers(0, len(pairs), n)
     size, pos = rng.integers(0, 2, n), rng.integers(0, 4, n)
@@ -357,122 +625,226 @@ def render_shapes(n: int, seed: int = 0, image_size: int = 28, pairs: Sequence[t
     for i in range(n):
         c, s = pairs[pair_idx[i]]
         col[i], shp[i] = colours.index(c), SHAPE_KINDS.index(s)
-        im = Image.new("RGB", (big, big)); d = ImageDraw.Draw(im)
-        q = image_size / 4                                                       # quadrant centres at 1/4 and 3/4
-        cx, cy = (q * (1 + 2 * (pos[i] % 2)) + jitter[i, 0]) * 4, (q * (1 + 2 * (pos[i] // 2)) + jitter[i, 1]) * 4
-        r = (0.1 if size[i] == 0 else 0.19) * image_size * 4                  # radius: about 3 px or 5 px at 28 px
+        im = Image.new("RGB", (big, big))
+        d = ImageDraw.Draw(im)
+        q = image_size / 4  # quadrant centres at 1/4 and 3/4
+        cx, cy = (
+            (q * (1 + 2 * (pos[i] % 2)) + jitter[i, 0]) * 4,
+            (q * (1 + 2 * (pos[i] // 2)) + jitter[i, 1]) * 4,
+        )
+        r = (0.1 if size[i] == 0 else 0.19) * image_size * 4  # radius: about 3 px or 5 px at 28 px
         fill = tuple(int(v) for v in np.clip(np.array(SHAPE_COLOURS[c]) + cjit[i], 0, 255))
         _draw_shape(d, s, cx, cy, r, fill)
         out[i] = np.asarray(im.resize((image_size, image_size), Image.BOX))
     combo = torch.tensor([shape_combo(col[i], shp[i], size[i], pos[i]) for i in range(n)])
-    attrs = {"colour": torch.from_numpy(col), "shape": torch.from_numpy(shp), "size": torch.from_numpy(size),
-             "position": torch.from_numpy(pos), "combo": combo}
-    return ImageTextDataset(torch.from_numpy(out).permute(0, 3, 1, 2).contiguous(), shape_caption_sets(), combo,
-                            tokenizer or shapes_tokenizer(), torch.from_numpy(col * len(SHAPE_KINDS) + shp), SHAPE_PAIRS,
-                            attrs, "shapes_captions", split)
+    attrs = {
+        "colour": torch.from_numpy(col),
+        "shape": torch.from_numpy(shp),
+        "size": torch.from_numpy(size),
+        "position": torch.from_numpy(pos),
+        "combo": combo,
+    }
+    return ImageTextDataset(
+        torch.from_numpy(out).permute(0, 3, 1, 2).contiguous(),
+        shape_caption_sets(),
+        combo,
+        tokenizer or shapes_tokenizer(),
+        torch.from_numpy(col * len(SHAPE_KINDS) + shp),
+        SHAPE_PAIRS,
+        attrs,
+        "shapes_captions",
+        split,
+    )
 
-@register_dataset("shapes_captions", "image-text", ("train", "test", "heldout"), "rendered with Pillow (no download)",
-                  "28x28 RGB shapes (5 colours x 4 shapes x 2 sizes x 4 positions) with compositional captions; "
-                  "4 colour-shape pairs are held out of train/test and form the 'heldout' split",
-                  "rendered by ssl_course.clip (this course)")
-def _load_shapes_captions(split, data_dir=None, download=None, n: int | None = None, seed: int | None = None,
-                          image_size: int = 28, tokenizer: WordTokenizer | None = None):
+
+@register_dataset(
+    "shapes_captions",
+    "image-text",
+    ("train", "test", "heldout"),
+    "rendered with Pillow (no download)",
+    "28x28 RGB shapes (5 colours x 4 shapes x 2 sizes x 4 positions) with compositional captions; "
+    "4 colour-shape pairs are held out of train/test and form the 'heldout' split",
+    "rendered by ssl_course.clip (this course)",
+)
+def _load_shapes_captions(
+    split,
+    data_dir=None,
+    download=None,
+    n: int | None = None,
+    seed: int | None = None,
+    image_size: int = 28,
+    tokenizer: WordTokenizer | None = None,
+):
     seen = [(c, s) for c in SHAPE_COLOURS for s in SHAPE_KINDS if (c, s) not in HELDOUT_PAIRS]
-    default_n, default_seed, pairs = {"train": (10000, 0, seen), "test": (2000, 1, seen), "heldout": (2000, 2, HELDOUT_PAIRS)}[split]
-    return render_shapes(n or default_n, default_seed if seed is None else seed, image_size, pairs, tokenizer, split)
+    default_n, default_seed, pairs = {
+        "train": (10000, 0, seen),
+        "test": (2000, 1, seen),
+        "heldout": (2000, 2, HELDOUT_PAIRS),
+    }[split]
+    return render_shapes(
+        n or default_n, default_seed if seed is None else seed, image_size, pairs, tokenizer, split
+    )
 
 # %% ../nbs/19_clip.ipynb #adf34122
 def _require_hf_datasets():
     try:
         import datasets  # optional dependency, imported only here
     except ImportError:
-        raise DatasetUnavailableError("the online caption datasets need the Hugging Face `datasets` package: "
-                                      "pip install datasets (then allow network access); the offline datasets "
-                                      "'fashion_captions' and 'shapes_captions' need nothing") from None
+        raise DatasetUnavailableError(
+            "the online caption datasets need the Hugging Face `datasets` package: "
+            "pip install datasets (then allow network access); the offline datasets "
+            "'fashion_captions' and 'shapes_captions' need nothing"
+        ) from None
     return datasets
 
-@register_dataset("flickr8k_captions", "image-text", ("train", "validation", "test"),
-                  "online only (Hugging Face hub, needs `pip install datasets`)",
-                  "Flickr8k: 8,000 photos with 5 human captions each (6k/1k/1k)",
-                  "Hodosh, Young & Hockenmaier, Framing Image Description as a Ranking Task, JAIR 2013")
-def _load_flickr8k(split, data_dir=None, download=None, image_size: int = 64, hub_id: str = "jxie/flickr8k",
-                   tokenizer: WordTokenizer | None = None, vocab_size: int = 5000, context_length: int = 24,
-                   max_items: int | None = None):
+
+@register_dataset(
+    "flickr8k_captions",
+    "image-text",
+    ("train", "validation", "test"),
+    "online only (Hugging Face hub, needs `pip install datasets`)",
+    "Flickr8k: 8,000 photos with 5 human captions each (6k/1k/1k)",
+    "Hodosh, Young & Hockenmaier, Framing Image Description as a Ranking Task, JAIR 2013",
+)
+def _load_flickr8k(
+    split,
+    data_dir=None,
+    download=None,
+    image_size: int = 64,
+    hub_id: str = "jxie/flickr8k",
+    tokenizer: WordTokenizer | None = None,
+    vocab_size: int = 5000,
+    context_length: int = 24,
+    max_items: int | None = None,
+):
     hf = _require_hf_datasets()
-    if os.environ.get("SSL_COURSE_OFFLINE", "").lower() in ("1", "true", "yes") or download is False:
-        raise DatasetUnavailableError(f"flickr8k_captions is online only and downloads are disabled; allow network "
-                                      "access (unset SSL_COURSE_OFFLINE) or use 'shapes_captions' / 'fashion_captions'")
+    if (
+        os.environ.get("SSL_COURSE_OFFLINE", "").lower() in ("1", "true", "yes")
+        or download is False
+    ):
+        raise DatasetUnavailableError(
+            "flickr8k_captions is online only and downloads are disabled; allow network "
+            "access (unset SSL_COURSE_OFFLINE) or use 'shapes_captions' / 'fashion_captions'"
+        )
     try:
         ds = hf.load_dataset(hub_id, split=split, cache_dir=str(data_dir) if data_dir else None)
     except Exception as e:  # network, hub or schema errors: one clear message
-        raise DatasetUnavailableError(f"could not load {hub_id!r} split {split!r} from the Hugging Face hub ({e}); "
-                                      "check the network, or use 'shapes_captions' / 'fashion_captions' offline") from None
-    if max_items: ds = ds.select(range(min(max_items, len(ds))))
+        raise DatasetUnavailableError(
+            f"could not load {hub_id!r} split {split!r} from the Hugging Face hub ({e}); "
+            "check the network, or use 'shapes_captions' / 'fashion_captions' offline"
+        ) from None
+    if max_items:
+        ds = ds.select(range(min(max_items, len(ds))))
     cap_cols = [c for c in ds.column_names if c.startswith("caption")]
     images, sets = [], []
     for row in ds:
         im = row["image"].convert("RGB").resize((image_size, image_size))
         images.append(torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1))
-        caps = [c for col in cap_cols for c in (row[col] if isinstance(row[col], list) else [row[col]])]
+        caps = [
+            c for col in cap_cols for c in (row[col] if isinstance(row[col], list) else [row[col]])
+        ]
         sets.append([c for c in caps if WordTokenizer.words_of(c)] or ["a photo"])
     if tokenizer is None:
-        if split != "train": raise DataError("pass tokenizer=train.tokenizer for the validation/test splits (one vocabulary)")
-        tokenizer = WordTokenizer.from_texts([c for s in sets for c in s], context_length, max_words=vocab_size)
-    return ImageTextDataset(torch.stack(images), sets, torch.arange(len(sets)), tokenizer, name="flickr8k_captions", split=split)
+        if split != "train":
+            raise DataError(
+                "pass tokenizer=train.tokenizer for the validation/test splits (one vocabulary)"
+            )
+        tokenizer = WordTokenizer.from_texts(
+            [c for s in sets for c in s], context_length, max_words=vocab_size
+        )
+    return ImageTextDataset(
+        torch.stack(images),
+        sets,
+        torch.arange(len(sets)),
+        tokenizer,
+        name="flickr8k_captions",
+        split=split,
+    )
 
 # %% ../nbs/19_clip.ipynb #8ec48325
 @torch.no_grad()
-def zero_shot_classifier(model: CLIP, classnames: Sequence[str], templates: str | Sequence[str],
-                         tokenizer: WordTokenizer | None = None) -> torch.Tensor:
+def zero_shot_classifier(
+    model: CLIP,
+    classnames: Sequence[str],
+    templates: str | Sequence[str],
+    tokenizer: WordTokenizer | None = None,
+) -> torch.Tensor:
     """Class prototypes (C, D): for each class, the mean of the normalised text features of every template filled with
     its name, normalised again (CLIP's prompt ensembling). `templates` contain '{}' where the name goes."""
     templates = [templates] if isinstance(templates, str) else list(templates)
     if not templates or not all("{}" in t for t in templates):
-        raise ValueError(f"templates must be a non-empty list of strings containing '{{}}'; got {templates!r}")
-    if not classnames: raise ValueError("zero_shot_classifier needs at least one class name")
+        raise ValueError(
+            f"templates must be a non-empty list of strings containing '{{}}'; got {templates!r}"
+        )
+    if not classnames:
+        raise ValueError("zero_shot_classifier needs at least one class name")
     tokenizer = tokenizer or model.tokenizer
-    if tokenizer is None: raise ValueError("pass a tokenizer (the model has none)")
-    was = model.training; model.eval()
+    if tokenizer is None:
+        raise ValueError("pass a tokenizer (the model has none)")
+    was = model.training
+    model.eval()
     dev = next(model.parameters()).device
     ids = tokenizer.encode([t.format(c) for c in classnames for t in templates]).to(dev)
     feats = model.encode_text(ids).reshape(len(classnames), len(templates), -1)
     model.train(was)
     return F.normalize(feats.mean(1), dim=-1)
 
+
 @torch.no_grad()
 def encode_images(model: CLIP, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
     "Normalised image features of uint8 or float images, in batches, in eval mode."
-    was = model.training; model.eval()
+    was = model.training
+    model.eval()
     dev = next(model.parameters()).device
     out = torch.cat([model.encode_image(b.to(dev)).float().cpu() for b in images.split(batch_size)])
     model.train(was)
     return out
 
+
 @torch.no_grad()
-def zero_shot_accuracy(model: CLIP, data, classnames: Sequence[str], templates: str | Sequence[str],
-                       tokenizer: WordTokenizer | None = None, labels: torch.Tensor | None = None) -> float:
+def zero_shot_accuracy(
+    model: CLIP,
+    data,
+    classnames: Sequence[str],
+    templates: str | Sequence[str],
+    tokenizer: WordTokenizer | None = None,
+    labels: torch.Tensor | None = None,
+) -> float:
     "Top-1 accuracy of zero-shot classification of `data` (a dataset with .images/.labels, or images + `labels=`)."
     images = data.images if hasattr(data, "images") else torch.as_tensor(data)
     labels = torch.as_tensor(data.labels if labels is None else labels).cpu()
-    if len(images) != len(labels): raise ValueError(f"{len(images)} images but {len(labels)} labels")
-    if len(images) == 0: raise ValueError("zero_shot_accuracy got no images")
+    if len(images) != len(labels):
+        raise ValueError(f"{len(images)} images but {len(labels)} labels")
+    if len(images) == 0:
+        raise ValueError("zero_shot_accuracy got no images")
     proto = zero_shot_classifier(model, classnames, templates, tokenizer).float().cpu()
     return (encode_images(model, images) @ proto.T).argmax(1).eq(labels).float().mean().item()
 
-def recall_at_k(similarity: torch.Tensor, ks: Sequence[int] = (1, 5, 10), query_ids: torch.Tensor | None = None,
-                gallery_ids: torch.Tensor | None = None) -> dict[int, float]:
+
+def recall_at_k(
+    similarity: torch.Tensor,
+    ks: Sequence[int] = (1, 5, 10),
+    query_ids: torch.Tensor | None = None,
+    gallery_ids: torch.Tensor | None = None,
+) -> dict[int, float]:
     """Recall@K for every K in `ks`: the fraction of queries (rows of `similarity`, (Q, G)) with at least one correct
     gallery item among their K highest scores. Gallery item j is correct for query i when gallery_ids[j] == query_ids[i]
     (default: the diagonal, j == i). Ties count against the query."""
-    if similarity.ndim != 2: raise ValueError(f"similarity must be (queries, gallery); got {tuple(similarity.shape)}")
+    if similarity.ndim != 2:
+        raise ValueError(f"similarity must be (queries, gallery); got {tuple(similarity.shape)}")
     q, g = similarity.shape
     query_ids = torch.arange(q) if query_ids is None else torch.as_tensor(query_ids)
     gallery_ids = torch.arange(g) if gallery_ids is None else torch.as_tensor(gallery_ids)
     if len(query_ids) != q or len(gallery_ids) != g:
-        raise ValueError(f"{q} queries x {g} gallery items, but {len(query_ids)} query ids and {len(gallery_ids)} gallery ids")
+        raise ValueError(
+            f"{q} queries x {g} gallery items, but {len(query_ids)} query ids and {len(gallery_ids)} gallery ids"
+        )
     sim = similarity.float().cpu()
     correct = query_ids.cpu()[:, None] == gallery_ids.cpu()[None, :]
-    if not correct.any(1).all(): raise ValueError("some queries have no correct item in the gallery")
+    if not correct.any(1).all():
+        raise ValueError("some queries have no correct item in the gallery")
     best = sim.masked_fill(~correct, float("-inf")).max(1).values
-    rank = ((sim >= best[:, None]) & ~correct).sum(1)          # wrong items scoring at least as high as the best correct one
+    rank = ((sim >= best[:, None]) & ~correct).sum(
+        1
+    )  # wrong items scoring at least as high as the best correct one
     return {int(k): (rank < k).float().mean().item() for k in ks}

@@ -12,7 +12,7 @@ import os
 import platform
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +28,13 @@ __all__ = ['PROFILE_ENV', 'DEVICE_ENV', 'DATA_DIR_ENV', 'SETTINGS_ENV', 'DEFAULT
 class SettingsError(ValueError):
     "Raised when `settings.ini` or an environment override holds a value the course cannot use."
 
+
 PROFILE_ENV, DEVICE_ENV, DATA_DIR_ENV, SETTINGS_ENV = (
-    "SSL_COURSE_PROFILE", "SSL_COURSE_DEVICE", "SSL_COURSE_DATA_DIR", "SSL_COURSE_SETTINGS")
+    "SSL_COURSE_PROFILE",
+    "SSL_COURSE_DEVICE",
+    "SSL_COURSE_DATA_DIR",
+    "SSL_COURSE_SETTINGS",
+)
 
 # Used when no settings.ini is found (e.g. the package installed from PyPI, run outside the repo).
 DEFAULT_SETTINGS = """
@@ -261,12 +266,12 @@ ft_mae_steps = 0
 le_dataset = fashion_mnist
 le_backbone = small_cnn
 le_image_size = 28
-le_methods = simclr byol
-le_steps = 1200 600
+le_methods = simclr-fmnist-cnn moco-fmnist-cnn byol-fmnist-cnn
+le_steps = 0
 le_batch_size = 128
 le_train_images = 0
 le_test_images = 0
-le_labels = 1 5 10 60 100 600
+le_labels = 1 5 10 60 100
 le_seeds = 3
 le_ref_fraction = 0.01
 le_sup_epochs = 15
@@ -286,36 +291,51 @@ def parse_value(text: str) -> Any:
     "Turn an INI string into a bool, int, float or (stripped) string."
     t = text.strip()
     low = t.lower()
-    if low in ("true", "yes", "on"): return True
-    if low in ("false", "no", "off"): return False
+    if low in ("true", "yes", "on"):
+        return True
+    if low in ("false", "no", "off"):
+        return False
     for cast in (int, float):
-        try: return cast(t)
-        except ValueError: pass
+        try:
+            return cast(t)
+        except ValueError:
+            pass
     return t
 
 # %% ../nbs/02_core.ipynb #85403c5e
 class Budget(dict):
     "A profile's budget: a dict whose keys also read as attributes (`budget.steps`)."
+
     def __getattr__(self, key):
-        try: return self[key]
+        try:
+            return self[key]
         except KeyError:
-            raise AttributeError(f"the profile has no setting {key!r}; known: {', '.join(sorted(self))}") from None
+            raise AttributeError(
+                f"the profile has no setting {key!r}; known: {', '.join(sorted(self))}"
+            ) from None
+
     def length(self, prefix: str = "") -> dict:
         """Training length for `fit`: `{'steps': n}` from `<prefix>_steps` (or `steps`) when it is > 0,
         else `{'epochs': n}` from `<prefix>_epochs` (or `epochs`). Lets one notebook line serve both profiles."""
         pre = f"{prefix}_" if prefix else ""
         steps = self.get(f"{pre}steps", self.get("steps", 0))
-        if steps: return {"steps": int(steps)}
+        if steps:
+            return {"steps": int(steps)}
         epochs = self.get(f"{pre}epochs", self.get("epochs", 0))
-        if epochs: return {"epochs": int(epochs)}
-        raise SettingsError(f"the profile sets neither {pre}steps nor {pre}epochs (> 0); add one to settings.ini")
+        if epochs:
+            return {"epochs": int(epochs)}
+        raise SettingsError(
+            f"the profile sets neither {pre}steps nor {pre}epochs (> 0); add one to settings.ini"
+        )
 
 # %% ../nbs/02_core.ipynb #8aafe6d0
 VALID_DEVICES = ("auto", "cpu", "cuda", "mps")
 
+
 @dataclass(frozen=True)
 class Settings:
     "The course settings after files, environment and arguments are merged."
+
     profile: str
     data_dir: Path
     reports_dir: Path
@@ -328,8 +348,10 @@ class Settings:
     source: Path | None = None
 
     def __repr__(self):
-        return (f"Settings(profile={self.profile!r}, device={self.device!r}, seed={self.seed}, "
-                f"data_dir='{self.data_dir}', source={str(self.source) if self.source else 'built-in defaults'!r})")
+        return (
+            f"Settings(profile={self.profile!r}, device={self.device!r}, seed={self.seed}, "
+            f"data_dir='{self.data_dir}', source={str(self.source) if self.source else 'built-in defaults'!r})"
+        )
 
 # %% ../nbs/02_core.ipynb #af7e0544
 def find_settings_file(start: str | Path | None = None) -> Path | None:
@@ -337,14 +359,18 @@ def find_settings_file(start: str | Path | None = None) -> Path | None:
     env = os.environ.get(SETTINGS_ENV)
     if env:
         p = Path(env).expanduser()
-        if not p.is_file(): raise SettingsError(f"{SETTINGS_ENV}={env} does not point to a file; unset it or fix the path")
+        if not p.is_file():
+            raise SettingsError(
+                f"{SETTINGS_ENV}={env} does not point to a file; unset it or fix the path"
+            )
         return p
     here = Path(start or Path.cwd()).resolve()
     candidates = [d / "settings.ini" for d in (here, *here.parents)]
     if globals().get("__file__"):  # the repository's own file, when running from a checkout
         candidates.append(Path(__file__).resolve().parents[1] / "settings.ini")
     for c in candidates:
-        if c.is_file() and "[course]" in c.read_text(errors="ignore"): return c
+        if c.is_file() and "[course]" in c.read_text(errors="ignore"):
+            return c
     return None
 
 # %% ../nbs/02_core.ipynb #9801b3f2
@@ -353,11 +379,18 @@ def _check_device(spec: str, origin: str) -> str:
     base = s.split(":")[0]
     ok = base in VALID_DEVICES and (":" not in s or (base == "cuda" and s.split(":")[1].isdigit()))
     if not ok:
-        raise SettingsError(f"unknown device {spec!r} ({origin}); use one of auto, cpu, cuda, cuda:N, mps")
+        raise SettingsError(
+            f"unknown device {spec!r} ({origin}); use one of auto, cpu, cuda, cuda:N, mps"
+        )
     return s
 
-def load_settings(path: str | Path | None = None, profile: str | None = None, device: str | None = None,
-                  **overrides) -> Settings:
+
+def load_settings(
+    path: str | Path | None = None,
+    profile: str | None = None,
+    device: str | None = None,
+    **overrides,
+) -> Settings:
     """Read the course settings.
 
     `path`: a settings.ini (default: `find_settings_file()`); `profile`/`device`: explicit overrides;
@@ -366,41 +399,72 @@ def load_settings(path: str | Path | None = None, profile: str | None = None, de
     cp = configparser.ConfigParser(inline_comment_prefixes=(";", "#"), interpolation=None)
     src = Path(path) if path is not None else find_settings_file()
     if src is not None:
-        if not Path(src).is_file(): raise SettingsError(f"settings file {src} does not exist")
-        try: cp.read(src)
-        except configparser.Error as e: raise SettingsError(f"{src} is not a valid INI file: {e}") from None
+        if not Path(src).is_file():
+            raise SettingsError(f"settings file {src} does not exist")
+        try:
+            cp.read(src)
+        except configparser.Error as e:
+            raise SettingsError(f"{src} is not a valid INI file: {e}") from None
     else:
         cp.read_string(DEFAULT_SETTINGS)
     if not cp.has_section("course"):
-        raise SettingsError(f"{src} has no [course] section; copy the one from the course repository's settings.ini")
+        raise SettingsError(
+            f"{src} has no [course] section; copy the one from the course repository's settings.ini"
+        )
     course = {k: v for k, v in cp.items("course")}
     profiles = tuple(s for s in cp.sections() if s != "course")
     origin = "argument"
     if profile is None:
-        profile, origin = os.environ.get(PROFILE_ENV) or course.get("profile", "quick"), (
-            f"env {PROFILE_ENV}" if os.environ.get(PROFILE_ENV) else f"{src or 'defaults'}")
+        profile, origin = (
+            os.environ.get(PROFILE_ENV) or course.get("profile", "quick"),
+            (f"env {PROFILE_ENV}" if os.environ.get(PROFILE_ENV) else f"{src or 'defaults'}"),
+        )
     profile = str(profile).strip().lower()
     if profile not in profiles:
-        raise SettingsError(f"unknown profile {profile!r} ({origin}); choose one of: {', '.join(sorted(profiles))}")
-    if os.environ.get("IN_TEST") and "quick" in profiles: profile = "quick"  # nbdev-test never runs a full budget
-    dev_origin = "argument" if device else (f"env {DEVICE_ENV}" if os.environ.get(DEVICE_ENV) else str(src or "defaults"))
-    dev = _check_device(device or os.environ.get(DEVICE_ENV) or course.get("device", "auto"), dev_origin)
+        raise SettingsError(
+            f"unknown profile {profile!r} ({origin}); choose one of: {', '.join(sorted(profiles))}"
+        )
+    if os.environ.get("IN_TEST") and "quick" in profiles:
+        profile = "quick"  # nbdev-test never runs a full budget
+    dev_origin = (
+        "argument"
+        if device
+        else (f"env {DEVICE_ENV}" if os.environ.get(DEVICE_ENV) else str(src or "defaults"))
+    )
+    dev = _check_device(
+        device or os.environ.get(DEVICE_ENV) or course.get("device", "auto"), dev_origin
+    )
     try:
         seed = int(course.get("seed", 0))
         num_workers = int(course.get("num_workers", 0))
     except ValueError as e:
         raise SettingsError(f"seed and num_workers in [course] must be integers ({e})") from None
-    if num_workers < 0: raise SettingsError(f"num_workers must be >= 0, got {num_workers}")
+    if num_workers < 0:
+        raise SettingsError(f"num_workers must be >= 0, got {num_workers}")
     budget = Budget({k: parse_value(v) for k, v in cp.items(profile) if k not in course})
     for k, v in overrides.items():
         if k not in budget:
-            raise SettingsError(f"unknown budget key {k!r} for profile {profile!r}; known: {', '.join(sorted(budget))}")
+            raise SettingsError(
+                f"unknown budget key {k!r} for profile {profile!r}; known: {', '.join(sorted(budget))}"
+            )
         budget[k] = v
-    data_dir = Path(os.environ.get(DATA_DIR_ENV) or course.get("data_dir", "~/.cache/ssl_course")).expanduser()
+    data_dir = Path(
+        os.environ.get(DATA_DIR_ENV) or course.get("data_dir", "~/.cache/ssl_course")
+    ).expanduser()
     reports = Path(course.get("reports_dir", "reports")).expanduser()
-    return Settings(profile=profile, data_dir=data_dir, reports_dir=reports, seed=seed, device=dev,
-                    num_workers=num_workers, deterministic=bool(parse_value(course.get("deterministic", "false"))),
-                    budget=budget, profiles=profiles, source=Path(src) if src else None)
+    return Settings(
+        profile=profile,
+        data_dir=data_dir,
+        reports_dir=reports,
+        seed=seed,
+        device=dev,
+        num_workers=num_workers,
+        deterministic=bool(parse_value(course.get("deterministic", "false"))),
+        budget=budget,
+        profiles=profiles,
+        source=Path(src) if src else None,
+    )
+
 
 def get_settings(**kwargs) -> Settings:
     "The current settings (re-read each call, so environment changes take effect)."
@@ -409,21 +473,31 @@ def get_settings(**kwargs) -> Settings:
 # %% ../nbs/02_core.ipynb #ddc059be
 def get_device(spec: str | torch.device | None = None) -> torch.device:
     "Resolve `spec` (default: the settings' device) to a `torch.device`: auto -> cuda -> mps -> cpu."
-    if isinstance(spec, torch.device): return spec
-    s = _check_device(spec if spec is not None else get_settings().device, "argument" if spec else "settings")
+    if isinstance(spec, torch.device):
+        return spec
+    s = _check_device(
+        spec if spec is not None else get_settings().device, "argument" if spec else "settings"
+    )
     has_mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if s == "auto":
-        if torch.cuda.is_available(): return torch.device("cuda")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
         return torch.device("mps") if has_mps else torch.device("cpu")
     if s.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise SettingsError(f"device {s!r} requested but no CUDA GPU is visible to torch; "
-                                f"use device = auto or cpu (settings.ini or {DEVICE_ENV})")
+            raise SettingsError(
+                f"device {s!r} requested but no CUDA GPU is visible to torch; "
+                f"use device = auto or cpu (settings.ini or {DEVICE_ENV})"
+            )
         idx = int(s.split(":")[1]) if ":" in s else 0
         if idx >= torch.cuda.device_count():
-            raise SettingsError(f"device {s!r} requested but only {torch.cuda.device_count()} GPU(s) are visible")
+            raise SettingsError(
+                f"device {s!r} requested but only {torch.cuda.device_count()} GPU(s) are visible"
+            )
     if s == "mps" and not has_mps:
-        raise SettingsError(f"device 'mps' requested but MPS is not available; use device = auto or cpu")
+        raise SettingsError(
+            "device 'mps' requested but MPS is not available; use device = auto or cpu"
+        )
     return torch.device(s)
 
 # %% ../nbs/02_core.ipynb #31f9020c
@@ -444,14 +518,23 @@ def seed_everything(seed: int | None = None, deterministic: bool | None = None) 
 # %% ../nbs/02_core.ipynb #7dbdfa53
 class Timer:
     "Context manager measuring wall time: `with Timer() as t: ...; t.elapsed`."
-    def __init__(self, name: str = "", verbose: bool = False): self.name, self.verbose, self.elapsed = name, verbose, 0.0
+
+    def __init__(self, name: str = "", verbose: bool = False):
+        self.name, self.verbose, self.elapsed = name, verbose, 0.0
+
     def __enter__(self):
-        self._t0 = time.perf_counter(); return self
+        self._t0 = time.perf_counter()
+        return self
+
     def __exit__(self, *exc):
         self.elapsed = time.perf_counter() - self._t0
-        if self.verbose: print(self)
+        if self.verbose:
+            print(self)
         return False
-    def __str__(self): return f"{self.name + ': ' if self.name else ''}{self.elapsed:.2f} s"
+
+    def __str__(self):
+        return f"{self.name + ': ' if self.name else ''}{self.elapsed:.2f} s"
+
 
 def hardware_summary(device: torch.device | str | None = None) -> str:
     "One line naming the CPU/GPU, core count and library versions."
@@ -459,12 +542,17 @@ def hardware_summary(device: torch.device | str | None = None) -> str:
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"): cpu = line.split(":", 1)[1].strip(); break
-    except OSError: pass
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     parts = [f"{cpu} ({cores} cores)"]
-    if dev.type == "cuda": parts.append(f"GPU {torch.cuda.get_device_name(dev)}")
-    elif dev.type == "mps": parts.append("Apple MPS")
+    if dev.type == "cuda":
+        parts.append(f"GPU {torch.cuda.get_device_name(dev)}")
+    elif dev.type == "mps":
+        parts.append("Apple MPS")
     parts.append(f"torch {torch.__version__}")
     return ", ".join(parts)
 
@@ -472,36 +560,55 @@ def hardware_summary(device: torch.device | str | None = None) -> str:
 def check_images(x: torch.Tensor, in_channels: int, name: str = "backbone") -> None:
     "Raise a clear error unless `x` is a float batch (N, in_channels, H, W)."
     if x.ndim != 4:
-        raise ValueError(f"{name} expects a batch of images (N, C, H, W); got shape {tuple(x.shape)}"
-                         + (" -- add a batch dimension with x.unsqueeze(0)" if x.ndim == 3 else ""))
+        raise ValueError(
+            f"{name} expects a batch of images (N, C, H, W); got shape {tuple(x.shape)}"
+            + (" -- add a batch dimension with x.unsqueeze(0)" if x.ndim == 3 else "")
+        )
     if x.shape[1] != in_channels:
-        raise ValueError(f"{name} was built for {in_channels}-channel images but got {x.shape[1]} channels; "
-                         f"build it with in_channels={x.shape[1]}"
-                         + (" or convert colour images to grey first" if in_channels == 1 else ""))
+        raise ValueError(
+            f"{name} was built for {in_channels}-channel images but got {x.shape[1]} channels; "
+            f"build it with in_channels={x.shape[1]}"
+            + (" or convert colour images to grey first" if in_channels == 1 else "")
+        )
     if not x.is_floating_point():
-        raise ValueError(f"{name} expects float images in [0, 1]; got {x.dtype} (divide uint8 images by 255)")
+        raise ValueError(
+            f"{name} expects float images in [0, 1]; got {x.dtype} (divide uint8 images by 255)"
+        )
+
 
 @dataclass(frozen=True)
 class Chapter:
     notebook: str
     title: str
-    module: str = ""          # the ssl_course module the chapter exports ("" = none)
-    kind: str = "lesson"      # "lesson" (objectives, numbers, exercises, quiz, summary: checked) or "reference"
+    module: str = ""  # the ssl_course module the chapter exports ("" = none)
+    kind: str = (
+        "lesson"  # "lesson" (objectives, numbers, exercises, quiz, summary: checked) or "reference"
+    )
+
 
 CHAPTERS = (
     Chapter("00_index", "Course map and how to run it", kind="reference"),
     Chapter("01_why_ssl", "Why self-supervised learning: the label bottleneck, measured"),
     Chapter("02_core", "Settings, profiles, devices, seeding", "core", kind="reference"),
     Chapter("03_data", "Offline-first datasets and few-label splits", "data", kind="reference"),
-    Chapter("04_train", "One training loop: fit(), checkpoints, resume, DDP", "train", kind="reference"),
-    Chapter("05_evaluate", "kNN, linear probes, fine-tuning, label-efficiency curves", "evaluate", kind="reference"),
+    Chapter(
+        "04_train", "One training loop: fit(), checkpoints, resume, DDP", "train", kind="reference"
+    ),
+    Chapter(
+        "05_evaluate",
+        "kNN, linear probes, fine-tuning, label-efficiency curves",
+        "evaluate",
+        kind="reference",
+    ),
     Chapter("06_backbones", "Backbones and projection heads", "backbones", kind="reference"),
     Chapter("06a_vit", "A small Vision Transformer", "vit", kind="reference"),
     Chapter("07_augment", "Augmentations and multiple views", "augment", kind="reference"),
     Chapter("08_cli", "The ssl-course command line", "cli", kind="reference"),
     Chapter("09_losses", "Every loss in one place", "losses", kind="reference"),
     Chapter("10_autoencoders", "Autoencoders: plain, denoising, variational", "autoencoders"),
-    Chapter("11_pretext_tasks", "Pretext tasks: rotation, jigsaw, inpainting, colorization", "pretext"),
+    Chapter(
+        "11_pretext_tasks", "Pretext tasks: rotation, jigsaw, inpainting, colorization", "pretext"
+    ),
     Chapter("12_simclr", "SimCLR: contrastive learning from two views", "simclr"),
     Chapter("13_moco", "MoCo: a momentum encoder and a queue of negatives", "moco"),
     Chapter("14_byol", "BYOL: no negatives, a predictor and a moving target", "byol"),
@@ -510,17 +617,41 @@ CHAPTERS = (
     Chapter("17_bert_mlm", "BERT masked language modeling", "mlm"),
     Chapter("18_wav2vec2", "wav2vec 2.0: speech representations", "wav2vec2"),
     Chapter("19_clip", "CLIP: image-text alignment and zero-shot transfer", "clip"),
-    Chapter("20_linear_probe_and_knn", "Frozen features: kNN, linear and MLP probes, loading any checkpoint", "transfer"),
+    Chapter(
+        "20_linear_probe_and_knn",
+        "Frozen features: kNN, linear and MLP probes, loading any checkpoint",
+        "transfer",
+    ),
     Chapter("21_finetuning", "Fine-tuning: full, partial, layer-wise learning rates", "finetune"),
-    Chapter("22_label_efficiency", "Label efficiency: accuracy vs labels, the label multiplier measured", "label_efficiency"),
-    Chapter("23_domain_shift_and_case_studies", "Domain shift, rare-defect detection, garbage in", "case_studies"),
-    Chapter("24_zoo", "The model zoo: trained encoders, model cards, one evaluation protocol", "zoo", kind="reference"),
-    Chapter("90_classroom", "Classroom kit: slide decks, student notebooks, chapter checks", "classroom", kind="reference"),
+    Chapter(
+        "22_label_efficiency",
+        "Label efficiency: accuracy vs labels, the label multiplier measured",
+        "label_efficiency",
+    ),
+    Chapter(
+        "23_domain_shift_and_case_studies",
+        "Domain shift, rare-defect detection, garbage in",
+        "case_studies",
+    ),
+    Chapter(
+        "24_zoo",
+        "The model zoo: trained encoders, model cards, one evaluation protocol",
+        "zoo",
+        kind="reference",
+    ),
+    Chapter(
+        "90_classroom",
+        "Classroom kit: slide decks, student notebooks, chapter checks",
+        "classroom",
+        kind="reference",
+    ),
 )
+
 
 def format_table(rows: list[dict], columns: list[str] | None = None, floatfmt: str = ".3f") -> str:
     "Rows of dicts as an aligned plain-text table."
-    if not rows: return "(nothing)"
+    if not rows:
+        return "(nothing)"
     columns = columns or list(rows[0])
     fmt = lambda v: format(v, floatfmt) if isinstance(v, float) else str(v)
     cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]

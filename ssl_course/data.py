@@ -38,72 +38,125 @@ __all__ = ['UNLABELED', 'DATASETS', 'FASHION_CLASSES', 'FASHION_URL', 'FASHION_G
 class DataError(ValueError):
     "A dataset cannot be used as asked (empty, unlabelled where labels are needed, bad split...)."
 
+
 class DatasetUnavailableError(RuntimeError):
     "A dataset is neither on disk nor downloadable right now; the message says what to install or download."
 
+
 UNLABELED = -1
+
 
 class LabelledDataset(Dataset):
     "Base of the course's datasets (images, text, audio): `labels` (-1 = unlabelled) and optional `classes` names."
+
     @property
     def num_classes(self) -> int:
-        return len(self.classes) if self.classes else int(self.labels.max().item()) + 1 if len(self) else 0
+        return (
+            len(self.classes)
+            if self.classes
+            else int(self.labels.max().item()) + 1
+            if len(self)
+            else 0
+        )
+
     @property
-    def is_labeled(self) -> bool: return len(self) > 0 and bool((self.labels >= 0).all())
+    def is_labeled(self) -> bool:
+        return len(self) > 0 and bool((self.labels >= 0).all())
+
 
 class ImageDataset(LabelledDataset):
     """Images as a uint8 tensor `(N, C, H, W)` with int64 `labels` (`-1` = unlabelled).
 
     Items are `(image, label)`; the image is `transform(uint8 CHW tensor)` when a transform is set,
     else a float tensor in [0, 1]."""
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor | None, classes: Sequence[str] = (),
-                 name: str = "", split: str = "", transform: Callable | None = None):
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor | None,
+        classes: Sequence[str] = (),
+        name: str = "",
+        split: str = "",
+        transform: Callable | None = None,
+    ):
         images = torch.as_tensor(images)
-        if images.ndim == 3: images = images.unsqueeze(1)
+        if images.ndim == 3:
+            images = images.unsqueeze(1)
         if images.ndim != 4:
-            raise DataError(f"images must have shape (N, C, H, W) or (N, H, W); got {tuple(images.shape)}")
+            raise DataError(
+                f"images must have shape (N, C, H, W) or (N, H, W); got {tuple(images.shape)}"
+            )
         if images.dtype != torch.uint8:
-            raise DataError(f"images must be uint8 (0..255); got {images.dtype}. Convert with (x * 255).round().to(torch.uint8)")
+            raise DataError(
+                f"images must be uint8 (0..255); got {images.dtype}. Convert with (x * 255).round().to(torch.uint8)"
+            )
         n = images.shape[0]
-        labels = torch.full((n,), UNLABELED, dtype=torch.long) if labels is None else torch.as_tensor(labels).long().reshape(-1)
-        if labels.shape[0] != n: raise DataError(f"{n} images but {labels.shape[0]} labels")
+        labels = (
+            torch.full((n,), UNLABELED, dtype=torch.long)
+            if labels is None
+            else torch.as_tensor(labels).long().reshape(-1)
+        )
+        if labels.shape[0] != n:
+            raise DataError(f"{n} images but {labels.shape[0]} labels")
         self.images, self.labels, self.classes = images, labels, list(classes)
         self.name, self.split, self.transform = name, split, transform
 
-    def __len__(self): return self.images.shape[0]
+    def __len__(self):
+        return self.images.shape[0]
+
     def __getitem__(self, i):
         x = self.images[i]
         x = self.transform(x) if self.transform is not None else x.float().div_(255)
         return x, int(self.labels[i])
+
     def __repr__(self):
         c, h, w = self.images.shape[1:]
         lab = "unlabelled" if not self.is_labeled else f"{self.num_classes} classes"
         return f"ImageDataset({self.name or '?'}:{self.split or '?'}, n={len(self)}, {c}x{h}x{w}, {lab})"
 
     @property
-    def channels(self) -> int: return self.images.shape[1]
+    def channels(self) -> int:
+        return self.images.shape[1]
+
     @property
-    def image_size(self) -> int: return self.images.shape[-1]
+    def image_size(self) -> int:
+        return self.images.shape[-1]
 
     def _like(self, images, labels, split=None):
-        return ImageDataset(images, labels, self.classes, self.name, split or self.split, self.transform)
+        return ImageDataset(
+            images, labels, self.classes, self.name, split or self.split, self.transform
+        )
+
     def subset(self, indices) -> "ImageDataset":
         "The items at `indices` (a view when possible; no copy of the whole set)."
         idx = torch.as_tensor(indices, dtype=torch.long)
         return self._like(self.images[idx], self.labels[idx])
+
     def with_transform(self, transform: Callable | None) -> "ImageDataset":
-        d = self._like(self.images, self.labels); d.transform = transform; return d
+        d = self._like(self.images, self.labels)
+        d.transform = transform
+        return d
+
     def without_labels(self) -> "ImageDataset":
         "The same images with every label hidden (-1): what a self-supervised method is allowed to see."
         return self._like(self.images, torch.full_like(self.labels, UNLABELED))
+
     def resized(self, size: int) -> "ImageDataset":
         "All images resized to `size` x `size` (bilinear, antialiased) in one batched call."
-        if size == self.image_size: return self
+        if size == self.image_size:
+            return self
         out = []
         for chunk in self.images.split(4096):
-            y = F.interpolate(chunk.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+            y = F.interpolate(
+                chunk.float(),
+                size=(size, size),
+                mode="bilinear",
+                antialias=True,
+                align_corners=False,
+            )
             out.append(y.round().clamp_(0, 255).to(torch.uint8))
         return self._like(torch.cat(out), self.labels)
+
     def as_tensors(self, device=None) -> tuple[torch.Tensor, torch.Tensor]:
         "All images as floats in [0, 1] and the labels, optionally on `device` (no transform applied)."
         return self.images.to(device).float().div_(255), self.labels.to(device)
@@ -112,22 +165,30 @@ class ImageDataset(LabelledDataset):
 @dataclass
 class DatasetInfo:
     "What the registry knows about one dataset."
+
     name: str
-    kind: str            # image | text | audio | image-text
+    kind: str  # image | text | audio | image-text
     splits: tuple
-    offline: str         # how it is available without a network
+    offline: str  # how it is available without a network
     description: str
     citation: str = ""
     loader: Callable | None = field(default=None, repr=False)
 
+
 DATASETS: dict[str, DatasetInfo] = {}
 
-def register_dataset(name: str, kind: str, splits: Sequence[str], offline: str, description: str, citation: str = ""):
+
+def register_dataset(
+    name: str, kind: str, splits: Sequence[str], offline: str, description: str, citation: str = ""
+):
     "Decorator: register `loader(split, data_dir, download, **kw)` under `name`."
+
     def deco(fn):
         DATASETS[name] = DatasetInfo(name, kind, tuple(splits), offline, description, citation, fn)
         return fn
+
     return deco
+
 
 def list_datasets(kind: str | None = None) -> list[DatasetInfo]:
     "Registered datasets, optionally only those of one `kind`."
@@ -137,19 +198,25 @@ def list_datasets(kind: str | None = None) -> list[DatasetInfo]:
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        for b in iter(lambda: f.read(chunk), b""): h.update(b)
+        for b in iter(lambda: f.read(chunk), b""):
+            h.update(b)
     return h.hexdigest()
+
 
 class ChecksumError(RuntimeError):
     "Downloaded bytes do not match the expected SHA-256."
 
-def download_url(url: str, dest: str | Path, sha256: str, timeout: float = 30.0, progress: bool = True) -> Path:
+
+def download_url(
+    url: str, dest: str | Path, sha256: str, timeout: float = 30.0, progress: bool = True
+) -> Path:
     """Download `url` to `dest`, verifying `sha256`; return `dest`.
 
     An existing `dest` with the right hash is reused. Partial files are never left under `dest`:
     bytes go to a temporary file in the same folder, renamed atomically only after verification."""
     dest = Path(dest)
-    if dest.is_file() and sha256_file(dest) == sha256: return dest
+    if dest.is_file() and sha256_file(dest) == sha256:
+        return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=dest.name + ".part-", dir=dest.parent)
     try:
@@ -159,31 +226,48 @@ def download_url(url: str, dest: str | Path, sha256: str, timeout: float = 30.0,
             bar = None
             if progress and (total or 0) > 1 << 20:
                 from tqdm.auto import tqdm
+
                 bar = tqdm(total=total, unit="B", unit_scale=True, desc=dest.name)
             for b in iter(lambda: resp.read(1 << 20), b""):
-                out.write(b); h.update(b)
-                if bar: bar.update(len(b))
-            if bar: bar.close()
+                out.write(b)
+                h.update(b)
+                if bar:
+                    bar.update(len(b))
+            if bar:
+                bar.close()
         if h.hexdigest() != sha256:
-            raise ChecksumError(f"{url}: SHA-256 {h.hexdigest()} does not match the expected {sha256}; "
-                                "the file was discarded (retry, or download it by hand and check it)")
+            raise ChecksumError(
+                f"{url}: SHA-256 {h.hexdigest()} does not match the expected {sha256}; "
+                "the file was discarded (retry, or download it by hand and check it)"
+            )
         os.replace(tmp, dest)
         return dest
     finally:
-        if os.path.exists(tmp): os.unlink(tmp)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 # %% ../nbs/03_data.ipynb #ab5fb712
 def dataset_dir(name: str, data_dir: str | Path | None = None) -> Path:
     "The course's cache folder for dataset `name`."
     return Path(data_dir or get_settings().data_dir).expanduser() / name
 
+
 def _download_allowed(download: bool | None) -> bool:
-    if download is not None: return download
+    if download is not None:
+        return download
     return os.environ.get("SSL_COURSE_OFFLINE", "").lower() not in ("1", "true", "yes")
 
-def find_or_download(name: str, files: dict, folders: Sequence[Path], base_url: str | None,
-                     data_dir: str | Path | None, download: bool | None, fix: str,
-                     check: Callable[[Path, str], bool] | None = None) -> dict:
+
+def find_or_download(
+    name: str,
+    files: dict,
+    folders: Sequence[Path],
+    base_url: str | None,
+    data_dir: str | Path | None,
+    download: bool | None,
+    fix: str,
+    check: Callable[[Path, str], bool] | None = None,
+) -> dict:
     """Locate every file of `files` ({filename: sha256 of the download}) in one of `folders`
     (or the course cache), else download them into the cache. Returns {filename: Path}.
 
@@ -196,16 +280,21 @@ def find_or_download(name: str, files: dict, folders: Sequence[Path], base_url: 
         looked.append(str(folder))
         if all(p.is_file() for p in paths.values()):
             bad = [f for f, p in paths.items() if not check(p, f)]
-            if not bad: return paths
+            if not bad:
+                return paths
             looked[-1] += f" (corrupt: {', '.join(bad)})"
     reason = "downloads disabled (download=False or SSL_COURSE_OFFLINE=1)"
     if base_url and _download_allowed(download):
         try:
-            return {f: download_url(base_url.rstrip("/") + "/" + f, cache / f, sha) for f, sha in files.items()}
+            return {
+                f: download_url(base_url.rstrip("/") + "/" + f, cache / f, sha)
+                for f, sha in files.items()
+            }
         except (urllib.error.URLError, OSError, ChecksumError) as e:
             reason = f"download from {base_url} failed: {e}"
     raise DatasetUnavailableError(
-        f"dataset {name!r} is not available: looked in {'; '.join(looked)}; {reason}.\nFix: {fix}")
+        f"dataset {name!r} is not available: looked in {'; '.join(looked)}; {reason}.\nFix: {fix}"
+    )
 
 # %% ../nbs/03_data.ipynb #930ab7b9
 def _stratified_holdout(labels: np.ndarray, frac: float, seed: int = 0) -> np.ndarray:
@@ -217,20 +306,43 @@ def _stratified_holdout(labels: np.ndarray, frac: float, seed: int = 0) -> np.nd
         mask[rng.permutation(idx)[: int(round(frac * len(idx)))]] = True
     return mask
 
-@register_dataset("digits", "image", ("train", "test"), "bundled with scikit-learn",
-                  "1,797 8x8 grey handwritten digits (UCI optical digits), 10 classes",
-                  "Alpaydin & Kaynak, UCI Optical Recognition of Handwritten Digits, 1998")
+
+@register_dataset(
+    "digits",
+    "image",
+    ("train", "test"),
+    "bundled with scikit-learn",
+    "1,797 8x8 grey handwritten digits (UCI optical digits), 10 classes",
+    "Alpaydin & Kaynak, UCI Optical Recognition of Handwritten Digits, 1998",
+)
 def _load_digits(split, data_dir=None, download=None):
     from sklearn.datasets import load_digits
+
     d = load_digits()
     x = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)
     test = _stratified_holdout(d.target, 0.2, seed=0)
     keep = test if split == "test" else ~test
-    return ImageDataset(torch.from_numpy(x[keep]), torch.from_numpy(d.target[keep]),
-                        [str(i) for i in range(10)], "digits", split)
+    return ImageDataset(
+        torch.from_numpy(x[keep]),
+        torch.from_numpy(d.target[keep]),
+        [str(i) for i in range(10)],
+        "digits",
+        split,
+    )
 
 # %% ../nbs/03_data.ipynb #64952db9
-FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+FASHION_CLASSES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 FASHION_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
 # SHA-256 of the published .gz files (what a download must match)...
 FASHION_GZ_SHA256 = {
@@ -248,88 +360,191 @@ FASHION_RAW_SHA256 = {
 }
 FASHION_SYSTEM_DIRS = [Path("/usr/share/datasets/fashion-mnist")]
 
+
 def read_idx(raw: bytes) -> np.ndarray:
     "Parse an IDX file (the MNIST format): magic, dims, then big-endian data."
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
         raise DataError("not an IDX file (bad magic number)")
     dtypes = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-    if raw[2] not in dtypes: raise DataError(f"IDX: unknown element type 0x{raw[2]:02x}")
+    if raw[2] not in dtypes:
+        raise DataError(f"IDX: unknown element type 0x{raw[2]:02x}")
     nd = raw[3]
-    shape = struct.unpack(f">{nd}I", raw[4:4 + 4 * nd])
+    shape = struct.unpack(f">{nd}I", raw[4 : 4 + 4 * nd])
     data = np.frombuffer(raw, dtype=dtypes[raw[2]], offset=4 + 4 * nd)
-    if data.size != int(np.prod(shape)): raise DataError(f"IDX: expected {int(np.prod(shape))} values, found {data.size}")
+    if data.size != int(np.prod(shape)):
+        raise DataError(f"IDX: expected {int(np.prod(shape))} values, found {data.size}")
     return data.reshape(shape)
 
+
 def _fashion_check(path: Path, fname: str) -> bool:
-    try: raw = gzip.decompress(path.read_bytes())
-    except (OSError, EOFError, gzip.BadGzipFile): return False
+    try:
+        raw = gzip.decompress(path.read_bytes())
+    except (OSError, EOFError, gzip.BadGzipFile):
+        return False
     return hashlib.sha256(raw).hexdigest() == FASHION_RAW_SHA256[fname]
 
-@register_dataset("fashion_mnist", "image", ("train", "test"), "Debian package dataset-fashion-mnist",
-                  "70,000 28x28 grey Zalando article images, 10 classes (60k train / 10k test)",
-                  "Xiao, Rasul & Vollgraf, Fashion-MNIST, arXiv:1708.07747, 2017")
+
+@register_dataset(
+    "fashion_mnist",
+    "image",
+    ("train", "test"),
+    "Debian package dataset-fashion-mnist",
+    "70,000 28x28 grey Zalando article images, 10 classes (60k train / 10k test)",
+    "Xiao, Rasul & Vollgraf, Fashion-MNIST, arXiv:1708.07747, 2017",
+)
 def _load_fashion(split, data_dir=None, download=None):
     files = find_or_download(
-        "fashion_mnist", FASHION_GZ_SHA256, FASHION_SYSTEM_DIRS, FASHION_URL, data_dir, download,
+        "fashion_mnist",
+        FASHION_GZ_SHA256,
+        FASHION_SYSTEM_DIRS,
+        FASHION_URL,
+        data_dir,
+        download,
         fix="install the Debian package (sudo apt-get install dataset-fashion-mnist), or put the four "
-            f"*-ubyte.gz files from {FASHION_URL} into {dataset_dir('fashion_mnist', data_dir)}, or allow network access",
-        check=_fashion_check)
+        f"*-ubyte.gz files from {FASHION_URL} into {dataset_dir('fashion_mnist', data_dir)}, or allow network access",
+        check=_fashion_check,
+    )
     pre = "train" if split == "train" else "t10k"
     x = read_idx(gzip.decompress(files[f"{pre}-images-idx3-ubyte.gz"].read_bytes()))
     y = read_idx(gzip.decompress(files[f"{pre}-labels-idx1-ubyte.gz"].read_bytes()))
-    return ImageDataset(torch.from_numpy(x.copy()), torch.from_numpy(y.astype(np.int64)), FASHION_CLASSES, "fashion_mnist", split)
+    return ImageDataset(
+        torch.from_numpy(x.copy()),
+        torch.from_numpy(y.astype(np.int64)),
+        FASHION_CLASSES,
+        "fashion_mnist",
+        split,
+    )
 
 # %% ../nbs/03_data.ipynb #81edaa5e
-CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+CIFAR10_CLASSES = [
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+]
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/"
-CIFAR10_ARCHIVE = {"cifar-10-binary.tar.gz": "c4a38c50a1bc5f3a1c5537f2155ab9d68f9f25eb1ed8d9ddda3db29a59bca1dd"}
-STL10_CLASSES = ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"]
+CIFAR10_ARCHIVE = {
+    "cifar-10-binary.tar.gz": "c4a38c50a1bc5f3a1c5537f2155ab9d68f9f25eb1ed8d9ddda3db29a59bca1dd"
+}
+STL10_CLASSES = [
+    "airplane",
+    "bird",
+    "car",
+    "cat",
+    "deer",
+    "dog",
+    "horse",
+    "monkey",
+    "ship",
+    "truck",
+]
 STL10_URL = "http://ai.stanford.edu/~acoates/stl10/"
-STL10_ARCHIVE = {"stl10_binary.tar.gz": "f31fd99273a1acb8609c8db427cebb1de3f71de77758cdc0e22956e1289b9866"}
+STL10_ARCHIVE = {
+    "stl10_binary.tar.gz": "f31fd99273a1acb8609c8db427cebb1de3f71de77758cdc0e22956e1289b9866"
+}
+
 
 def _extract(archive: Path, dest: Path, marker: str) -> Path:
     "Extract a verified tar archive once (safe 'data' filter: no absolute paths or links out)."
     if not (dest / marker).exists():
         tmp = Path(tempfile.mkdtemp(prefix="extract-", dir=dest.parent))
-        with tarfile.open(archive) as tf: tf.extractall(tmp, filter="data")
-        for p in tmp.iterdir(): os.replace(p, dest / p.name) if not (dest / p.name).exists() else None
+        with tarfile.open(archive) as tf:
+            tf.extractall(tmp, filter="data")
+        for p in tmp.iterdir():
+            os.replace(p, dest / p.name) if not (dest / p.name).exists() else None
         os.rmdir(tmp) if not any(tmp.iterdir()) else None
     return dest
 
-@register_dataset("cifar10", "image", ("train", "test"), "online only (download ~170 MB, SHA-256 checked)",
-                  "60,000 32x32 colour images, 10 classes (50k train / 10k test)",
-                  "Krizhevsky, Learning Multiple Layers of Features from Tiny Images, 2009")
-def _load_cifar10(split, data_dir=None, download=None):
-    files = find_or_download("cifar10", CIFAR10_ARCHIVE, [], CIFAR10_URL, data_dir, download,
-                             fix=f"run once with network access, or place cifar-10-binary.tar.gz from {CIFAR10_URL} "
-                                 f"into {dataset_dir('cifar10', data_dir)}")
-    root = _extract(files["cifar-10-binary.tar.gz"], dataset_dir("cifar10", data_dir), "cifar-10-batches-bin")
-    names = [f"data_batch_{i}.bin" for i in range(1, 6)] if split == "train" else ["test_batch.bin"]
-    recs = np.concatenate([np.fromfile(root / "cifar-10-batches-bin" / n, np.uint8).reshape(-1, 3073) for n in names])
-    x = recs[:, 1:].reshape(-1, 3, 32, 32)
-    return ImageDataset(torch.from_numpy(x.copy()), torch.from_numpy(recs[:, 0].astype(np.int64)), CIFAR10_CLASSES, "cifar10", split)
 
-@register_dataset("stl10", "image", ("train", "test", "unlabeled"), "online only (download ~2.6 GB, SHA-256 checked)",
-                  "96x96 colour images, 10 classes: 5k labelled train, 8k test, 100k unlabelled",
-                  "Coates, Lee & Ng, An Analysis of Single-Layer Networks in Unsupervised Feature Learning, AISTATS 2011")
+@register_dataset(
+    "cifar10",
+    "image",
+    ("train", "test"),
+    "online only (download ~170 MB, SHA-256 checked)",
+    "60,000 32x32 colour images, 10 classes (50k train / 10k test)",
+    "Krizhevsky, Learning Multiple Layers of Features from Tiny Images, 2009",
+)
+def _load_cifar10(split, data_dir=None, download=None):
+    files = find_or_download(
+        "cifar10",
+        CIFAR10_ARCHIVE,
+        [],
+        CIFAR10_URL,
+        data_dir,
+        download,
+        fix=f"run once with network access, or place cifar-10-binary.tar.gz from {CIFAR10_URL} "
+        f"into {dataset_dir('cifar10', data_dir)}",
+    )
+    root = _extract(
+        files["cifar-10-binary.tar.gz"], dataset_dir("cifar10", data_dir), "cifar-10-batches-bin"
+    )
+    names = [f"data_batch_{i}.bin" for i in range(1, 6)] if split == "train" else ["test_batch.bin"]
+    recs = np.concatenate(
+        [np.fromfile(root / "cifar-10-batches-bin" / n, np.uint8).reshape(-1, 3073) for n in names]
+    )
+    x = recs[:, 1:].reshape(-1, 3, 32, 32)
+    return ImageDataset(
+        torch.from_numpy(x.copy()),
+        torch.from_numpy(recs[:, 0].astype(np.int64)),
+        CIFAR10_CLASSES,
+        "cifar10",
+        split,
+    )
+
+
+@register_dataset(
+    "stl10",
+    "image",
+    ("train", "test", "unlabeled"),
+    "online only (download ~2.6 GB, SHA-256 checked)",
+    "96x96 colour images, 10 classes: 5k labelled train, 8k test, 100k unlabelled",
+    "Coates, Lee & Ng, An Analysis of Single-Layer Networks in Unsupervised Feature Learning, AISTATS 2011",
+)
 def _load_stl10(split, data_dir=None, download=None):
-    files = find_or_download("stl10", STL10_ARCHIVE, [], STL10_URL, data_dir, download,
-                             fix=f"run once with network access, or place stl10_binary.tar.gz from {STL10_URL} "
-                                 f"into {dataset_dir('stl10', data_dir)}")
-    root = _extract(files["stl10_binary.tar.gz"], dataset_dir("stl10", data_dir), "stl10_binary") / "stl10_binary"
+    files = find_or_download(
+        "stl10",
+        STL10_ARCHIVE,
+        [],
+        STL10_URL,
+        data_dir,
+        download,
+        fix=f"run once with network access, or place stl10_binary.tar.gz from {STL10_URL} "
+        f"into {dataset_dir('stl10', data_dir)}",
+    )
+    root = (
+        _extract(files["stl10_binary.tar.gz"], dataset_dir("stl10", data_dir), "stl10_binary")
+        / "stl10_binary"
+    )
     # Stored column-major: (N, C, W, H) -> transpose the last two axes.
     x = np.fromfile(root / f"{split}_X.bin", np.uint8).reshape(-1, 3, 96, 96).transpose(0, 1, 3, 2)
-    y = (np.fromfile(root / f"{split}_y.bin", np.uint8).astype(np.int64) - 1) if split != "unlabeled" else None
-    return ImageDataset(torch.from_numpy(np.ascontiguousarray(x)), None if y is None else torch.from_numpy(y),
-                        STL10_CLASSES, "stl10", split)
+    y = (
+        (np.fromfile(root / f"{split}_y.bin", np.uint8).astype(np.int64) - 1)
+        if split != "unlabeled"
+        else None
+    )
+    return ImageDataset(
+        torch.from_numpy(np.ascontiguousarray(x)),
+        None if y is None else torch.from_numpy(y),
+        STL10_CLASSES,
+        "stl10",
+        split,
+    )
 
 # %% ../nbs/03_data.ipynb #55df4135
 def stratified_subsample(labels: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
     "Indices of `n` items keeping class proportions (random, seeded); all items if n >= len."
     labels = torch.as_tensor(labels)
-    if n <= 0 or n >= len(labels): return torch.arange(len(labels))
+    if n <= 0 or n >= len(labels):
+        return torch.arange(len(labels))
     g = torch.Generator().manual_seed(seed)
-    if (labels < 0).any(): return torch.randperm(len(labels), generator=g)[:n].sort().values
+    if (labels < 0).any():
+        return torch.randperm(len(labels), generator=g)[:n].sort().values
     perm = torch.randperm(len(labels), generator=g)
     # Rank every item within its class in random order, then take the lowest ranks class by class.
     order = perm[torch.argsort(labels[perm], stable=True)]
@@ -339,11 +554,22 @@ def stratified_subsample(labels: torch.Tensor, n: int, seed: int = 0) -> torch.T
     quota[torch.argsort(counts, descending=True)[:short]] += 1
     chosen, start = [], 0
     for c, q in zip(counts.tolist(), quota.tolist()):
-        chosen.append(order[start:start + q]); start += c
+        chosen.append(order[start : start + q])
+        start += c
     return torch.cat(chosen).sort().values
 
-def load_dataset(name: str, split: str = "train", *, data_dir: str | Path | None = None, download: bool | None = None,
-                 max_items: int | None = None, image_size: int | None = None, seed: int = 0, **kwargs):
+
+def load_dataset(
+    name: str,
+    split: str = "train",
+    *,
+    data_dir: str | Path | None = None,
+    download: bool | None = None,
+    max_items: int | None = None,
+    image_size: int | None = None,
+    seed: int = 0,
+    **kwargs,
+):
     """Load registered dataset `name` (see `list_datasets()`) and its `split`.
 
     `download`: None = when the network allows (unless SSL_COURSE_OFFLINE=1), False = never, True = allowed;
@@ -354,63 +580,94 @@ def load_dataset(name: str, split: str = "train", *, data_dir: str | Path | None
     if split not in info.splits:
         raise DataError(f"dataset {name!r} has splits {', '.join(info.splits)}; got {split!r}")
     ds = info.loader(split, data_dir=data_dir, download=download, **kwargs)
-    if len(ds) == 0: raise DataError(f"dataset {name!r} split {split!r} is empty")
-    if max_items: ds = ds.subset(stratified_subsample(ds.labels, max_items, seed))
-    if image_size and hasattr(ds, "resized"): ds = ds.resized(image_size)
+    if len(ds) == 0:
+        raise DataError(f"dataset {name!r} split {split!r} is empty")
+    if max_items:
+        ds = ds.subset(stratified_subsample(ds.labels, max_items, seed))
+    if image_size and hasattr(ds, "resized"):
+        ds = ds.resized(image_size)
     return ds
 
 # %% ../nbs/03_data.ipynb #2f5a9b51
-def sample_per_class(labels: torch.Tensor, k: int | None = None, fraction: float | None = None,
-                     seed: int = 0) -> torch.Tensor:
+def sample_per_class(
+    labels: torch.Tensor, k: int | None = None, fraction: float | None = None, seed: int = 0
+) -> torch.Tensor:
     "Indices of `k` items per class, or of `fraction` of each class (at least one), drawn with `seed`."
     labels = torch.as_tensor(labels)
-    if (k is None) == (fraction is None): raise DataError("give exactly one of labels_per_class (k) or fraction")
-    if len(labels) == 0: raise DataError("cannot sample labels from an empty dataset")
-    if (labels < 0).any(): raise DataError("this dataset is unlabelled (labels are -1); labelled splits need a labelled dataset")
-    if fraction is not None and not 0 < fraction <= 1: raise DataError(f"fraction must be in (0, 1], got {fraction}")
-    if k is not None and k < 1: raise DataError(f"labels_per_class must be >= 1, got {k}")
+    if (k is None) == (fraction is None):
+        raise DataError("give exactly one of labels_per_class (k) or fraction")
+    if len(labels) == 0:
+        raise DataError("cannot sample labels from an empty dataset")
+    if (labels < 0).any():
+        raise DataError(
+            "this dataset is unlabelled (labels are -1); labelled splits need a labelled dataset"
+        )
+    if fraction is not None and not 0 < fraction <= 1:
+        raise DataError(f"fraction must be in (0, 1], got {fraction}")
+    if k is not None and k < 1:
+        raise DataError(f"labels_per_class must be >= 1, got {k}")
     g = torch.Generator().manual_seed(seed)
     out = []
     for c in torch.unique(labels).tolist():
         idx = torch.nonzero(labels == c).flatten()
         take = k if k is not None else max(1, int(round(fraction * len(idx))))
         if take > len(idx):
-            raise DataError(f"class {c} has only {len(idx)} items; ask for labels_per_class <= {len(idx)}")
+            raise DataError(
+                f"class {c} has only {len(idx)} items; ask for labels_per_class <= {len(idx)}"
+            )
         out.append(idx[torch.randperm(len(idx), generator=g)[:take]])
     return torch.cat(out).sort().values
+
 
 @dataclass
 class SSLSplit:
     "An unlabelled pool and a small labelled subset of one training set (see `ssl_split`)."
+
     unlabeled: ImageDataset
     labeled: ImageDataset
     unlabeled_idx: torch.Tensor
     labeled_idx: torch.Tensor
+
     def __repr__(self):
         per = torch.bincount(self.labeled.labels).tolist()
         return f"SSLSplit(unlabeled={len(self.unlabeled)}, labeled={len(self.labeled)}, labels per class={per})"
 
-def ssl_split(train: ImageDataset, labels_per_class: int | None = None, fraction: float | None = None,
-              seed: int = 0, unlabeled_includes_labeled: bool = False) -> SSLSplit:
+
+def ssl_split(
+    train: ImageDataset,
+    labels_per_class: int | None = None,
+    fraction: float | None = None,
+    seed: int = 0,
+    unlabeled_includes_labeled: bool = False,
+) -> SSLSplit:
     "Split `train` into a stratified labelled subset and an unlabelled pool (labels hidden)."
     lab = sample_per_class(train.labels, labels_per_class, fraction, seed)
-    if unlabeled_includes_labeled: unl = torch.arange(len(train))
+    if unlabeled_includes_labeled:
+        unl = torch.arange(len(train))
     else:
-        keep = torch.ones(len(train), dtype=torch.bool); keep[lab] = False
+        keep = torch.ones(len(train), dtype=torch.bool)
+        keep[lab] = False
         unl = torch.nonzero(keep).flatten()
     return SSLSplit(train.subset(unl).without_labels(), train.subset(lab), unl, lab)
 
 # %% ../nbs/03_data.ipynb #6cdd6978
 class MultiViewDataset(Dataset):
     "Items `([view_1, ..., view_n], label)`: `n_views` draws of `transform`, or one per transform in a list."
+
     def __init__(self, dataset, transform: Callable | Sequence[Callable], n_views: int = 2):
         self.dataset = dataset
-        self.transforms = list(transform) if isinstance(transform, (list, tuple)) else [transform] * n_views
-        if not self.transforms: raise DataError("MultiViewDataset needs at least one transform")
+        self.transforms = (
+            list(transform) if isinstance(transform, (list, tuple)) else [transform] * n_views
+        )
+        if not self.transforms:
+            raise DataError("MultiViewDataset needs at least one transform")
         base = getattr(dataset, "with_transform", None)
         # Read raw uint8 images when the dataset supports it, so each view starts from the original pixels.
         self._raw = base(lambda x: x) if base else dataset
-    def __len__(self): return len(self._raw)
+
+    def __len__(self):
+        return len(self._raw)
+
     def __getitem__(self, i):
         x, y = self._raw[i]
         return [t(x) for t in self.transforms], y

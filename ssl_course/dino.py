@@ -23,8 +23,13 @@ from .train import SSLMethod, get_world_size, register_method
 __all__ = ['dino_loss', 'update_center', 'DINOHead', 'DINO', 'build_dino']
 
 # %% ../nbs/15_dino.ipynb #e0b2ca65
-def dino_loss(student_out: list[torch.Tensor], teacher_out: list[torch.Tensor], center: torch.Tensor,
-              student_temp: float = 0.1, teacher_temp: float = 0.04) -> torch.Tensor:
+def dino_loss(
+    student_out: list[torch.Tensor],
+    teacher_out: list[torch.Tensor],
+    center: torch.Tensor,
+    student_temp: float = 0.1,
+    teacher_temp: float = 0.04,
+) -> torch.Tensor:
     """DINO's self-distillation loss (Caron et al. 2021). `student_out`: per-view logits (N, K) for all V views,
     the first len(teacher_out) being the global views the teacher also saw; `teacher_out`: per-view teacher
     logits (no gradient). Cross-entropy H(softmax((t - center)/teacher_temp), softmax(s/student_temp)),
@@ -32,64 +37,123 @@ def dino_loss(student_out: list[torch.Tensor], teacher_out: list[torch.Tensor], 
     if len(teacher_out) < 1 or len(student_out) < 2:
         raise ValueError("DINO needs >= 1 teacher view and >= 2 student views")
     if len(student_out) < len(teacher_out):
-        raise ValueError("student_out must start with the global views the teacher saw (so it has at least as many views)")
+        raise ValueError(
+            "student_out must start with the global views the teacher saw (so it has at least as many views)"
+        )
     k = teacher_out[0].shape[-1]
-    if center.shape[-1] != k: raise ValueError(f"center has {center.shape[-1]} dimensions, the outputs {k}")
+    if center.shape[-1] != k:
+        raise ValueError(f"center has {center.shape[-1]} dimensions, the outputs {k}")
     log_p = [F.log_softmax(s.float() / student_temp, dim=-1) for s in student_out]
     q = [F.softmax((t.detach().float() - center) / teacher_temp, dim=-1) for t in teacher_out]
     total, pairs = 0.0, 0
     for i, qi in enumerate(q):
         for v, lp in enumerate(log_p):
-            if v == i: continue                                # skip same-view pairs
+            if v == i:
+                continue  # skip same-view pairs
             total = total + (-qi * lp).sum(-1).mean()
             pairs += 1
     return total / pairs
 
+
 @torch.no_grad()
-def update_center(center: torch.Tensor, teacher_out: list[torch.Tensor], momentum: float = 0.9) -> torch.Tensor:
+def update_center(
+    center: torch.Tensor, teacher_out: list[torch.Tensor], momentum: float = 0.9
+) -> torch.Tensor:
     "EMA of the teacher's batch-mean output: m * center + (1 - m) * mean over all views, images and processes."
     t = torch.cat([o.detach().float() for o in teacher_out])
     batch_sum, count = t.sum(0, keepdim=True), torch.tensor([float(len(t))], device=t.device)
     if get_world_size() > 1:
-        dist.all_reduce(batch_sum); dist.all_reduce(count)
+        dist.all_reduce(batch_sum)
+        dist.all_reduce(count)
     return center * momentum + (batch_sum / count) * (1 - momentum)
 
 # %% ../nbs/15_dino.ipynb #8679ebf1
 class DINOHead(nn.Module):
     "DINO projection head: MLP -> L2 normalise -> weight-normalised linear layer (norms fixed to 1) to `out_dim` logits."
-    def __init__(self, in_dim: int, out_dim: int = 65536, hidden_dim: int = 2048, bottleneck_dim: int = 256, layers: int = 3):
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int = 65536,
+        hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+        layers: int = 3,
+    ):
         super().__init__()
         mods, d = [], in_dim
-        for _ in range(layers - 1): mods += [nn.Linear(d, hidden_dim), nn.GELU()]; d = hidden_dim
+        for _ in range(layers - 1):
+            mods += [nn.Linear(d, hidden_dim), nn.GELU()]
+            d = hidden_dim
         mods.append(nn.Linear(d, bottleneck_dim))
         self.mlp = nn.Sequential(*mods)
         for m in self.mlp:
-            if isinstance(m, nn.Linear): nn.init.trunc_normal_(m.weight, std=0.02); nn.init.zeros_(m.bias)
-        self.last_layer = nn.utils.parametrizations.weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        self.last_layer = nn.utils.parametrizations.weight_norm(
+            nn.Linear(bottleneck_dim, out_dim, bias=False)
+        )
         g = self.last_layer.parametrizations.weight.original0
-        g.data.fill_(1.0); g.requires_grad_(False)                 # norm_last_layer=True in the official code
-    def forward(self, x): return self.last_layer(F.normalize(self.mlp(x), dim=-1))
+        g.data.fill_(1.0)
+        g.requires_grad_(False)  # norm_last_layer=True in the official code
+
+    def forward(self, x):
+        return self.last_layer(F.normalize(self.mlp(x), dim=-1))
+
 
 class DINO(SSLMethod):
     "DINO (Caron et al. 2021): student backbone+head matches an EMA teacher's centred, sharpened outputs over multi-crop views."
-    sync_batchnorm = True     # official DINO: SyncBatchNorm in student and teacher when the backbone has BN (ViTs have none)
-    def __init__(self, encoder: nn.Module, image_size: int = 28, channels: int = 1, out_dim: int = 1024,
-                 hidden_dim: int = 256, bottleneck_dim: int = 64, n_local: int = 4, local_size: int | None = None,
-                 student_temp: float = 0.1, teacher_temp: float = 0.04, warmup_teacher_temp: float = 0.04,
-                 teacher_temp_warmup: float = 0.3, base_momentum: float = 0.996, center_momentum: float = 0.9):
+
+    sync_batchnorm = True  # official DINO: SyncBatchNorm in student and teacher when the backbone has BN (ViTs have none)
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        image_size: int = 28,
+        channels: int = 1,
+        out_dim: int = 1024,
+        hidden_dim: int = 256,
+        bottleneck_dim: int = 64,
+        n_local: int = 4,
+        local_size: int | None = None,
+        student_temp: float = 0.1,
+        teacher_temp: float = 0.04,
+        warmup_teacher_temp: float = 0.04,
+        teacher_temp_warmup: float = 0.3,
+        base_momentum: float = 0.996,
+        center_momentum: float = 0.9,
+    ):
         super().__init__()
         d = feature_dim(encoder, torch.zeros(2, channels, image_size, image_size))
         self.encoder, self.head = encoder, DINOHead(d, out_dim, hidden_dim, bottleneck_dim)
         self.teacher_encoder, self.teacher_head = momentum_copy(encoder), momentum_copy(self.head)
         self.register_buffer("center", torch.zeros(1, out_dim))
         patch = getattr(encoder, "patch_size", 1)
-        local = local_size or max(patch, int(round(image_size * 0.43 / patch)) * patch)     # 12 px for 28 px images
-        self.global_aug = nn.ModuleList([BatchAugment(image_size, (0.4, 1.0), gray_p=0.2 * (channels == 3)),
-                                         BatchAugment(image_size, (0.4, 1.0), gray_p=0.2 * (channels == 3), solarize_p=0.2)])
+        local = local_size or max(
+            patch, int(round(image_size * 0.43 / patch)) * patch
+        )  # 12 px for 28 px images
+        self.global_aug = nn.ModuleList(
+            [
+                BatchAugment(image_size, (0.4, 1.0), gray_p=0.2 * (channels == 3)),
+                BatchAugment(image_size, (0.4, 1.0), gray_p=0.2 * (channels == 3), solarize_p=0.2),
+            ]
+        )
         self.local_aug = BatchAugment(local, (0.1, 0.4), gray_p=0.2 * (channels == 3))
-        self.n_local, self.student_temp, self.center_momentum = n_local, student_temp, center_momentum
-        self.teacher_temp_final, self.warmup_teacher_temp, self.teacher_temp_warmup = teacher_temp, warmup_teacher_temp, teacher_temp_warmup
-        self.teacher_temp, self.base_momentum, self.momentum = warmup_teacher_temp, base_momentum, base_momentum
+        self.n_local, self.student_temp, self.center_momentum = (
+            n_local,
+            student_temp,
+            center_momentum,
+        )
+        self.teacher_temp_final, self.warmup_teacher_temp, self.teacher_temp_warmup = (
+            teacher_temp,
+            warmup_teacher_temp,
+            teacher_temp_warmup,
+        )
+        self.teacher_temp, self.base_momentum, self.momentum = (
+            warmup_teacher_temp,
+            base_momentum,
+            base_momentum,
+        )
 
     def crops(self, x):
         return [a(x) for a in self.global_aug], [self.local_aug(x) for _ in range(self.n_local)]
@@ -104,8 +168,10 @@ class DINO(SSLMethod):
 
     def training_step(self, batch):
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        if isinstance(x, (tuple, list)): globals_, locals_ = list(x[:2]), list(x[2:])    # pre-made multi-crop views
-        else: globals_, locals_ = self.crops(x)
+        if isinstance(x, (tuple, list)):
+            globals_, locals_ = list(x[:2]), list(x[2:])  # pre-made multi-crop views
+        else:
+            globals_, locals_ = self.crops(x)
         with torch.no_grad():
             teacher = list(self.teacher_head(self.teacher_encoder(torch.cat(globals_))).chunk(2))
         student = self._student(globals_ + locals_)
@@ -122,9 +188,16 @@ class DINO(SSLMethod):
         ema_update(self.teacher_head, self.head, self.momentum)
         warm = max(1, int(self.teacher_temp_warmup * total_steps))
         frac = min(1.0, (step + 1) / warm)
-        self.teacher_temp = self.warmup_teacher_temp + frac * (self.teacher_temp_final - self.warmup_teacher_temp)
+        self.teacher_temp = self.warmup_teacher_temp + frac * (
+            self.teacher_temp_final - self.warmup_teacher_temp
+        )
 
-@register_method("dino", "DINO: self-distillation with multi-crop, centering and sharpening", "15_dino",
-                 "Caron et al., ICCV 2021, arXiv:2104.14294")
+
+@register_method(
+    "dino",
+    "DINO: self-distillation with multi-crop, centering and sharpening",
+    "15_dino",
+    "Caron et al., ICCV 2021, arXiv:2104.14294",
+)
 def build_dino(encoder, image_size: int = 28, channels: int = 1, **kw) -> DINO:
     return DINO(encoder, image_size=image_size, channels=channels, **kw)

@@ -32,32 +32,50 @@ __all__ = ['embed', 'knn_predict', 'knn_accuracy', 'ProbeResult', 'linear_probe'
 
 # %% ../nbs/05_evaluate.ipynb #1ccc0416
 @torch.no_grad()
-def embed(encoder: nn.Module, data, batch_size: int = 512, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+def embed(
+    encoder: nn.Module, data, batch_size: int = 512, device=None
+) -> tuple[torch.Tensor, torch.Tensor]:
     "Features `(N, D)` (float32, CPU) and labels `(N,)` of `data` under `encoder` in eval mode."
-    device = get_device(device) if device is not None else next(iter(encoder.parameters()), torch.empty(0)).device
+    device = (
+        get_device(device)
+        if device is not None
+        else next(iter(encoder.parameters()), torch.empty(0)).device
+    )
     was_training = encoder.training
     encoder.eval()
     feats, labels = [], []
     try:
         if isinstance(data, ImageDataset) and data.transform is None:
             for xs, ys in zip(data.images.split(batch_size), data.labels.split(batch_size)):
-                feats.append(encoder(xs.to(device).float().div_(255)).float().cpu()); labels.append(ys)
+                feats.append(encoder(xs.to(device).float().div_(255)).float().cpu())
+                labels.append(ys)
         else:
             for xs, ys in DataLoader(data, batch_size=batch_size, shuffle=False):
-                feats.append(encoder(xs.to(device)).float().cpu()); labels.append(torch.as_tensor(ys))
+                feats.append(encoder(xs.to(device)).float().cpu())
+                labels.append(torch.as_tensor(ys))
     finally:
         encoder.train(was_training)
-    if not feats: raise DataError("embed() got an empty dataset")
+    if not feats:
+        raise DataError("embed() got an empty dataset")
     return torch.cat(feats), torch.cat(labels)
 
 # %% ../nbs/05_evaluate.ipynb #59246808
 @torch.no_grad()
-def knn_predict(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor, k: int = 20,
-                temperature: float = 0.07, num_classes: int | None = None, batch_size: int = 1024) -> torch.Tensor:
+def knn_predict(
+    train_feats: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_feats: torch.Tensor,
+    k: int = 20,
+    temperature: float = 0.07,
+    num_classes: int | None = None,
+    batch_size: int = 1024,
+) -> torch.Tensor:
     """Class scores `(N_test, C)` from a cosine-similarity kNN vote weighted by exp(sim / T) (Wu et al. 2018), computed as
     exp((sim - max sim) / T) per test item, which gives the same vote without overflow at small temperatures."""
-    if len(train_feats) == 0: raise DataError("kNN needs at least one labelled training feature")
-    if (train_labels < 0).any(): raise DataError("kNN training labels contain -1 (unlabelled); pass a labelled set")
+    if len(train_feats) == 0:
+        raise DataError("kNN needs at least one labelled training feature")
+    if (train_labels < 0).any():
+        raise DataError("kNN training labels contain -1 (unlabelled); pass a labelled set")
     num_classes = num_classes or int(train_labels.max()) + 1
     k = min(k, len(train_feats))
     tr = F.normalize(train_feats.float(), dim=1)
@@ -65,12 +83,22 @@ def knn_predict(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feat
     for q in F.normalize(test_feats.float(), dim=1).split(batch_size):
         sim, idx = (q @ tr.T).topk(k, dim=1)
         votes = torch.zeros(len(q), num_classes, device=q.device)
-        votes.scatter_add_(1, train_labels.to(q.device)[idx], ((sim - sim[:, :1]) / temperature).exp())
+        votes.scatter_add_(
+            1, train_labels.to(q.device)[idx], ((sim - sim[:, :1]) / temperature).exp()
+        )
         out.append(votes)
     return torch.cat(out)
 
-def knn_accuracy(train_feats, train_labels, test_feats, test_labels, k: int = 20, temperature: float = 0.07,
-                 num_classes: int | None = None) -> float:
+
+def knn_accuracy(
+    train_feats,
+    train_labels,
+    test_feats,
+    test_labels,
+    k: int = 20,
+    temperature: float = 0.07,
+    num_classes: int | None = None,
+) -> float:
     "Top-1 accuracy of the weighted kNN classifier (see `knn_predict`)."
     scores = knn_predict(train_feats, train_labels, test_feats, k, temperature, num_classes)
     return (scores.argmax(1).cpu() == torch.as_tensor(test_labels).cpu()).float().mean().item()
@@ -80,18 +108,28 @@ def knn_accuracy(train_feats, train_labels, test_feats, test_labels, k: int = 20
 class ProbeResult:
     accuracy: float
     model: object
-    def __repr__(self): return f"ProbeResult(accuracy={self.accuracy:.4f})"
 
-def linear_probe(train_feats, train_labels, test_feats, test_labels, C: float = 1.0, max_iter: int = 2000) -> ProbeResult:
+    def __repr__(self):
+        return f"ProbeResult(accuracy={self.accuracy:.4f})"
+
+
+def linear_probe(
+    train_feats, train_labels, test_feats, test_labels, C: float = 1.0, max_iter: int = 2000
+) -> ProbeResult:
     "Accuracy of logistic regression on standardised frozen features (scikit-learn, L-BFGS)."
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
+
     ytr = np.asarray(torch.as_tensor(train_labels).cpu())
-    if len(ytr) == 0: raise DataError("linear_probe needs labelled training features; got none")
-    if (ytr < 0).any(): raise DataError("linear_probe got unlabelled items (label -1); probe on a labelled split")
-    if len(np.unique(ytr)) < 2: raise DataError("linear_probe needs at least two classes among the labels")
-    Xtr = np.asarray(torch.as_tensor(train_feats).float().cpu()); Xte = np.asarray(torch.as_tensor(test_feats).float().cpu())
+    if len(ytr) == 0:
+        raise DataError("linear_probe needs labelled training features; got none")
+    if (ytr < 0).any():
+        raise DataError("linear_probe got unlabelled items (label -1); probe on a labelled split")
+    if len(np.unique(ytr)) < 2:
+        raise DataError("linear_probe needs at least two classes among the labels")
+    Xtr = np.asarray(torch.as_tensor(train_feats).float().cpu())
+    Xte = np.asarray(torch.as_tensor(test_feats).float().cpu())
     clf = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=max_iter))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # convergence chatter on tiny labelled sets
@@ -100,45 +138,82 @@ def linear_probe(train_feats, train_labels, test_feats, test_labels, C: float = 
     return ProbeResult(acc, clf)
 
 # %% ../nbs/05_evaluate.ipynb #88235a36
-from .backbones import feature_dim     # an encoder's output width (defined with the backbones)
+from ssl_course.backbones import (
+    feature_dim,
+)  # an encoder's output width (defined with the backbones)
+
 
 class Classifier(SSLMethod):
     "Encoder + linear head trained with cross-entropy (fine-tuning, or supervised from scratch)."
-    def __init__(self, encoder: nn.Module, num_classes: int, backbone_lr_scale: float = 1.0, freeze_backbone: bool = False,
-                 augment: Callable | None = None, label_smoothing: float = 0.0, dim: int | None = None,
-                 head_norm: bool = False):
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        num_classes: int,
+        backbone_lr_scale: float = 1.0,
+        freeze_backbone: bool = False,
+        augment: Callable | None = None,
+        label_smoothing: float = 0.0,
+        dim: int | None = None,
+        head_norm: bool = False,
+    ):
         super().__init__()
         d = dim or feature_dim(encoder)
         # head_norm: BatchNorm without affine before the linear layer, as in MAE's probing protocol (features whose
         # class information lives in small per-dimension variations need rescaling before a linear head can use it)
         self.encoder = encoder
-        self.head = nn.Sequential(nn.BatchNorm1d(d, affine=False), nn.Linear(d, num_classes)) if head_norm else nn.Linear(d, num_classes)
-        self.backbone_lr_scale, self.freeze, self.augment, self.label_smoothing = backbone_lr_scale, freeze_backbone, augment, label_smoothing
+        self.head = (
+            nn.Sequential(nn.BatchNorm1d(d, affine=False), nn.Linear(d, num_classes))
+            if head_norm
+            else nn.Linear(d, num_classes)
+        )
+        self.backbone_lr_scale, self.freeze, self.augment, self.label_smoothing = (
+            backbone_lr_scale,
+            freeze_backbone,
+            augment,
+            label_smoothing,
+        )
         if freeze_backbone:
-            for p in self.encoder.parameters(): p.requires_grad_(False)
+            for p in self.encoder.parameters():
+                p.requires_grad_(False)
+
     def param_groups(self):
         groups = [{"params": list(self.head.parameters()), "lr_scale": 1.0}]
         if not self.freeze:
-            groups.append({"params": [p for p in self.encoder.parameters() if p.requires_grad], "lr_scale": self.backbone_lr_scale})
+            groups.append(
+                {
+                    "params": [p for p in self.encoder.parameters() if p.requires_grad],
+                    "lr_scale": self.backbone_lr_scale,
+                }
+            )
         return groups
+
     def forward(self, x):
         if self.freeze:
             self.encoder.eval()
-            with torch.no_grad(): f = self.encoder(x)
-        else: f = self.encoder(x)
+            with torch.no_grad():
+                f = self.encoder(x)
+        else:
+            f = self.encoder(x)
         return self.head(f)
+
     def training_step(self, batch):
         x, y = batch
-        if self.augment is not None: x = self.augment(x)
+        if self.augment is not None:
+            x = self.augment(x)
         logits = self(x)
-        return {"loss": F.cross_entropy(logits, y, label_smoothing=self.label_smoothing),
-                "acc": (logits.argmax(1) == y).float().mean()}
+        return {
+            "loss": F.cross_entropy(logits, y, label_smoothing=self.label_smoothing),
+            "acc": (logits.argmax(1) == y).float().mean(),
+        }
+
 
 def random_shift(x: torch.Tensor, pad: int = 2, flip: bool = False) -> torch.Tensor:
     "Batched augmentation on the device: pad by reflection, random crop back (a shift of +-pad px), optional flip."
     n, _, h, w = x.shape
     xp = F.pad(x, (pad, pad, pad, pad), mode="reflect")
-    ix = torch.randint(0, 2 * pad + 1, (n,), device=x.device); iy = torch.randint(0, 2 * pad + 1, (n,), device=x.device)
+    ix = torch.randint(0, 2 * pad + 1, (n,), device=x.device)
+    iy = torch.randint(0, 2 * pad + 1, (n,), device=x.device)
     rows = (iy[:, None] + torch.arange(h, device=x.device))[:, :, None].expand(n, h, w)
     cols = (ix[:, None] + torch.arange(w, device=x.device))[:, None, :].expand(n, h, w)
     out = xp[torch.arange(n, device=x.device)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)
@@ -147,32 +222,69 @@ def random_shift(x: torch.Tensor, pad: int = 2, flip: bool = False) -> torch.Ten
         out = torch.where(m[:, None, None, None], out.flip(3), out)
     return out
 
+
 @torch.no_grad()
 def accuracy(model: nn.Module, data, batch_size: int = 1024, device=None) -> float:
     "Top-1 accuracy of a classifier on a labelled dataset."
     logits, labels = embed(model, data, batch_size, device)
     return (logits.argmax(1) == labels).float().mean().item()
 
+
 @dataclass
 class FineTuneResult:
     accuracy: float
     model: Classifier
     history: object
-    def __repr__(self): return f"FineTuneResult(accuracy={self.accuracy:.4f})"
 
-def fine_tune(encoder: nn.Module, train, test, *, steps: int = 200, batch_size: int = 128, lr: float = 1e-3,
-              backbone_lr_scale: float = 0.1, freeze_backbone: bool = False, weight_decay: float = 1e-4,
-              augment: Callable | None = random_shift, num_classes: int | None = None, copy_encoder: bool = True,
-              head_norm: bool = False, device=None, seed: int = 0, progress: bool = False, **fit_kwargs) -> FineTuneResult:
+    def __repr__(self):
+        return f"FineTuneResult(accuracy={self.accuracy:.4f})"
+
+
+def fine_tune(
+    encoder: nn.Module,
+    train,
+    test,
+    *,
+    steps: int = 200,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    backbone_lr_scale: float = 0.1,
+    freeze_backbone: bool = False,
+    weight_decay: float = 1e-4,
+    augment: Callable | None = random_shift,
+    num_classes: int | None = None,
+    copy_encoder: bool = True,
+    head_norm: bool = False,
+    device=None,
+    seed: int = 0,
+    progress: bool = False,
+    **fit_kwargs,
+) -> FineTuneResult:
     "Train encoder (a copy by default) + linear head on labelled `train`; report accuracy on `test`."
-    if len(train) == 0: raise DataError("fine_tune needs a labelled training set; got an empty one")
-    if (train.labels < 0).any(): raise DataError("fine_tune got unlabelled items (label -1); use a labelled split")
+    if len(train) == 0:
+        raise DataError("fine_tune needs a labelled training set; got an empty one")
+    if (train.labels < 0).any():
+        raise DataError("fine_tune got unlabelled items (label -1); use a labelled split")
     num_classes = num_classes or max(train.num_classes, test.num_classes)
     enc = copy.deepcopy(encoder) if copy_encoder else encoder
-    model = Classifier(enc, num_classes, backbone_lr_scale, freeze_backbone, augment, head_norm=head_norm)
-    hist = fit(model, train, steps=steps, batch_size=min(batch_size, len(train)), lr=lr, weight_decay=weight_decay,
-               device=device, seed=seed, progress=progress, desc="fine-tune", **fit_kwargs)
+    model = Classifier(
+        enc, num_classes, backbone_lr_scale, freeze_backbone, augment, head_norm=head_norm
+    )
+    hist = fit(
+        model,
+        train,
+        steps=steps,
+        batch_size=min(batch_size, len(train)),
+        lr=lr,
+        weight_decay=weight_decay,
+        device=device,
+        seed=seed,
+        progress=progress,
+        desc="fine-tune",
+        **fit_kwargs,
+    )
     return FineTuneResult(accuracy(model, test), model, hist)
+
 
 def train_supervised(encoder: nn.Module, train, test, **kwargs) -> FineTuneResult:
     "The supervised baseline: `fine_tune` of a freshly initialised encoder at one learning rate for all layers."
@@ -180,9 +292,13 @@ def train_supervised(encoder: nn.Module, train, test, **kwargs) -> FineTuneResul
     return fine_tune(encoder, train, test, **kwargs)
 
 # %% ../nbs/05_evaluate.ipynb #fb0c4df3
-def label_efficiency_curve(train_labels: torch.Tensor, evaluators: dict[str, Callable[[torch.Tensor, int], float]],
-                           labels_per_class: Sequence[int] = (1, 5, 10, 50), seeds: Sequence[int] = (0, 1, 2),
-                           verbose: bool = False) -> list[dict]:
+def label_efficiency_curve(
+    train_labels: torch.Tensor,
+    evaluators: dict[str, Callable[[torch.Tensor, int], float]],
+    labels_per_class: Sequence[int] = (1, 5, 10, 50),
+    seeds: Sequence[int] = (0, 1, 2),
+    verbose: bool = False,
+) -> list[dict]:
     "Rows {method, labels_per_class, seed, accuracy} for every evaluator, k and seed (same labelled subset for all)."
     rows = []
     for k in labels_per_class:
@@ -190,35 +306,73 @@ def label_efficiency_curve(train_labels: torch.Tensor, evaluators: dict[str, Cal
             idx = sample_per_class(train_labels, k, seed=seed)
             for name, ev in evaluators.items():
                 acc = float(ev(idx, seed))
-                rows.append({"method": name, "labels_per_class": int(k), "seed": int(seed), "accuracy": acc})
-                if verbose: print(f"{name:>20s}  k={k:<4d} seed={seed}  acc={acc:.4f}")
+                rows.append(
+                    {"method": name, "labels_per_class": int(k), "seed": int(seed), "accuracy": acc}
+                )
+                if verbose:
+                    print(f"{name:>20s}  k={k:<4d} seed={seed}  acc={acc:.4f}")
     return rows
+
 
 def summarize_curve(rows: list[dict]) -> list[dict]:
     "Mean and standard deviation over seeds for each (method, labels_per_class)."
     out = {}
-    for r in rows: out.setdefault((r["method"], r["labels_per_class"]), []).append(r["accuracy"])
-    return [{"method": m, "labels_per_class": k, "mean": float(np.mean(v)), "std": float(np.std(v)), "n": len(v)}
-            for (m, k), v in sorted(out.items(), key=lambda t: (t[0][0], t[0][1]))]
+    for r in rows:
+        out.setdefault((r["method"], r["labels_per_class"]), []).append(r["accuracy"])
+    return [
+        {
+            "method": m,
+            "labels_per_class": k,
+            "mean": float(np.mean(v)),
+            "std": float(np.std(v)),
+            "n": len(v),
+        }
+        for (m, k), v in sorted(out.items(), key=lambda t: (t[0][0], t[0][1]))
+    ]
 
-def probe_evaluator(train_feats, train_labels, test_feats, test_labels, kind: str = "linear", **kw) -> Callable:
+
+def probe_evaluator(
+    train_feats, train_labels, test_feats, test_labels, kind: str = "linear", **kw
+) -> Callable:
     "Evaluator on frozen features: `kind` 'linear' (logistic regression) or 'knn'."
+
     def ev(idx, seed):
-        if kind == "linear": return linear_probe(train_feats[idx], train_labels[idx], test_feats, test_labels, **kw).accuracy
-        if kind == "knn": return knn_accuracy(train_feats[idx], train_labels[idx], test_feats, test_labels, **kw)
+        if kind == "linear":
+            return linear_probe(
+                train_feats[idx], train_labels[idx], test_feats, test_labels, **kw
+            ).accuracy
+        if kind == "knn":
+            return knn_accuracy(train_feats[idx], train_labels[idx], test_feats, test_labels, **kw)
         raise ValueError(f"kind must be 'linear' or 'knn', got {kind!r}")
+
     return ev
 
-def supervised_evaluator(make_encoder: Callable[[], nn.Module], train: ImageDataset, test: ImageDataset, **kw) -> Callable:
+
+def supervised_evaluator(
+    make_encoder: Callable[[], nn.Module], train: ImageDataset, test: ImageDataset, **kw
+) -> Callable:
     "Evaluator training `make_encoder()` from scratch on the labelled subset (`train_supervised`)."
+
     def ev(idx, seed):
         torch.manual_seed(seed)
         return train_supervised(make_encoder(), train.subset(idx), test, seed=seed, **kw).accuracy
+
     return ev
 
-def few_label_table(encoders: dict, train: ImageDataset, test: ImageDataset, labels_per_class: Sequence[int] = (1, 10),
-                    make_supervised: Callable[[], nn.Module] | None = None, steps: int = 150, lr: float = 2e-3,
-                    seed: int = 0, C: float = 0.1, device=None, verbose: bool = True) -> list[dict]:
+
+def few_label_table(
+    encoders: dict,
+    train: ImageDataset,
+    test: ImageDataset,
+    labels_per_class: Sequence[int] = (1, 10),
+    make_supervised: Callable[[], nn.Module] | None = None,
+    steps: int = 150,
+    lr: float = 2e-3,
+    seed: int = 0,
+    C: float = 0.1,
+    device=None,
+    verbose: bool = True,
+) -> list[dict]:
     """One row per label count: a linear probe on each frozen encoder in `encoders` ({name: encoder}) and,
     when `make_supervised` is given, that network trained from scratch -- all on the same labelled images."""
     test_feats = {name: embed(enc, test, device=device) for name, enc in encoders.items()}
@@ -231,44 +385,83 @@ def few_label_table(encoders: dict, train: ImageDataset, test: ImageDataset, lab
             row[name] = linear_probe(ftr, ytr, *test_feats[name], C=C).accuracy
         if make_supervised is not None:
             torch.manual_seed(seed)
-            row["supervised"] = train_supervised(make_supervised(), train.subset(lab), test, steps=steps, lr=lr,
-                                                 device=device, seed=seed).accuracy
+            row["supervised"] = train_supervised(
+                make_supervised(),
+                train.subset(lab),
+                test,
+                steps=steps,
+                lr=lr,
+                device=device,
+                seed=seed,
+            ).accuracy
         rows.append(row)
-        if verbose: print(" | ".join(f"{c} {v:.3f}" if isinstance(v, float) else f"{c} {v:>3}" for c, v in row.items()))
+        if verbose:
+            print(
+                " | ".join(
+                    f"{c} {v:.3f}" if isinstance(v, float) else f"{c} {v:>3}"
+                    for c, v in row.items()
+                )
+            )
     return rows
+
 
 def plot_label_efficiency(rows: list[dict], ax=None, title: str = ""):
     "Accuracy vs labels per class (log x), mean +- std over seeds, one line per method."
     import matplotlib.pyplot as plt
+
     ax = ax or plt.subplots(figsize=(5.5, 3.5))[1]
     summ = summarize_curve(rows)
     for m in dict.fromkeys(r["method"] for r in summ):
         s = [r for r in summ if r["method"] == m]
-        k = np.array([r["labels_per_class"] for r in s]); mu = np.array([r["mean"] for r in s]); sd = np.array([r["std"] for r in s])
-        ax.plot(k, mu, "o-", label=m); ax.fill_between(k, mu - sd, mu + sd, alpha=0.2)
-    ax.set_xscale("log"); ax.set_xlabel("labels per class"); ax.set_ylabel("test accuracy"); ax.legend(fontsize=8)
-    if title: ax.set_title(title, fontsize=10)
+        k = np.array([r["labels_per_class"] for r in s])
+        mu = np.array([r["mean"] for r in s])
+        sd = np.array([r["std"] for r in s])
+        ax.plot(k, mu, "o-", label=m)
+        ax.fill_between(k, mu - sd, mu + sd, alpha=0.2)
+    ax.set_xscale("log")
+    ax.set_xlabel("labels per class")
+    ax.set_ylabel("test accuracy")
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=10)
     return ax
 
 # %% ../nbs/05_evaluate.ipynb #8eaa5cd5
-def plot_embedding(feats: torch.Tensor, labels: torch.Tensor, classes: Sequence[str] = (), method: str = "tsne",
-                   max_points: int = 2000, seed: int = 0, ax=None, title: str = ""):
+def plot_embedding(
+    feats: torch.Tensor,
+    labels: torch.Tensor,
+    classes: Sequence[str] = (),
+    method: str = "tsne",
+    max_points: int = 2000,
+    seed: int = 0,
+    ax=None,
+    title: str = "",
+):
     "2-D t-SNE (or UMAP) scatter of `feats` coloured by `labels`."
     import matplotlib.pyplot as plt
+
     g = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(feats), generator=g)[:max_points]
     X, y = np.asarray(feats[idx].float()), np.asarray(labels[idx])
     if method == "umap":
         import umap  # optional dependency
+
         xy = umap.UMAP(random_state=seed).fit_transform(X)
     elif method == "tsne":
         from sklearn.manifold import TSNE
-        xy = TSNE(2, init="pca", perplexity=min(30, max(5, len(X) // 10)), random_state=seed).fit_transform(X)
-    else: raise ValueError(f"method must be 'tsne' or 'umap', got {method!r}")
+
+        xy = TSNE(
+            2, init="pca", perplexity=min(30, max(5, len(X) // 10)), random_state=seed
+        ).fit_transform(X)
+    else:
+        raise ValueError(f"method must be 'tsne' or 'umap', got {method!r}")
     ax = ax or plt.subplots(figsize=(4.5, 4.5))[1]
     sc = ax.scatter(xy[:, 0], xy[:, 1], c=y, cmap="tab10", s=4)
-    if len(classes): ax.legend(sc.legend_elements()[0], list(classes), fontsize=6, markerscale=0.7, loc="best")
-    ax.set_xticks([]); ax.set_yticks([]); ax.set_title(title or method, fontsize=10)
+    if len(classes):
+        ax.legend(sc.legend_elements()[0], list(classes), fontsize=6, markerscale=0.7, loc="best")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(title or method, fontsize=10)
     return ax
 
 # %% ../nbs/05_evaluate.ipynb #55e8eb07
@@ -276,15 +469,18 @@ def alignment(z1: torch.Tensor, z2: torch.Tensor, alpha: float = 2.0) -> torch.T
     "Mean ||f(x) - f(x+)||^alpha over positive pairs of L2-normalised embeddings."
     return (F.normalize(z1, dim=1) - F.normalize(z2, dim=1)).norm(dim=1).pow(alpha).mean()
 
+
 def uniformity(z: torch.Tensor, t: float = 2.0) -> torch.Tensor:
     "log E exp(-t ||f(x) - f(y)||^2) over distinct pairs of L2-normalised embeddings."
     z = F.normalize(z, dim=1)
     return torch.pdist(z, p=2).pow(2).mul(-t).exp().mean().log()
 
+
 def embedding_std(z: torch.Tensor) -> float:
     "Mean per-dimension std of L2-normalised embeddings, times sqrt(d): ~1 when spread out, 0 when collapsed."
     z = F.normalize(z.float(), dim=1)
     return (z.std(dim=0).mean() * math.sqrt(z.shape[1])).item()
+
 
 def effective_rank(z: torch.Tensor, eps: float = 1e-12) -> float:
     "exp(entropy of normalised singular values) of the embedding matrix (RankMe)."
@@ -296,44 +492,84 @@ def effective_rank(z: torch.Tensor, eps: float = 1e-12) -> float:
 class CollapseWarning(UserWarning):
     "Embeddings are collapsing (every input mapped to nearly the same vector)."
 
+
 def _features(trainer, x, feature_fn):
     enc = trainer.method.encoder
-    was = enc.training; enc.eval()
-    with torch.no_grad(): z = feature_fn(trainer.method, x) if feature_fn else enc(x)
+    was = enc.training
+    enc.eval()
+    with torch.no_grad():
+        z = feature_fn(trainer.method, x) if feature_fn else enc(x)
     enc.train(was)
     return z.float()
 
+
 class KNNMonitor(Callback):
     "Log weighted-kNN accuracy (`knn_acc`) of the encoder every `every` steps."
-    def __init__(self, train: ImageDataset, test: ImageDataset, every: int = 100, k: int = 20, temperature: float = 0.07):
+
+    def __init__(
+        self,
+        train: ImageDataset,
+        test: ImageDataset,
+        every: int = 100,
+        k: int = 20,
+        temperature: float = 0.07,
+    ):
         self.train, self.test, self.every, self.k, self.t = train, test, every, k, temperature
         self.results: list[tuple[int, float]] = []
+
     def _measure(self, trainer):
         enc = trainer.method.encoder
-        a, la = embed(enc, self.train, device=trainer.device); b, lb = embed(enc, self.test, device=trainer.device)
+        a, la = embed(enc, self.train, device=trainer.device)
+        b, lb = embed(enc, self.test, device=trainer.device)
         acc = knn_accuracy(a, la, b, lb, self.k, self.t)
         self.results.append((trainer.step, acc))
-        if trainer.history.rows: trainer.history.rows[-1]["knn_acc"] = acc
+        if trainer.history.rows:
+            trainer.history.rows[-1]["knn_acc"] = acc
         return acc
+
     def on_step_end(self, trainer, logs):
-        if trainer.step % self.every == 0: self._measure(trainer)
+        if trainer.step % self.every == 0:
+            self._measure(trainer)
+
     def on_fit_end(self, trainer):
-        if not self.results or self.results[-1][0] != trainer.step: self._measure(trainer)
+        if not self.results or self.results[-1][0] != trainer.step:
+            self._measure(trainer)
+
 
 class CollapseMonitor(Callback):
     "Log `emb_std` and `eff_rank` on a fixed batch every `every` steps; warn or stop when std < threshold."
-    def __init__(self, batch: torch.Tensor, every: int = 50, threshold: float = 0.1, stop: bool = False,
-                 feature_fn: Callable | None = None):
-        self.x, self.every, self.threshold, self.stop, self.feature_fn = batch, every, threshold, stop, feature_fn
+
+    def __init__(
+        self,
+        batch: torch.Tensor,
+        every: int = 50,
+        threshold: float = 0.1,
+        stop: bool = False,
+        feature_fn: Callable | None = None,
+    ):
+        self.x, self.every, self.threshold, self.stop, self.feature_fn = (
+            batch,
+            every,
+            threshold,
+            stop,
+            feature_fn,
+        )
         self.collapsed, self.results = False, []
+
     def on_step_end(self, trainer, logs):
-        if trainer.step % self.every: return
+        if trainer.step % self.every:
+            return
         z = _features(trainer, self.x.to(trainer.device), self.feature_fn)
         std, rank = embedding_std(z), effective_rank(z)
         self.results.append((trainer.step, std, rank))
-        if trainer.history.rows: trainer.history.rows[-1].update(emb_std=std, eff_rank=rank)
+        if trainer.history.rows:
+            trainer.history.rows[-1].update(emb_std=std, eff_rank=rank)
         if std < self.threshold and not self.collapsed:
             self.collapsed = True
-            warnings.warn(f"embedding collapse at step {trainer.step}: normalised std {std:.3f} < {self.threshold} "
-                          f"(effective rank {rank:.2f}); check the stop-gradient / predictor / temperature", CollapseWarning)
-            if self.stop: trainer.stop = True
+            warnings.warn(
+                f"embedding collapse at step {trainer.step}: normalised std {std:.3f} < {self.threshold} "
+                f"(effective rank {rank:.2f}); check the stop-gradient / predictor / temperature",
+                CollapseWarning,
+            )
+            if self.stop:
+                trainer.stop = True

@@ -24,71 +24,133 @@ __all__ = ['VARIANTS', 'layer_ids', 'FineTuner', 'fine_tune_layers', 'compare_fi
 def layer_ids(encoder: nn.Module) -> tuple[dict[str, int], int]:
     "({parameter name: layer index}, number of layers): 0 nearest the input, L-1 nearest the output."
     names = [n for n, _ in encoder.named_parameters()]
-    if hasattr(encoder, "blocks") and isinstance(encoder.blocks, nn.ModuleList):          # a ViT
+    if hasattr(encoder, "blocks") and isinstance(encoder.blocks, nn.ModuleList):  # a ViT
         depth = len(encoder.blocks)
+
         def lid(n):
-            if n.startswith("blocks."): return int(n.split(".")[1]) + 1
-            if n.startswith(("patch_embed", "cls_token", "pos_embed")): return 0
+            if n.startswith("blocks."):
+                return int(n.split(".")[1]) + 1
+            if n.startswith(("patch_embed", "cls_token", "pos_embed")):
+                return 0
             return depth + 1
+
         return {n: lid(n) for n in names}, depth + 2
     units = []
     for cname, child in encoder.named_children():
         subs = child.named_children() if isinstance(child, nn.Sequential) else [("", child)]
         for sname, sub in subs:
-            if any(True for _ in sub.parameters()): units.append(f"{cname}.{sname}." if sname else f"{cname}.")
+            if any(True for _ in sub.parameters()):
+                units.append(f"{cname}.{sname}." if sname else f"{cname}.")
     ids = {}
     for n in names:
         i = next((j for j, u in enumerate(units) if n.startswith(u)), None)
-        ids[n] = 0 if i is None else i              # a parameter directly on the encoder counts as the input layer
+        ids[n] = (
+            0 if i is None else i
+        )  # a parameter directly on the encoder counts as the input layer
     return ids, max(1, len(units))
 
 # %% ../nbs/21_finetuning.ipynb #7bf98b6e
 class FineTuner(Classifier):
     """Encoder + linear head with per-layer learning-rate scales (`backbone_lr_scale * layer_decay**(L-1-i)`) and
     optional partial fine-tuning (`trainable_layers`: only the top layers train; lower ones and their BN stats are frozen)."""
-    def __init__(self, encoder: nn.Module, num_classes: int, backbone_lr_scale: float = 1.0, layer_decay: float = 1.0,
-                 trainable_layers: int | None = None, augment: Callable | None = random_shift, head_norm: bool = False,
-                 dim: int | None = None):
-        super().__init__(encoder, num_classes, backbone_lr_scale, False, augment, head_norm=head_norm, dim=dim)
-        if not 0 < layer_decay <= 1: raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay}")
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        num_classes: int,
+        backbone_lr_scale: float = 1.0,
+        layer_decay: float = 1.0,
+        trainable_layers: int | None = None,
+        augment: Callable | None = random_shift,
+        head_norm: bool = False,
+        dim: int | None = None,
+    ):
+        super().__init__(
+            encoder, num_classes, backbone_lr_scale, False, augment, head_norm=head_norm, dim=dim
+        )
+        if not 0 < layer_decay <= 1:
+            raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay}")
         self.layer_decay = layer_decay
         self.ids, self.num_layers = layer_ids(encoder)
         t = self.num_layers if trainable_layers is None else int(trainable_layers)
-        if not 0 <= t <= self.num_layers: raise ValueError(f"trainable_layers must be in [0, {self.num_layers}], got {t}")
+        if not 0 <= t <= self.num_layers:
+            raise ValueError(f"trainable_layers must be in [0, {self.num_layers}], got {t}")
         self.first_trainable = self.num_layers - t
         for n, p in encoder.named_parameters():
-            if self.ids[n] < self.first_trainable: p.requires_grad_(False)
-    def layer_scale(self, i: int) -> float: return self.backbone_lr_scale * self.layer_decay ** (self.num_layers - 1 - i)
+            if self.ids[n] < self.first_trainable:
+                p.requires_grad_(False)
+
+    def layer_scale(self, i: int) -> float:
+        return self.backbone_lr_scale * self.layer_decay ** (self.num_layers - 1 - i)
+
     def param_groups(self):
         groups = [{"params": list(self.head.parameters()), "lr_scale": 1.0, "name": "head"}]
         by_layer: dict[int, list] = {}
         for n, p in self.encoder.named_parameters():
-            if p.requires_grad: by_layer.setdefault(self.ids[n], []).append(p)
+            if p.requires_grad:
+                by_layer.setdefault(self.ids[n], []).append(p)
         for i in sorted(by_layer):
-            groups.append({"params": by_layer[i], "lr_scale": self.layer_scale(i), "name": f"layer {i}"})
+            groups.append(
+                {"params": by_layer[i], "lr_scale": self.layer_scale(i), "name": f"layer {i}"}
+            )
         return groups
+
     def train(self, mode: bool = True):
         super().train(mode)
-        if mode:                                 # frozen layers keep their batch-norm statistics
+        if mode:  # frozen layers keep their batch-norm statistics
             for m in self.encoder.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in m.parameters()):
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(
+                    p.requires_grad for p in m.parameters()
+                ):
                     m.eval()
         return self
 
-def fine_tune_layers(encoder: nn.Module, train, test, *, steps: int = 200, batch_size: int = 128, lr: float = 1e-3,
-                     backbone_lr_scale: float = 0.1, layer_decay: float = 1.0, trainable_layers: int | None = None,
-                     weight_decay: float = 1e-4, augment: Callable | None = random_shift, head_norm: bool = False,
-                     num_classes: int | None = None, copy_encoder: bool = True, device=None, seed: int = 0,
-                     progress: bool = False, **fit_kwargs) -> FineTuneResult:
+
+def fine_tune_layers(
+    encoder: nn.Module,
+    train,
+    test,
+    *,
+    steps: int = 200,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    backbone_lr_scale: float = 0.1,
+    layer_decay: float = 1.0,
+    trainable_layers: int | None = None,
+    weight_decay: float = 1e-4,
+    augment: Callable | None = random_shift,
+    head_norm: bool = False,
+    num_classes: int | None = None,
+    copy_encoder: bool = True,
+    device=None,
+    seed: int = 0,
+    progress: bool = False,
+    **fit_kwargs,
+) -> FineTuneResult:
     "Fine-tune (a copy of) `encoder` + a linear head on labelled `train` with `FineTuner`; accuracy on `test`."
-    if len(train) == 0: raise DataError("fine-tuning needs a labelled training set; got an empty one")
-    if (train.labels < 0).any(): raise DataError("fine-tuning got unlabelled items (label -1); use a labelled split")
+    if len(train) == 0:
+        raise DataError("fine-tuning needs a labelled training set; got an empty one")
+    if (train.labels < 0).any():
+        raise DataError("fine-tuning got unlabelled items (label -1); use a labelled split")
     num_classes = num_classes or max(train.num_classes, test.num_classes)
     enc = copy.deepcopy(encoder) if copy_encoder else encoder
     torch.manual_seed(seed)
-    model = FineTuner(enc, num_classes, backbone_lr_scale, layer_decay, trainable_layers, augment, head_norm)
-    hist = fit(model, train, steps=steps, batch_size=min(batch_size, len(train)), lr=lr, weight_decay=weight_decay,
-               device=device, seed=seed, progress=progress, desc="fine-tune", **fit_kwargs)
+    model = FineTuner(
+        enc, num_classes, backbone_lr_scale, layer_decay, trainable_layers, augment, head_norm
+    )
+    hist = fit(
+        model,
+        train,
+        steps=steps,
+        batch_size=min(batch_size, len(train)),
+        lr=lr,
+        weight_decay=weight_decay,
+        device=device,
+        seed=seed,
+        progress=progress,
+        desc="fine-tune",
+        **fit_kwargs,
+    )
     return FineTuneResult(accuracy(model, test), model, hist)
 
 # %% ../nbs/21_finetuning.ipynb #5c40788e
@@ -99,21 +161,58 @@ VARIANTS = {
     "partial (top layer)": dict(backbone_lr_scale=1.0, trainable_layers=1),
 }
 
-def compare_finetuning(encoders: dict, train, test, *, steps: int, batch_size: int, lr: float, variants: dict = VARIANTS,
-                       layer_decay: float | None = None, only: dict | None = None, head_norm: bool = True, seed: int = 0,
-                       verbose: bool = True) -> list[dict]:
+
+def compare_finetuning(
+    encoders: dict,
+    train,
+    test,
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    variants: dict = VARIANTS,
+    layer_decay: float | None = None,
+    only: dict | None = None,
+    head_norm: bool = True,
+    seed: int = 0,
+    verbose: bool = True,
+) -> list[dict]:
     """Rows {encoder, variant, accuracy}: a linear probe and every fine-tuning variant on each encoder, same data and
     steps. `only={encoder name: [variant names]}` restricts the variants for some encoders (to save compute)."""
     rows = []
     for name, enc in encoders.items():
-        ftr, ytr = embed(enc, train); fte, yte = embed(enc, test)
-        rows.append({"encoder": name, "variant": "linear probe", "accuracy": linear_probe(ftr, ytr, fte, yte, C=0.1).accuracy})
+        ftr, ytr = embed(enc, train)
+        fte, yte = embed(enc, test)
+        rows.append(
+            {
+                "encoder": name,
+                "variant": "linear probe",
+                "accuracy": linear_probe(ftr, ytr, fte, yte, C=0.1).accuracy,
+            }
+        )
         for vname, kw in variants.items():
-            if only and name in only and vname not in only[name]: continue
+            if only and name in only and vname not in only[name]:
+                continue
             kw = dict(kw)
-            if layer_decay is not None and "layer_decay" in kw: kw["layer_decay"] = layer_decay
-            acc = fine_tune_layers(enc, train, test, steps=steps, batch_size=batch_size, lr=lr, seed=seed, head_norm=head_norm,
-                                   **kw).accuracy
+            if layer_decay is not None and "layer_decay" in kw:
+                kw["layer_decay"] = layer_decay
+            acc = fine_tune_layers(
+                enc,
+                train,
+                test,
+                steps=steps,
+                batch_size=batch_size,
+                lr=lr,
+                seed=seed,
+                head_norm=head_norm,
+                **kw,
+            ).accuracy
             rows.append({"encoder": name, "variant": vname, "accuracy": acc})
-        if verbose: print(name, " | ".join(f"{r['variant']} {r['accuracy']:.3f}" for r in rows if r["encoder"] == name))
+        if verbose:
+            print(
+                name,
+                " | ".join(
+                    f"{r['variant']} {r['accuracy']:.3f}" for r in rows if r["encoder"] == name
+                ),
+            )
     return rows

@@ -20,51 +20,100 @@ import torch
 from .core import get_settings, hardware_summary, load_settings, seed_everything
 from .data import load_dataset, sample_per_class
 from .backbones import build_backbone
-from .evaluate import (embed, label_efficiency_curve, plot_label_efficiency, probe_evaluator, summarize_curve,
-                                 train_supervised)
+from ssl_course.evaluate import (
+    embed,
+    label_efficiency_curve,
+    plot_label_efficiency,
+    probe_evaluator,
+    summarize_curve,
+    train_supervised,
+)
 from .transfer import _as_list, pretrained_encoder
+from .zoo import RECIPES
 
 # %% auto #0
-__all__ = ['labels_needed', 'label_multiplier', 'format_multiplier', 'supervised_steps', 'run_label_efficiency', 'main']
+__all__ = ['labels_needed', 'label_multiplier', 'format_multiplier', 'supervised_steps', 'run_label_efficiency', 'main',
+           'zoo_supervised_evaluator', 'run_zoo_label_efficiency']
 
 # %% ../nbs/22_label_efficiency.ipynb #a6f3573f
-def labels_needed(labels_per_class: Sequence[float], accuracies: Sequence[float], target: float) -> tuple[float, str]:
+def labels_needed(
+    labels_per_class: Sequence[float], accuracies: Sequence[float], target: float
+) -> tuple[float, str]:
     """Label count at which the curve (made monotone, interpolated linearly in log k) first reaches `target`.
     Returns (count, relation): '=' interpolated, '<=' already reached at the first count, '>=' never reached."""
-    k = np.asarray(labels_per_class, dtype=float); a = np.asarray(accuracies, dtype=float)
-    if len(k) == 0 or len(k) != len(a): raise ValueError("labels_per_class and accuracies must be non-empty and of equal length")
-    if (k <= 0).any(): raise ValueError("label counts must be positive")
-    order = np.argsort(k); k, a = k[order], np.maximum.accumulate(a[order])
-    if a[0] >= target: return float(k[0]), "<="
-    if a[-1] < target: return float(k[-1]), ">="
-    i = int(np.argmax(a >= target))                        # first index at or above the target
+    k = np.asarray(labels_per_class, dtype=float)
+    a = np.asarray(accuracies, dtype=float)
+    if len(k) == 0 or len(k) != len(a):
+        raise ValueError("labels_per_class and accuracies must be non-empty and of equal length")
+    if (k <= 0).any():
+        raise ValueError("label counts must be positive")
+    order = np.argsort(k)
+    k, a = k[order], np.maximum.accumulate(a[order])
+    if a[0] >= target:
+        return float(k[0]), "<="
+    if a[-1] < target:
+        return float(k[-1]), ">="
+    i = int(np.argmax(a >= target))  # first index at or above the target
     frac = (target - a[i - 1]) / (a[i] - a[i - 1])
     return float(math.exp(math.log(k[i - 1]) + frac * (math.log(k[i]) - math.log(k[i - 1])))), "="
+
 
 def label_multiplier(summary: list[dict], method: str, baseline: str, at: int) -> dict:
     """How many times more labels `baseline` needs to match `method` at `at` labels per class, from
     `summarize_curve` rows. Returns {multiplier, relation ('=', '<=', '>='), target, labels_needed, ...}."""
     ref = [r for r in summary if r["method"] == method and r["labels_per_class"] == at]
-    if not ref: raise ValueError(f"no measurement of {method!r} at {at} labels per class")
-    base = sorted((r for r in summary if r["method"] == baseline), key=lambda r: r["labels_per_class"])
-    if not base: raise ValueError(f"no measurement of the baseline {baseline!r}")
+    if not ref:
+        raise ValueError(f"no measurement of {method!r} at {at} labels per class")
+    base = sorted(
+        (r for r in summary if r["method"] == baseline), key=lambda r: r["labels_per_class"]
+    )
+    if not base:
+        raise ValueError(f"no measurement of the baseline {baseline!r}")
     target = ref[0]["mean"]
-    needed, rel = labels_needed([r["labels_per_class"] for r in base], [r["mean"] for r in base], target)
-    return {"method": method, "baseline": baseline, "at_labels_per_class": int(at), "target_accuracy": target,
-            "labels_needed": needed, "multiplier": needed / at, "relation": rel}
+    needed, rel = labels_needed(
+        [r["labels_per_class"] for r in base], [r["mean"] for r in base], target
+    )
+    return {
+        "method": method,
+        "baseline": baseline,
+        "at_labels_per_class": int(at),
+        "target_accuracy": target,
+        "labels_needed": needed,
+        "multiplier": needed / at,
+        "relation": rel,
+    }
+
 
 def format_multiplier(m: dict) -> str:
     "'x 4.2', '>= x 10' or '<= x 0.5' with what it means."
-    what = {"=": "", ">=": " (baseline never got there: lower bound)", "<=": " (baseline already there: SSL did not help)"}
+    what = {
+        "=": "",
+        ">=": " (baseline never got there: lower bound)",
+        "<=": " (baseline already there: SSL did not help)",
+    }
     return f"{'' if m['relation'] == '=' else m['relation'] + ' '}x{m['multiplier']:.3g}{what[m['relation']]}"
 
 # %% ../nbs/22_label_efficiency.ipynb #fcd1f205
-def supervised_steps(n_labelled: int, batch_size: int, epochs: float, min_steps: int, max_steps: int) -> int:
+def supervised_steps(
+    n_labelled: int, batch_size: int, epochs: float, min_steps: int, max_steps: int
+) -> int:
     "Training steps for the from-scratch baseline: `epochs` passes over the labelled set, clipped to [min, max]."
-    return int(min(max_steps, max(min_steps, math.ceil(epochs * n_labelled / max(1, min(batch_size, n_labelled))))))
+    return int(
+        min(
+            max_steps,
+            max(min_steps, math.ceil(epochs * n_labelled / max(1, min(batch_size, n_labelled)))),
+        )
+    )
 
-def run_label_efficiency(profile: str | None = None, methods: Sequence[str] | None = None, labels: Sequence[int] | None = None,
-                         seeds: int | None = None, out_dir: str | Path | None = None, verbose: bool = True) -> dict:
+
+def run_label_efficiency(
+    profile: str | None = None,
+    methods: Sequence[str] | None = None,
+    labels: Sequence[int] | None = None,
+    seeds: int | None = None,
+    out_dir: str | Path | None = None,
+    verbose: bool = True,
+) -> dict:
     """Accuracy vs labels per class for each SSL method (+ linear probe), a random encoder (+ probe) and a supervised
     baseline from scratch; label multipliers at `le_ref_fraction` of the labels. Writes the JSON report and plot."""
     t_start = time.perf_counter()
@@ -72,78 +121,362 @@ def run_label_efficiency(profile: str | None = None, methods: Sequence[str] | No
     b = s.budget
     say = print if verbose else (lambda *a, **k: None)
     seed_everything(s.seed)
-    train = load_dataset(b.le_dataset, "train", max_items=b.le_train_images or None, image_size=b.le_image_size, seed=s.seed)
-    test = load_dataset(b.le_dataset, "test", max_items=b.le_test_images or None, image_size=b.le_image_size, seed=s.seed)
+    train = load_dataset(
+        b.le_dataset,
+        "train",
+        max_items=b.le_train_images or None,
+        image_size=b.le_image_size,
+        seed=s.seed,
+    )
+    test = load_dataset(
+        b.le_dataset,
+        "test",
+        max_items=b.le_test_images or None,
+        image_size=b.le_image_size,
+        seed=s.seed,
+    )
     methods = list(methods or _as_list(b.le_methods))
+    if all(m in RECIPES for m in methods):  # zoo models: trained already, their cards say how
+        return run_zoo_label_efficiency(
+            methods,
+            labels or [int(k) for k in _as_list(b.le_labels)],
+            int(seeds or b.le_seeds),
+            b.le_ref_fraction,
+            s.profile,
+            out_dir or s.reports_dir,
+            verbose,
+        )
+    if any(m in RECIPES for m in methods):
+        raise ValueError(
+            f"mix of zoo models and methods to pretrain in {methods}: give either zoo recipe names "
+            "(ssl-course zoo list) or method names (ssl-course list methods), not both"
+        )
     steps = [int(v) for v in _as_list(b.le_steps)]
     steps = steps * len(methods) if len(steps) == 1 else steps
-    if len(steps) != len(methods): raise ValueError(f"le_steps must give one value or one per method ({methods}); got {b.le_steps!r}")
+    if len(steps) != len(methods):
+        raise ValueError(
+            f"le_steps must give one value or one per method ({methods}); got {b.le_steps!r}"
+        )
     n_classes = int(train.labels.max()) + 1
     ref = max(1, round(b.le_ref_fraction * len(train) / n_classes))
     counts = sorted({int(k) for k in (labels or _as_list(b.le_labels))} | {ref})
     n_seeds = int(seeds or b.le_seeds)
-    say(f"label efficiency | profile {s.profile} | {b.le_dataset}: {len(train)} train, {len(test)} test | "
-        f"methods {methods} | labels/class {counts} (1% = {ref}) | {n_seeds} seeds\nhardware: {hardware_summary()}")
+    say(
+        f"label efficiency | profile {s.profile} | {b.le_dataset}: {len(train)} train, {len(test)} test | "
+        f"methods {methods} | labels/class {counts} (1% = {ref}) | {n_seeds} seeds\nhardware: {hardware_summary()}"
+    )
 
     pre, feats, t0 = {}, {}, time.perf_counter()
     for name, st in zip(methods, steps):
-        enc, rep = pretrained_encoder(name, dataset=b.le_dataset, steps=st, train_images=b.le_train_images,
-                                      batch_size=b.le_batch_size, backbone=b.le_backbone, image_size=b.le_image_size,
-                                      seed=s.seed, verbose=verbose, settings=s)
-        pre[name] = {k: rep.get(k) for k in ("steps", "epochs", "batch_size", "lr", "first_loss", "last_loss", "seconds", "cached")}
+        enc, rep = pretrained_encoder(
+            name,
+            dataset=b.le_dataset,
+            steps=st,
+            train_images=b.le_train_images,
+            batch_size=b.le_batch_size,
+            backbone=b.le_backbone,
+            image_size=b.le_image_size,
+            seed=s.seed,
+            verbose=verbose,
+            settings=s,
+        )
+        pre[name] = {
+            k: rep.get(k)
+            for k in (
+                "steps",
+                "epochs",
+                "batch_size",
+                "lr",
+                "first_loss",
+                "last_loss",
+                "seconds",
+                "cached",
+            )
+        }
         feats[name] = (embed(enc, train), embed(enc, test))
     seed_everything(s.seed + 1)
     rand = build_backbone(b.le_backbone, in_channels=train.channels).eval()
     feats["random init"] = (embed(rand, train), embed(rand, test))
     pretrain_s = time.perf_counter() - t0
 
-    evaluators = {f"{n} + linear probe" if n != "random init" else "random encoder + linear probe":
-                  probe_evaluator(*f[0], *f[1], C=0.1) for n, f in feats.items()}
+    evaluators = {
+        f"{n} + linear probe"
+        if n != "random init"
+        else "random encoder + linear probe": probe_evaluator(*f[0], *f[1], C=0.1)
+        for n, f in feats.items()
+    }
     sup_steps = {}
+
     def supervised(idx, seed):
-        st = supervised_steps(len(idx), b.le_sup_batch_size, b.le_sup_epochs, b.le_sup_min_steps, b.le_sup_max_steps)
+        st = supervised_steps(
+            len(idx), b.le_sup_batch_size, b.le_sup_epochs, b.le_sup_min_steps, b.le_sup_max_steps
+        )
         sup_steps[len(idx) // n_classes] = st
         torch.manual_seed(seed)
-        return train_supervised(build_backbone(b.le_backbone, in_channels=train.channels), train.subset(idx), test,
-                                steps=st, batch_size=b.le_sup_batch_size, lr=b.lr, seed=seed).accuracy
+        return train_supervised(
+            build_backbone(b.le_backbone, in_channels=train.channels),
+            train.subset(idx),
+            test,
+            steps=st,
+            batch_size=b.le_sup_batch_size,
+            lr=b.lr,
+            seed=seed,
+        ).accuracy
+
     evaluators["supervised from scratch"] = supervised
     t0 = time.perf_counter()
-    rows = label_efficiency_curve(train.labels, evaluators, counts, seeds=range(n_seeds), verbose=verbose)
+    rows = label_efficiency_curve(
+        train.labels, evaluators, counts, seeds=range(n_seeds), verbose=verbose
+    )
     eval_s = time.perf_counter() - t0
     summary = summarize_curve(rows)
-    mults = [label_multiplier(summary, f"{n} + linear probe", "supervised from scratch", ref) for n in methods]
-    mults.append(label_multiplier(summary, "random encoder + linear probe", "supervised from scratch", ref))
+    mults = [
+        label_multiplier(summary, f"{n} + linear probe", "supervised from scratch", ref)
+        for n in methods
+    ]
+    mults.append(
+        label_multiplier(summary, "random encoder + linear probe", "supervised from scratch", ref)
+    )
 
     out = Path(out_dir) if out_dir else Path(s.reports_dir)
     out.mkdir(parents=True, exist_ok=True)
-    import matplotlib; import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(6.2, 3.9))
-    plot_label_efficiency(rows, ax=ax, title=f"{b.le_dataset}, {s.profile} profile: test accuracy vs labels ({n_seeds} seeds)")
-    ax.axvline(ref, color="grey", ls=":", lw=1); fig.tight_layout()
+    plot_label_efficiency(
+        rows,
+        ax=ax,
+        title=f"{b.le_dataset}, {s.profile} profile: test accuracy vs labels ({n_seeds} seeds)",
+    )
+    ax.axvline(ref, color="grey", ls=":", lw=1)
+    fig.tight_layout()
     fig.savefig(out / f"label_efficiency_{s.profile}.png", dpi=120)
-    report = {"profile": s.profile, "dataset": b.le_dataset, "hardware": hardware_summary(), "train_images": len(train),
-              "test_images": len(test), "backbone": b.le_backbone, "methods": methods, "pretraining": pre,
-              "labels_per_class": counts, "reference_labels_per_class": ref, "seeds": n_seeds,
-              "supervised_steps": sup_steps, "supervised_batch_size": b.le_sup_batch_size,
-              "summary": summary, "rows": rows, "label_multipliers": mults,
-              "seconds": {"pretraining_and_embedding": round(pretrain_s, 1), "evaluation": round(eval_s, 1),
-                          "total": round(time.perf_counter() - t_start, 1)}}
+    report = {
+        "profile": s.profile,
+        "dataset": b.le_dataset,
+        "hardware": hardware_summary(),
+        "train_images": len(train),
+        "test_images": len(test),
+        "backbone": b.le_backbone,
+        "methods": methods,
+        "pretraining": pre,
+        "labels_per_class": counts,
+        "reference_labels_per_class": ref,
+        "seeds": n_seeds,
+        "supervised_steps": sup_steps,
+        "supervised_batch_size": b.le_sup_batch_size,
+        "summary": summary,
+        "rows": rows,
+        "label_multipliers": mults,
+        "seconds": {
+            "pretraining_and_embedding": round(pretrain_s, 1),
+            "evaluation": round(eval_s, 1),
+            "total": round(time.perf_counter() - t_start, 1),
+        },
+    }
     tmp = out / f"label_efficiency_{s.profile}.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2)); tmp.replace(out / f"label_efficiency_{s.profile}.json")
+    tmp.write_text(json.dumps(report, indent=2))
+    tmp.replace(out / f"label_efficiency_{s.profile}.json")
     report["figure"] = fig
     plt.close(fig)
-    for m in mults: say(f"label multiplier of {m['method']} at {ref} labels/class: {format_multiplier(m)}")
-    say(f"report: {out / f'label_efficiency_{s.profile}.json'} | total {report['seconds']['total']:.0f} s")
+    for m in mults:
+        say(f"label multiplier of {m['method']} at {ref} labels/class: {format_multiplier(m)}")
+    say(
+        f"report: {out / f'label_efficiency_{s.profile}.json'} | total {report['seconds']['total']:.0f} s"
+    )
     return report
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     "Command line, also `ssl-course label-efficiency --profile full`."
-    p = argparse.ArgumentParser(prog="ssl-course label-efficiency", description=run_label_efficiency.__doc__)
+    p = argparse.ArgumentParser(
+        prog="ssl-course label-efficiency", description=run_label_efficiency.__doc__
+    )
     p.add_argument("--profile", help="quick or full (default: settings/env)")
     p.add_argument("--methods", help="e.g. 'simclr byol' (default: le_methods)")
     p.add_argument("--labels", help="labels per class, e.g. '1 10 100' (default: le_labels)")
-    p.add_argument("--seeds", type=int); p.add_argument("--out", help="output folder (default: reports_dir)")
+    p.add_argument("--seeds", type=int)
+    p.add_argument("--out", help="output folder (default: reports_dir)")
     a = p.parse_args(argv)
-    run_label_efficiency(a.profile, a.methods.replace(",", " ").split() if a.methods else None,
-                         [int(v) for v in a.labels.replace(",", " ").split()] if a.labels else None, a.seeds, a.out)
+    run_label_efficiency(
+        a.profile,
+        a.methods.replace(",", " ").split() if a.methods else None,
+        [int(v) for v in a.labels.replace(",", " ").split()] if a.labels else None,
+        a.seeds,
+        a.out,
+    )
     return 0
+
+# %% ../nbs/22_label_efficiency.ipynb #2d16a121
+def zoo_supervised_evaluator(
+    recipe_name: str, pool, test, draws: Sequence[int] = (0, 1, 2), device=None
+):
+    """The zoo protocol's network from scratch (chapter 24) as an evaluator `(idx, seed) -> accuracy`: the recipe's
+    architecture, random shift and flip, batch <= 64, learning rate and minimum length from the zoo's baselines file
+    (chosen there on a validation split), steps = max(min_steps, 30 passes over the labelled images), never capped.
+    Accuracies the baselines file holds for the same labelled draw are read from it instead of retrained; the
+    evaluator's `steps` and `reused` attributes say what each count got."""
+    from ssl_course import zoo
+
+    recipe = zoo.get_recipe(recipe_name)
+    base = zoo.load_baselines(recipe)
+    if base is None:
+        raise FileNotFoundError(
+            f"no zoo baselines for {recipe.backbone} on {recipe.dataset} (zoo/baselines-{recipe.dataset}-"
+            f"{recipe.backbone}.json): run `ssl-course zoo evaluate {recipe_name}` first"
+        )
+    hp, known = base["supervised"]["hparams"], base["supervised"]["accuracy"]
+    n_classes = int(pool.labels.max()) + 1
+    make = lambda: zoo.build_encoder(recipe, pool.channels)
+
+    def ev(idx, seed):
+        k = len(idx) // n_classes
+        ev.steps[k] = zoo.supervised_steps(len(idx), hp["min_steps"])
+        if str(k) in known and seed in draws:
+            ev.reused.add(k)
+            return known[str(k)]["values"][list(draws).index(seed)]
+        return zoo._sup_run(make, pool.subset(idx), test, ev.steps[k], hp["lr"], seed, device)
+
+    ev.steps, ev.reused, ev.hparams = {}, set(), hp
+    return ev
+
+
+def run_zoo_label_efficiency(
+    names: Sequence[str],
+    labels: Sequence[int] = (1, 5, 10, 60, 100),
+    seeds: int = 3,
+    ref_fraction: float = 0.01,
+    profile: str = "full",
+    out_dir: str | Path = "reports",
+    verbose: bool = True,
+    device=None,
+) -> dict:
+    """Label efficiency of trained zoo encoders (`names`, image recipes on one dataset and architecture) with the zoo's
+    protocol: all training images as the pool, all test images, labelled draws 0..seeds-1 given to every contender —
+    each zoo encoder + linear probe, raw pixels + logistic regression, the same architecture randomly initialised +
+    probe, and the same network trained from scratch properly (`zoo_supervised_evaluator`). Label multipliers at
+    `ref_fraction` of the labels (1% = 60 per class on Fashion-MNIST) and at every count below it. Writes
+    `label_efficiency_<profile>.json` and its plot into `out_dir`."""
+    from ssl_course import zoo
+
+    t_start = time.perf_counter()
+    say = print if verbose else (lambda *a, **k: None)
+    recipes = [zoo.get_recipe(n) for n in names]
+    if (
+        any(r.protocol != "image" for r in recipes)
+        or len({(r.dataset, r.backbone) for r in recipes}) != 1
+    ):
+        raise ValueError(
+            f"{list(names)}: label efficiency compares image recipes of one dataset and one architecture "
+            "(they share the baselines); see `ssl-course zoo list`"
+        )
+    r0, draws = recipes[0], list(range(int(seeds)))
+    pool, test = zoo._eval_data(r0.dataset, None, None, get_settings().data_dir)
+    n_classes = int(pool.labels.max()) + 1
+    ref = max(1, round(ref_fraction * len(pool) / n_classes))
+    counts = sorted({int(k) for k in labels} | {ref})
+    say(
+        f"label efficiency with the zoo | {r0.dataset}: {len(pool):,} pool, {len(test):,} test | {list(names)} | "
+        f"labels/class {counts} (1% = {ref}) | draws {draws}\nhardware: {hardware_summary(device)}"
+    )
+    t0 = time.perf_counter()
+    cards, evaluators = {}, {}
+    for n in names:
+        card = zoo.load_card(n)
+        cards[n] = {
+            "steps": card["steps"],
+            "batch_size": card["recipe"]["batch_size"],
+            "wall_time_s": card["training"]["wall_time_s"],
+            "hardware": card["hardware"],
+            "sha256": card["weights"]["sha256"],
+        }
+        enc = zoo.load_pretrained(n, device=device or "cpu")
+        evaluators[f"{n} + linear probe"] = probe_evaluator(
+            *embed(enc, pool), *embed(enc, test), C=zoo.PROBE_C
+        )
+    torch.manual_seed(r0.seed + 1)  # the random-init encoder of the zoo's baselines file
+    rand = zoo.build_encoder(r0, pool.channels).eval()
+    evaluators["random encoder + linear probe"] = probe_evaluator(
+        *embed(rand, pool), *embed(rand, test), C=zoo.PROBE_C
+    )
+    evaluators["raw pixels + linear probe"] = probe_evaluator(
+        zoo._pixels(pool), pool.labels, zoo._pixels(test), test.labels, C=zoo.PROBE_C
+    )
+    sup = zoo_supervised_evaluator(names[0], pool, test, zoo.PROTOCOL["draws"], device)
+    evaluators["supervised from scratch"] = sup
+    embed_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    rows = label_efficiency_curve(pool.labels, evaluators, counts, seeds=draws, verbose=verbose)
+    eval_s = time.perf_counter() - t0
+    summary = summarize_curve(rows)
+    # the same images as the zoo's baselines: the pixel probe must reproduce the file's numbers exactly
+    base = zoo.load_baselines(r0)
+    for k in set(counts) & {int(k) for k in base["pixels"]["probe"]}:
+        ours = [
+            r["accuracy"]
+            for r in rows
+            if r["method"] == "raw pixels + linear probe" and r["labels_per_class"] == k
+        ]
+        if not np.allclose(ours, base["pixels"]["probe"][str(k)]["values"][: len(ours)], atol=1e-4):
+            raise RuntimeError(
+                f"the labelled draws at {k}/class differ from the zoo's baselines file; not comparable"
+            )
+    contenders = [f"{n} + linear probe" for n in names] + [
+        "random encoder + linear probe",
+        "raw pixels + linear probe",
+    ]
+    mults = [
+        label_multiplier(summary, c, "supervised from scratch", k)
+        for c in contenders
+        for k in counts
+        if k <= ref
+    ]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.2, 3.9))
+    plot_label_efficiency(
+        rows, ax=ax, title=f"{r0.dataset}, zoo encoders vs baselines ({len(draws)} labelled draws)"
+    )
+    ax.axvline(ref, color="grey", ls=":", lw=1)
+    fig.tight_layout()
+    fig.savefig(out / f"label_efficiency_{profile}.png", dpi=120)
+    plt.close(fig)
+    report = {
+        "profile": profile,
+        "protocol": "zoo",
+        "dataset": r0.dataset,
+        "hardware": hardware_summary(device),
+        "train_images": len(pool),
+        "test_images": len(test),
+        "backbone": r0.backbone,
+        "methods": list(names),
+        "zoo_cards": cards,
+        "labels_per_class": counts,
+        "reference_labels_per_class": ref,
+        "seeds": len(draws),
+        "supervised_protocol": zoo.PROTOCOL["supervised"],
+        "supervised_hparams": {k: sup.hparams[k] for k in ("lr", "min_steps")},
+        "supervised_steps": {str(k): v for k, v in sorted(sup.steps.items())},
+        "supervised_from_baselines_file": sorted(sup.reused),
+        "supervised_batch_size": 64,
+        "summary": summary,
+        "rows": rows,
+        "label_multipliers": mults,
+        "seconds": {
+            "embedding": round(embed_s, 1),
+            "evaluation": round(eval_s, 1),
+            "total": round(time.perf_counter() - t_start, 1),
+        },
+    }
+    tmp = out / f"label_efficiency_{profile}.json.tmp"
+    tmp.write_text(json.dumps(report, indent=2))
+    tmp.replace(out / f"label_efficiency_{profile}.json")
+    for m in mults:
+        if m["at_labels_per_class"] == ref:
+            say(f"label multiplier of {m['method']} at {ref} labels/class: {format_multiplier(m)}")
+    say(
+        f"report: {out / f'label_efficiency_{profile}.json'} | total {report['seconds']['total']:.0f} s"
+    )
+    return report

@@ -16,8 +16,29 @@ from .byol import byol_loss
 from .dino import dino_loss, update_center
 from .mae import mae_loss, random_masking
 from .mlm import mlm_loss, mask_tokens_for_mlm
-from .wav2vec2 import wav2vec2_contrastive_loss, codebook_diversity_loss, compute_span_mask
+from ssl_course.wav2vec2 import (
+    wav2vec2_contrastive_loss,
+    codebook_diversity_loss,
+    compute_span_mask,
+)
 from .clip import clip_loss
 
-__all__ = ["reconstruction_loss", "gaussian_kl", "inpainting_loss", "colorization_loss", "nt_xent_loss", "moco_loss", "byol_loss", "dino_loss", "update_center", "mae_loss", "random_masking",
-           "mlm_loss", "mask_tokens_for_mlm", "wav2vec2_contrastive_loss", "codebook_diversity_loss", "compute_span_mask", "clip_loss"]
+__all__ = [
+    "reconstruction_loss",
+    "gaussian_kl",
+    "inpainting_loss",
+    "colorization_loss",
+    "nt_xent_loss",
+    "moco_loss",
+    "byol_loss",
+    "dino_loss",
+    "update_center",
+    "mae_loss",
+    "random_masking",
+    "mlm_loss",
+    "mask_tokens_for_mlm",
+    "wav2vec2_contrastive_loss",
+    "codebook_diversity_loss",
+    "compute_span_mask",
+    "clip_loss",
+]

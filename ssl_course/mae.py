@@ -23,13 +23,18 @@ def random_masking(x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | Non
     """MAE's per-sample random masking (He et al. 2022). `x`: (N, L, D) tokens. Keeps exactly int(L * (1 - mask_ratio))
     tokens, those with the smallest `noise` (uniform random when None). Returns (x_kept (N, keep, D),
     mask (N, L) with 1 = removed, ids_restore (N, L) that undoes the shuffle)."""
-    if not 0 <= mask_ratio < 1: raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
-    if x.ndim != 3: raise ValueError(f"random_masking expects tokens (N, L, D); got shape {tuple(x.shape)}")
+    if not 0 <= mask_ratio < 1:
+        raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+    if x.ndim != 3:
+        raise ValueError(f"random_masking expects tokens (N, L, D); got shape {tuple(x.shape)}")
     n, length, d = x.shape
     keep = int(length * (1 - mask_ratio))
-    if keep < 1: raise ValueError(f"mask_ratio {mask_ratio} keeps no token out of {length}; lower it")
-    if noise is None: noise = torch.rand(n, length, device=x.device)
-    if noise.shape != (n, length): raise ValueError(f"noise must have shape {(n, length)}, got {tuple(noise.shape)}")
+    if keep < 1:
+        raise ValueError(f"mask_ratio {mask_ratio} keeps no token out of {length}; lower it")
+    if noise is None:
+        noise = torch.rand(n, length, device=x.device)
+    if noise.shape != (n, length):
+        raise ValueError(f"noise must have shape {(n, length)}, got {tuple(noise.shape)}")
     ids_shuffle = torch.argsort(noise, dim=1)
     ids_restore = torch.argsort(ids_shuffle, dim=1)
     x_kept = torch.gather(x, 1, ids_shuffle[:, :keep, None].expand(-1, -1, d))
@@ -38,7 +43,9 @@ def random_masking(x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | Non
     return x_kept, torch.gather(mask, 1, ids_restore), ids_restore
 
 # %% ../nbs/16_mae.ipynb #a4ee6d67
-def mae_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, norm_pix_loss: bool = True) -> torch.Tensor:
+def mae_loss(
+    pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, norm_pix_loss: bool = True
+) -> torch.Tensor:
     "MSE per patch averaged over the *masked* patches only (mask 1 = removed); targets optionally normalised per patch."
     if norm_pix_loss:
         mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
@@ -46,24 +53,50 @@ def mae_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, norm_
     per_patch = ((pred - target) ** 2).mean(-1)
     return (per_patch * mask).sum() / mask.sum().clamp_min(1)
 
+
 class MAE(SSLMethod):
     "Masked autoencoder (He et al. 2022): ViT encoder on visible patches, light decoder with mask tokens, MSE on masked patches."
-    def __init__(self, encoder: ViT | None = None, image_size: int = 28, channels: int = 1, mask_ratio: float = 0.75,
-                 decoder_dim: int = 64, decoder_depth: int = 2, decoder_heads: int = 4, norm_pix_loss: bool = True,
-                 crop_scale=(0.2, 1.0)):
+
+    def __init__(
+        self,
+        encoder: ViT | None = None,
+        image_size: int = 28,
+        channels: int = 1,
+        mask_ratio: float = 0.75,
+        decoder_dim: int = 64,
+        decoder_depth: int = 2,
+        decoder_heads: int = 4,
+        norm_pix_loss: bool = True,
+        crop_scale=(0.2, 1.0),
+    ):
         super().__init__()
-        if not 0 <= mask_ratio < 1: raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
-        encoder = encoder if encoder is not None else vit_tiny(channels, image_size, pos_embed="sincos")
+        if not 0 <= mask_ratio < 1:
+            raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+        encoder = (
+            encoder if encoder is not None else vit_tiny(channels, image_size, pos_embed="sincos")
+        )
         if not isinstance(encoder, ViT):
-            raise ValueError(f"MAE needs a ViT encoder (patch tokens), got {type(encoder).__name__}; "
-                             "use ssl_course.backbones.vit_tiny(channels, image_size, pos_embed='sincos')")
-        self.encoder, self.mask_ratio, self.norm_pix_loss, self.crop_scale = encoder, mask_ratio, norm_pix_loss, crop_scale
+            raise ValueError(
+                f"MAE needs a ViT encoder (patch tokens), got {type(encoder).__name__}; "
+                "use ssl_course.backbones.vit_tiny(channels, image_size, pos_embed='sincos')"
+            )
+        self.encoder, self.mask_ratio, self.norm_pix_loss, self.crop_scale = (
+            encoder,
+            mask_ratio,
+            norm_pix_loss,
+            crop_scale,
+        )
         p, c = encoder.patch_size, encoder.in_channels
         self.decoder_embed = nn.Linear(encoder.out_dim, decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
         self.register_buffer("decoder_pos", sincos_pos_embed(decoder_dim, encoder.grid))
-        self.decoder_blocks = nn.ModuleList(Block(decoder_dim, decoder_heads) for _ in range(decoder_depth))
-        self.decoder_norm, self.decoder_pred = nn.LayerNorm(decoder_dim), nn.Linear(decoder_dim, p * p * c)
+        self.decoder_blocks = nn.ModuleList(
+            Block(decoder_dim, decoder_heads) for _ in range(decoder_depth)
+        )
+        self.decoder_norm, self.decoder_pred = (
+            nn.LayerNorm(decoder_dim),
+            nn.Linear(decoder_dim, p * p * c),
+        )
         nn.init.normal_(self.mask_token, std=0.02)
 
     def encode(self, imgs, mask_ratio: float, noise=None):
@@ -71,7 +104,8 @@ class MAE(SSLMethod):
         tokens = self.encoder.patchify_embed(imgs)
         kept, mask, ids_restore = random_masking(tokens, mask_ratio, noise)
         x = self.encoder.with_cls(kept)
-        for blk in self.encoder.blocks: x = blk(x)
+        for blk in self.encoder.blocks:
+            x = blk(x)
         return self.encoder.norm(x), mask, ids_restore
 
     def decode(self, latent, ids_restore):
@@ -81,18 +115,27 @@ class MAE(SSLMethod):
         seq = torch.cat([x[:, 1:], self.mask_token.expand(n, length - (x.shape[1] - 1), -1)], 1)
         seq = torch.gather(seq, 1, ids_restore[..., None].expand(-1, -1, x.shape[2]))
         x = torch.cat([x[:, :1], seq], 1) + self.decoder_pos
-        for blk in self.decoder_blocks: x = blk(x)
+        for blk in self.decoder_blocks:
+            x = blk(x)
         return self.decoder_pred(self.decoder_norm(x))[:, 1:]
 
     def forward(self, imgs, mask_ratio: float | None = None, noise=None):
         "Returns (loss, prediction (N, L, p*p*C), mask)."
-        latent, mask, ids_restore = self.encode(imgs, self.mask_ratio if mask_ratio is None else mask_ratio, noise)
+        latent, mask, ids_restore = self.encode(
+            imgs, self.mask_ratio if mask_ratio is None else mask_ratio, noise
+        )
         pred = self.decode(latent, ids_restore)
-        return mae_loss(pred, patchify(imgs, self.encoder.patch_size), mask, self.norm_pix_loss), pred, mask
+        return (
+            mae_loss(pred, patchify(imgs, self.encoder.patch_size), mask, self.norm_pix_loss),
+            pred,
+            mask,
+        )
 
     def training_step(self, batch):
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        x = batch_random_resized_crop(x, x.shape[-1], self.crop_scale)   # MAE uses crops and flips only
+        x = batch_random_resized_crop(
+            x, x.shape[-1], self.crop_scale
+        )  # MAE uses crops and flips only
         return self(x)[0]
 
     @torch.no_grad()
@@ -102,14 +145,23 @@ class MAE(SSLMethod):
         p, c = self.encoder.patch_size, self.encoder.in_channels
         target = patchify(imgs, p)
         if self.norm_pix_loss:
-            pred = pred * (target.var(-1, keepdim=True) + 1e-6) ** 0.5 + target.mean(-1, keepdim=True)
+            pred = pred * (target.var(-1, keepdim=True) + 1e-6) ** 0.5 + target.mean(
+                -1, keepdim=True
+            )
         m = mask[..., None]
         masked = unpatchify(target * (1 - m), p, c)
         recon = unpatchify(target * (1 - m) + pred * m, p, c).clamp(0, 1)
         return masked, recon
 
-@register_method("mae", "MAE: masked autoencoder with a small ViT", "16_mae", "He et al., CVPR 2022, arXiv:2111.06377")
+
+@register_method(
+    "mae",
+    "MAE: masked autoencoder with a small ViT",
+    "16_mae",
+    "He et al., CVPR 2022, arXiv:2111.06377",
+)
 def build_mae(encoder=None, image_size: int = 28, channels: int = 1, **kw) -> MAE:
     "A CNN encoder from the CLI is replaced by the course's ViT (MAE needs patch tokens)."
-    if not isinstance(encoder, ViT): encoder = vit_tiny(channels, image_size, pos_embed="sincos")
+    if not isinstance(encoder, ViT):
+        encoder = vit_tiny(channels, image_size, pos_embed="sincos")
     return MAE(encoder, image_size=image_size, channels=channels, **kw)

@@ -22,10 +22,16 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import Dataset
 
 from .core import get_settings
-from .data import LabelledDataset, DataError, DatasetUnavailableError, UNLABELED, dataset_dir, register_dataset
+from ssl_course.data import (
+    LabelledDataset,
+    DataError,
+    DatasetUnavailableError,
+    UNLABELED,
+    dataset_dir,
+    register_dataset,
+)
 from .train import SSLMethod, register_method
 from .vit import Block
 
@@ -39,40 +45,106 @@ __all__ = ['LEXNAMES', 'CATEGORY_TASK', 'WORDNET_FILES', 'WORDNET_SYSTEM_DIRS', 
 
 # %% ../nbs/17_bert_mlm.ipynb #07584ab4
 LEXNAMES = [
-    "adj.all", "adj.pert", "adv.all", "noun.Tops", "noun.act", "noun.animal", "noun.artifact", "noun.attribute",
-    "noun.body", "noun.cognition", "noun.communication", "noun.event", "noun.feeling", "noun.food", "noun.group",
-    "noun.location", "noun.motive", "noun.object", "noun.person", "noun.phenomenon", "noun.plant", "noun.possession",
-    "noun.process", "noun.quantity", "noun.relation", "noun.shape", "noun.state", "noun.substance", "noun.time",
-    "verb.body", "verb.change", "verb.cognition", "verb.communication", "verb.competition", "verb.consumption",
-    "verb.contact", "verb.creation", "verb.emotion", "verb.motion", "verb.perception", "verb.possession",
-    "verb.social", "verb.stative", "verb.weather", "adj.ppl"]        # WordNet's lexnames order: index = field 2
-CATEGORY_TASK = ["noun.act", "noun.animal", "noun.artifact", "noun.body", "noun.communication", "noun.food",
-                 "noun.location", "noun.person", "noun.plant", "noun.substance"]   # the 10-way downstream task
+    "adj.all",
+    "adj.pert",
+    "adv.all",
+    "noun.Tops",
+    "noun.act",
+    "noun.animal",
+    "noun.artifact",
+    "noun.attribute",
+    "noun.body",
+    "noun.cognition",
+    "noun.communication",
+    "noun.event",
+    "noun.feeling",
+    "noun.food",
+    "noun.group",
+    "noun.location",
+    "noun.motive",
+    "noun.object",
+    "noun.person",
+    "noun.phenomenon",
+    "noun.plant",
+    "noun.possession",
+    "noun.process",
+    "noun.quantity",
+    "noun.relation",
+    "noun.shape",
+    "noun.state",
+    "noun.substance",
+    "noun.time",
+    "verb.body",
+    "verb.change",
+    "verb.cognition",
+    "verb.communication",
+    "verb.competition",
+    "verb.consumption",
+    "verb.contact",
+    "verb.creation",
+    "verb.emotion",
+    "verb.motion",
+    "verb.perception",
+    "verb.possession",
+    "verb.social",
+    "verb.stative",
+    "verb.weather",
+    "adj.ppl",
+]  # WordNet's lexnames order: index = field 2
+CATEGORY_TASK = [
+    "noun.act",
+    "noun.animal",
+    "noun.artifact",
+    "noun.body",
+    "noun.communication",
+    "noun.food",
+    "noun.location",
+    "noun.person",
+    "noun.plant",
+    "noun.substance",
+]  # the 10-way downstream task
 WORDNET_FILES = ("data.noun", "data.verb", "data.adj", "data.adv")
 WORDNET_SYSTEM_DIRS = [Path("/usr/share/wordnet")]
 WORDNET_TEST_FRACTION = 0.1
 
-def find_wordnet(data_dir: str | Path | None = None, search_dirs: Sequence[Path] | None = None) -> Path:
+
+def find_wordnet(
+    data_dir: str | Path | None = None, search_dirs: Sequence[Path] | None = None
+) -> Path:
     "The folder holding WordNet's data.* files: the course data dir (`<data_dir>/wordnet`), then the Debian copy."
     looked = []
-    for folder in [dataset_dir("wordnet", data_dir), *(WORDNET_SYSTEM_DIRS if search_dirs is None else search_dirs)]:
-        if all((Path(folder) / f).is_file() for f in WORDNET_FILES): return Path(folder)
+    for folder in [
+        dataset_dir("wordnet", data_dir),
+        *(WORDNET_SYSTEM_DIRS if search_dirs is None else search_dirs),
+    ]:
+        if all((Path(folder) / f).is_file() for f in WORDNET_FILES):
+            return Path(folder)
         looked.append(str(folder))
     raise DatasetUnavailableError(
         f"the WordNet corpus is not available: looked for {', '.join(WORDNET_FILES)} in {'; '.join(looked)}.\n"
         f"Fix: install the Debian package wordnet-base (sudo apt-get install wordnet-base), or copy the WordNet 3.0 "
-        f"dict files {', '.join(WORDNET_FILES)} into {dataset_dir('wordnet', data_dir)}")
+        f"dict files {', '.join(WORDNET_FILES)} into {dataset_dir('wordnet', data_dir)}"
+    )
+
 
 def parse_synset_line(line: str) -> dict | None:
     "One line of a WordNet data file -> {offset, category, pos, lemma, definition, examples}; None for the licence header."
-    if line.startswith(" ") or " | " not in line: return None
+    if line.startswith(" ") or " | " not in line:
+        return None
     head, gloss = line.split(" | ", 1)
     f = head.split()
     n_words = int(f[3], 16)
     examples = [e.strip() for e in re.findall(r'"([^"]*)"', gloss) if e.strip()]
     definition = gloss.split('"', 1)[0].strip().rstrip(";").strip()
-    return {"offset": f[0], "category": int(f[1]), "pos": f[2], "lemma": f[4].replace("_", " ") if n_words else "",
-            "definition": definition, "examples": examples}
+    return {
+        "offset": f[0],
+        "category": int(f[1]),
+        "pos": f[2],
+        "lemma": f[4].replace("_", " ") if n_words else "",
+        "definition": definition,
+        "examples": examples,
+    }
+
 
 @lru_cache(maxsize=4)
 def _read_wordnet(folder: str) -> tuple:
@@ -80,91 +152,157 @@ def _read_wordnet(folder: str) -> tuple:
     for name in WORDNET_FILES:
         with open(Path(folder) / name, encoding="utf-8", errors="replace") as fh:
             rows.extend(r for r in map(parse_synset_line, fh) if r is not None)
-    if not rows: raise DataError(f"no synsets found in {folder}; are these WordNet data files?")
-    test = np.random.default_rng(20190).random(len(rows)) < WORDNET_TEST_FRACTION    # fixed, course-seed independent
+    if not rows:
+        raise DataError(f"no synsets found in {folder}; are these WordNet data files?")
+    test = (
+        np.random.default_rng(20190).random(len(rows)) < WORDNET_TEST_FRACTION
+    )  # fixed, course-seed independent
     return tuple(rows), test
 
-def read_wordnet(data_dir: str | Path | None = None, search_dirs: Sequence[Path] | None = None) -> tuple[list[dict], np.ndarray]:
+
+def read_wordnet(
+    data_dir: str | Path | None = None, search_dirs: Sequence[Path] | None = None
+) -> tuple[list[dict], np.ndarray]:
     "All synsets (dicts, file order) and a boolean array marking the fixed 10% test split."
     rows, test = _read_wordnet(str(find_wordnet(data_dir, search_dirs)))
     return list(rows), test.copy()
 
+
 def gloss_text(row: dict) -> str:
     "A synset's pretraining text: the definition followed by its example sentences."
-    return "; ".join([row["definition"], *row["examples"]]) if row["definition"] else "; ".join(row["examples"])
+    return (
+        "; ".join([row["definition"], *row["examples"]])
+        if row["definition"]
+        else "; ".join(row["examples"])
+    )
 
 # %% ../nbs/17_bert_mlm.ipynb #92f13f82
-SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]     # ids 0..4, in this order
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # ids 0..4, in this order
+
 
 def _add_bert_template(tok):
     from tokenizers import processors
+
     tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))])
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))],
+    )
     return tok
 
-def train_wordpiece(texts: Sequence[str], vocab_size: int = 8000, min_frequency: int = 2, lowercase: bool = True,
-                    cache: bool = True, data_dir: str | Path | None = None):
+
+def train_wordpiece(
+    texts: Sequence[str],
+    vocab_size: int = 8000,
+    min_frequency: int = 2,
+    lowercase: bool = True,
+    cache: bool = True,
+    data_dir: str | Path | None = None,
+):
     """Train a BERT-style WordPiece tokenizer (HF `tokenizers`) on `texts`; special tokens `SPECIAL_TOKENS` get ids 0-4.
     With `cache`, the JSON is stored in `<data_dir>/tokenizers/` under a hash of the parameters and the texts."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
     texts = [str(t) for t in texts]
-    if not texts: raise DataError("train_wordpiece needs at least one text")
-    if vocab_size <= len(SPECIAL_TOKENS): raise ValueError(f"vocab_size must exceed {len(SPECIAL_TOKENS)}, got {vocab_size}")
-    params = {"model": "wordpiece", "vocab_size": int(vocab_size), "min_frequency": int(min_frequency),
-              "lowercase": bool(lowercase), "special_tokens": SPECIAL_TOKENS, "format": 1}
+    if not texts:
+        raise DataError("train_wordpiece needs at least one text")
+    if vocab_size <= len(SPECIAL_TOKENS):
+        raise ValueError(f"vocab_size must exceed {len(SPECIAL_TOKENS)}, got {vocab_size}")
+    params = {
+        "model": "wordpiece",
+        "vocab_size": int(vocab_size),
+        "min_frequency": int(min_frequency),
+        "lowercase": bool(lowercase),
+        "special_tokens": SPECIAL_TOKENS,
+        "format": 1,
+    }
     h = hashlib.sha256(json.dumps(params, sort_keys=True).encode())
-    for t in texts: h.update(t.encode("utf-8", "replace") + b"\0")
-    path = Path(data_dir or get_settings().data_dir).expanduser() / "tokenizers" / f"wordpiece-{vocab_size}-{h.hexdigest()[:16]}.json"
+    for t in texts:
+        h.update(t.encode("utf-8", "replace") + b"\0")
+    path = (
+        Path(data_dir or get_settings().data_dir).expanduser()
+        / "tokenizers"
+        / f"wordpiece-{vocab_size}-{h.hexdigest()[:16]}.json"
+    )
     if cache and path.is_file():
-        try: return Tokenizer.from_file(str(path))
-        except Exception: pass                                   # unreadable cache: train again and overwrite it
+        try:
+            return Tokenizer.from_file(str(path))
+        except Exception:
+            pass  # unreadable cache: train again and overwrite it
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase, strip_accents=lowercase)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece(prefix="##")
-    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
-                                                             special_tokens=SPECIAL_TOKENS, show_progress=False))
+    tok.train_from_iterator(
+        texts,
+        trainers.WordPieceTrainer(
+            vocab_size=vocab_size,
+            min_frequency=min_frequency,
+            special_tokens=SPECIAL_TOKENS,
+            show_progress=False,
+        ),
+    )
     _add_bert_template(tok)
     if cache:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".tmp-", dir=path.parent); os.close(fd)
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".tmp-", dir=path.parent)
+        os.close(fd)
         try:
-            tok.save(tmp); os.chmod(tmp, 0o644); os.replace(tmp, path)   # mkstemp files are private
+            tok.save(tmp)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)  # mkstemp files are private
         finally:
-            if os.path.exists(tmp): os.unlink(tmp)
+            if os.path.exists(tmp):
+                os.unlink(tmp)
     return tok
+
 
 def special_token_ids(tokenizer) -> dict[str, int]:
     "{'[PAD]': 0, ...} for the tokenizer; refuses one that lacks a special token."
     ids = {t: tokenizer.token_to_id(t) for t in SPECIAL_TOKENS}
     missing = [t for t, i in ids.items() if i is None]
-    if missing: raise ValueError(f"the tokenizer has no {', '.join(missing)}; train it with train_wordpiece()")
+    if missing:
+        raise ValueError(
+            f"the tokenizer has no {', '.join(missing)}; train it with train_wordpiece()"
+        )
     return ids
 
-def encode_texts(tokenizer, texts: str | Sequence[str], max_len: int = 64, truncate: bool = True) -> torch.Tensor:
+
+def encode_texts(
+    tokenizer, texts: str | Sequence[str], max_len: int = 64, truncate: bool = True
+) -> torch.Tensor:
     """Token ids `(N, max_len)`: [CLS] tokens [SEP], padded with [PAD]. Longer texts are cut (keeping the final [SEP])
     when `truncate`, else refused; empty texts are refused."""
     texts = [texts] if isinstance(texts, str) else list(texts)
-    if not texts: raise DataError("encode_texts got no texts")
-    if max_len < 3: raise ValueError(f"max_len must be >= 3 ([CLS], one token, [SEP]); got {max_len}")
+    if not texts:
+        raise DataError("encode_texts got no texts")
+    if max_len < 3:
+        raise ValueError(f"max_len must be >= 3 ([CLS], one token, [SEP]); got {max_len}")
     for i, t in enumerate(texts):
         if not isinstance(t, str) or not t.strip():
-            raise DataError(f"text {i} is empty ({t!r}); BERT needs at least one token between [CLS] and [SEP]")
+            raise DataError(
+                f"text {i} is empty ({t!r}); BERT needs at least one token between [CLS] and [SEP]"
+            )
     sp = special_token_ids(tokenizer)
     out = np.full((len(texts), max_len), sp["[PAD]"], dtype=np.int64)
     for i, enc in enumerate(tokenizer.encode_batch(texts)):
         ids = enc.ids
-        if len(ids) <= 2: raise DataError(f"text {i} ({texts[i]!r}) has no tokens after normalisation")
+        if len(ids) <= 2:
+            raise DataError(f"text {i} ({texts[i]!r}) has no tokens after normalisation")
         if len(ids) > max_len:
             if not truncate:
-                raise ValueError(f"text {i} has {len(ids)} tokens, more than max_len={max_len}; shorten it, raise max_len "
-                                 "(up to the model's config.max_len), or pass truncate=True")
-            ids = ids[:max_len - 1] + [sp["[SEP]"]]
-        out[i, :len(ids)] = ids
+                raise ValueError(
+                    f"text {i} has {len(ids)} tokens, more than max_len={max_len}; shorten it, raise max_len "
+                    "(up to the model's config.max_len), or pass truncate=True"
+                )
+            ids = ids[: max_len - 1] + [sp["[SEP]"]]
+        out[i, : len(ids)] = ids
     return torch.from_numpy(out)
 
-def decode_ids(tokenizer, ids: torch.Tensor | Sequence[int], skip_special_tokens: bool = True) -> str:
+
+def decode_ids(
+    tokenizer, ids: torch.Tensor | Sequence[int], skip_special_tokens: bool = True
+) -> str:
     "Token ids of one sequence -> text (WordPiece pieces joined)."
     return tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
@@ -173,203 +311,383 @@ class TextDataset(LabelledDataset):
     """Texts as token ids `(N, T)` padded with `pad_id`, int64 `labels` (-1 = unlabelled), the raw `texts`;
     items are `(ids, label)`. Built from texts + tokenizer, the ids are computed on first use, so taking a subset
     first (`load_dataset(..., max_items=)`, `sample_per_class`) tokenises only what is used."""
-    def __init__(self, input_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None, texts: Sequence[str] = (),
-                 classes: Sequence[str] = (), pad_id: int = 0, name: str = "", split: str = "", tokenizer=None,
-                 max_len: int | None = None):
+
+    def __init__(
+        self,
+        input_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        texts: Sequence[str] = (),
+        classes: Sequence[str] = (),
+        pad_id: int = 0,
+        name: str = "",
+        split: str = "",
+        tokenizer=None,
+        max_len: int | None = None,
+    ):
         if input_ids is None and (tokenizer is None or not max_len):
             raise DataError("TextDataset needs input_ids, or texts with a tokenizer and max_len")
         if input_ids is not None:
             input_ids = torch.as_tensor(input_ids)
             if input_ids.ndim != 2 or input_ids.dtype != torch.long:
-                raise DataError(f"input_ids must be an int64 tensor (N, T); got {input_ids.dtype} {tuple(input_ids.shape)}")
+                raise DataError(
+                    f"input_ids must be an int64 tensor (N, T); got {input_ids.dtype} {tuple(input_ids.shape)}"
+                )
         n = input_ids.shape[0] if input_ids is not None else len(texts)
-        labels = torch.full((n,), UNLABELED, dtype=torch.long) if labels is None else torch.as_tensor(labels).long().reshape(-1)
-        if labels.shape[0] != n: raise DataError(f"{n} sequences but {labels.shape[0]} labels")
-        if texts and len(texts) != n: raise DataError(f"{n} sequences but {len(texts)} texts")
-        self._ids, self.labels, self.texts, self.classes = input_ids, labels, list(texts), list(classes)
+        labels = (
+            torch.full((n,), UNLABELED, dtype=torch.long)
+            if labels is None
+            else torch.as_tensor(labels).long().reshape(-1)
+        )
+        if labels.shape[0] != n:
+            raise DataError(f"{n} sequences but {labels.shape[0]} labels")
+        if texts and len(texts) != n:
+            raise DataError(f"{n} sequences but {len(texts)} texts")
+        self._ids, self.labels, self.texts, self.classes = (
+            input_ids,
+            labels,
+            list(texts),
+            list(classes),
+        )
         self.pad_id, self.name, self.split, self.tokenizer = pad_id, name, split, tokenizer
         self.max_len = int(max_len or input_ids.shape[1])
 
     @classmethod
-    def from_texts(cls, texts: Sequence[str], labels=None, tokenizer=None, max_len: int = 64, **kw) -> "TextDataset":
+    def from_texts(
+        cls, texts: Sequence[str], labels=None, tokenizer=None, max_len: int = 64, **kw
+    ) -> "TextDataset":
         "Texts to be tokenised with `tokenizer` (cut to `max_len` tokens) when first used."
-        if tokenizer is None: raise ValueError("from_texts needs a tokenizer (see train_wordpiece)")
-        return cls(None, labels, texts, pad_id=special_token_ids(tokenizer)["[PAD]"], tokenizer=tokenizer, max_len=max_len, **kw)
+        if tokenizer is None:
+            raise ValueError("from_texts needs a tokenizer (see train_wordpiece)")
+        return cls(
+            None,
+            labels,
+            texts,
+            pad_id=special_token_ids(tokenizer)["[PAD]"],
+            tokenizer=tokenizer,
+            max_len=max_len,
+            **kw,
+        )
 
     @property
     def input_ids(self) -> torch.Tensor:
-        if self._ids is None: self._ids = encode_texts(self.tokenizer, self.texts, self.max_len)
+        if self._ids is None:
+            self._ids = encode_texts(self.tokenizer, self.texts, self.max_len)
         return self._ids
-    def __len__(self): return len(self.labels)
-    def __getitem__(self, i): return self.input_ids[i], int(self.labels[i])
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.input_ids[i], int(self.labels[i])
+
     def __repr__(self):
         lab = f"{self.num_classes} classes" if self.is_labeled else "unlabelled"
         return f"TextDataset({self.name or '?'}:{self.split or '?'}, n={len(self)}, max {self.max_len} tokens, {lab})"
+
     @property
-    def lengths(self) -> torch.Tensor: return (self.input_ids != self.pad_id).sum(1)
+    def lengths(self) -> torch.Tensor:
+        return (self.input_ids != self.pad_id).sum(1)
+
     def _like(self, ids, labels, texts):
-        return TextDataset(ids, labels, texts, self.classes, self.pad_id, self.name, self.split, self.tokenizer, self.max_len)
+        return TextDataset(
+            ids,
+            labels,
+            texts,
+            self.classes,
+            self.pad_id,
+            self.name,
+            self.split,
+            self.tokenizer,
+            self.max_len,
+        )
+
     def subset(self, indices) -> "TextDataset":
         idx = torch.as_tensor(indices, dtype=torch.long)
-        return self._like(None if self._ids is None else self._ids[idx], self.labels[idx],
-                          [self.texts[i] for i in idx.tolist()] if self.texts else [])
+        return self._like(
+            None if self._ids is None else self._ids[idx],
+            self.labels[idx],
+            [self.texts[i] for i in idx.tolist()] if self.texts else [],
+        )
+
     def without_labels(self) -> "TextDataset":
         "The same texts with every label hidden (-1)."
         return self._like(self._ids, torch.full_like(self.labels, UNLABELED), self.texts)
 
+
 def wordnet_tokenizer(vocab_size: int = 8000, data_dir: str | Path | None = None, search_dirs=None):
     "The course's WordPiece tokenizer: trained on the *train* glosses only (cached in the data dir)."
     rows, test = read_wordnet(data_dir, search_dirs)
-    return train_wordpiece([gloss_text(r) for r, t in zip(rows, test) if not t], vocab_size, data_dir=data_dir)
+    return train_wordpiece(
+        [gloss_text(r) for r, t in zip(rows, test) if not t], vocab_size, data_dir=data_dir
+    )
+
 
 def _budget(key: str, default):
     "The profile's `key` (e.g. mlm_max_len) when settings.ini has it, else `default`."
-    try: return get_settings().budget.get(key, default)
-    except Exception: return default
+    try:
+        return get_settings().budget.get(key, default)
+    except Exception:
+        return default
 
-def _wordnet_split(split, data_dir, tokenizer, max_len, vocab_size, search_dirs, task: bool) -> TextDataset:
-    max_len, vocab_size = max_len or _budget("mlm_max_len", 64), vocab_size or _budget("mlm_vocab_size", 8000)
+
+def _wordnet_split(
+    split, data_dir, tokenizer, max_len, vocab_size, search_dirs, task: bool
+) -> TextDataset:
+    max_len, vocab_size = (
+        max_len or _budget("mlm_max_len", 64),
+        vocab_size or _budget("mlm_vocab_size", 8000),
+    )
     rows, test = read_wordnet(data_dir, search_dirs)
     tokenizer = tokenizer or wordnet_tokenizer(vocab_size, data_dir, search_dirs)
     want = test if split == "test" else ~test
     if task:
         cat = {LEXNAMES.index(c): i for i, c in enumerate(CATEGORY_TASK)}
-        keep = [(r["definition"], cat[r["category"]]) for r, w in zip(rows, want) if w and r["category"] in cat and r["definition"]]
+        keep = [
+            (r["definition"], cat[r["category"]])
+            for r, w in zip(rows, want)
+            if w and r["category"] in cat and r["definition"]
+        ]
         classes, name = [c.split(".")[1] for c in CATEGORY_TASK], "wordnet_categories"
     else:
         keep = [(gloss_text(r), r["category"]) for r, w in zip(rows, want) if w and gloss_text(r)]
         classes, name = LEXNAMES, "wordnet_glosses"
     texts, labels = zip(*keep)
-    return TextDataset.from_texts(list(texts), torch.tensor(labels), tokenizer, max_len, classes=classes, name=name, split=split)
+    return TextDataset.from_texts(
+        list(texts),
+        torch.tensor(labels),
+        tokenizer,
+        max_len,
+        classes=classes,
+        name=name,
+        split=split,
+    )
 
-@register_dataset("wordnet_glosses", "text", ("train", "test"), "Debian package wordnet-base",
-                  "~117k English WordNet glosses (definition + examples), each labelled with one of 45 lexicographer categories",
-                  "Miller, WordNet: a lexical database for English, CACM 1995; Fellbaum (ed.), WordNet, MIT Press 1998")
-def _load_wordnet_glosses(split, data_dir=None, download=None, tokenizer=None, max_len: int | None = None, vocab_size: int | None = None,
-                          search_dirs=None):
+
+@register_dataset(
+    "wordnet_glosses",
+    "text",
+    ("train", "test"),
+    "Debian package wordnet-base",
+    "~117k English WordNet glosses (definition + examples), each labelled with one of 45 lexicographer categories",
+    "Miller, WordNet: a lexical database for English, CACM 1995; Fellbaum (ed.), WordNet, MIT Press 1998",
+)
+def _load_wordnet_glosses(
+    split,
+    data_dir=None,
+    download=None,
+    tokenizer=None,
+    max_len: int | None = None,
+    vocab_size: int | None = None,
+    search_dirs=None,
+):
     return _wordnet_split(split, data_dir, tokenizer, max_len, vocab_size, search_dirs, task=False)
 
-@register_dataset("wordnet_categories", "text", ("train", "test"), "Debian package wordnet-base",
-                  "WordNet noun definitions in 10 categories (act, animal, artifact, body, communication, food, location, "
-                  "person, plant, substance): a few-label text classification task",
-                  "Miller, WordNet: a lexical database for English, CACM 1995")
-def _load_wordnet_categories(split, data_dir=None, download=None, tokenizer=None, max_len: int | None = None, vocab_size: int | None = None,
-                             search_dirs=None):
+
+@register_dataset(
+    "wordnet_categories",
+    "text",
+    ("train", "test"),
+    "Debian package wordnet-base",
+    "WordNet noun definitions in 10 categories (act, animal, artifact, body, communication, food, location, "
+    "person, plant, substance): a few-label text classification task",
+    "Miller, WordNet: a lexical database for English, CACM 1995",
+)
+def _load_wordnet_categories(
+    split,
+    data_dir=None,
+    download=None,
+    tokenizer=None,
+    max_len: int | None = None,
+    vocab_size: int | None = None,
+    search_dirs=None,
+):
     return _wordnet_split(split, data_dir, tokenizer, max_len, vocab_size, search_dirs, task=True)
 
-def load_hf_text(path: str, name: str | None = None, split: str = "train", text_field: str = "text",
-                 label_field: str | None = None, tokenizer=None, max_len: int = 64, vocab_size: int = 8000,
-                 max_items: int | None = None, data_dir=None) -> TextDataset:
+
+def load_hf_text(
+    path: str,
+    name: str | None = None,
+    split: str = "train",
+    text_field: str = "text",
+    label_field: str | None = None,
+    tokenizer=None,
+    max_len: int = 64,
+    vocab_size: int = 8000,
+    max_items: int | None = None,
+    data_dir=None,
+) -> TextDataset:
     """A text dataset from the HF hub through `datasets` (online, or its local cache): blank lines dropped; a WordPiece
     tokenizer is trained on the texts when none is given."""
     try:
         import datasets as hf_datasets
     except ImportError:
-        raise DatasetUnavailableError(f"loading {path!r} needs the HF datasets library: pip install datasets "
-                                      "(the offline corpus wordnet_glosses needs only the Debian package wordnet-base)") from None
-    try: ds = hf_datasets.load_dataset(path, name, split=split)
+        raise DatasetUnavailableError(
+            f"loading {path!r} needs the HF datasets library: pip install datasets "
+            "(the offline corpus wordnet_glosses needs only the Debian package wordnet-base)"
+        ) from None
+    try:
+        ds = hf_datasets.load_dataset(path, name, split=split)
     except Exception as e:
-        raise DatasetUnavailableError(f"HF datasets could not load {path!r} ({name}, {split}): {e}\n"
-                                      "Fix: allow network access once (it is cached afterwards), or use wordnet_glosses offline") from None
+        raise DatasetUnavailableError(
+            f"HF datasets could not load {path!r} ({name}, {split}): {e}\n"
+            "Fix: allow network access once (it is cached afterwards), or use wordnet_glosses offline"
+        ) from None
     texts = [str(t).strip() for t in ds[text_field]]
     labels = list(ds[label_field]) if label_field else None
     keep = [i for i, t in enumerate(texts) if t][: max_items or None]
     texts = [texts[i] for i in keep]
     labels = torch.tensor([labels[i] for i in keep]) if labels is not None else None
-    classes = ds.features[label_field].names if label_field and hasattr(ds.features[label_field], "names") else ()
+    classes = (
+        ds.features[label_field].names
+        if label_field and hasattr(ds.features[label_field], "names")
+        else ()
+    )
     tokenizer = tokenizer or train_wordpiece(texts, vocab_size, data_dir=data_dir)
-    return TextDataset.from_texts(texts, labels, tokenizer, max_len, classes=classes, name=path, split=split)
+    return TextDataset.from_texts(
+        texts, labels, tokenizer, max_len, classes=classes, name=path, split=split
+    )
 
-@register_dataset("wikitext", "text", ("train", "validation", "test"), "online only (HF datasets: pip install datasets)",
-                  "WikiText-103 raw: ~100M tokens of Wikipedia articles (unlabelled)", "Merity et al., Pointer Sentinel Mixture Models, ICLR 2017")
+
+@register_dataset(
+    "wikitext",
+    "text",
+    ("train", "validation", "test"),
+    "online only (HF datasets: pip install datasets)",
+    "WikiText-103 raw: ~100M tokens of Wikipedia articles (unlabelled)",
+    "Merity et al., Pointer Sentinel Mixture Models, ICLR 2017",
+)
 def _load_wikitext(split, data_dir=None, download=None, **kw):
     return load_hf_text("wikitext", "wikitext-103-raw-v1", split, data_dir=data_dir, **kw)
 
-@register_dataset("ag_news", "text", ("train", "test"), "online only (HF datasets: pip install datasets)",
-                  "AG News: 127,600 news titles + descriptions in 4 topics", "Zhang, Zhao & LeCun, Character-level CNNs for Text Classification, NeurIPS 2015")
+
+@register_dataset(
+    "ag_news",
+    "text",
+    ("train", "test"),
+    "online only (HF datasets: pip install datasets)",
+    "AG News: 127,600 news titles + descriptions in 4 topics",
+    "Zhang, Zhao & LeCun, Character-level CNNs for Text Classification, NeurIPS 2015",
+)
 def _load_ag_news(split, data_dir=None, download=None, **kw):
     return load_hf_text("ag_news", None, split, label_field="label", data_dir=data_dir, **kw)
 
 # %% ../nbs/17_bert_mlm.ipynb #d9c13b4b
-def mask_tokens_for_mlm(input_ids: torch.Tensor, vocab_size: int, mask_token_id: int, special_token_ids: Sequence[int],
-                        mlm_probability: float = 0.15, generator: torch.Generator | None = None, *,
-                        mask_fraction: float = 0.8, random_fraction: float = 0.1):
+def mask_tokens_for_mlm(
+    input_ids: torch.Tensor,
+    vocab_size: int,
+    mask_token_id: int,
+    special_token_ids: Sequence[int],
+    mlm_probability: float = 0.15,
+    generator: torch.Generator | None = None,
+    *,
+    mask_fraction: float = 0.8,
+    random_fraction: float = 0.1,
+):
     """BERT's masking (Devlin et al. 2019, section 3.1). Every token not in `special_token_ids` (include the [PAD] id!)
     is selected with probability `mlm_probability`; a selected token becomes [MASK] (80%), a random non-special token
     (10%) or stays unchanged (10%). Returns (masked input_ids, labels): labels hold the original id at selected
     positions and -100 everywhere else. `generator` (on CPU or the ids' device) makes the draw repeatable.
     `mask_fraction` / `random_fraction` change the 80/10/10 split (for ablations)."""
     if not torch.is_tensor(input_ids) or input_ids.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"input_ids must be an integer tensor (int64); got {getattr(input_ids, 'dtype', type(input_ids))}")
-    if not 0.0 <= mlm_probability <= 1.0: raise ValueError(f"mlm_probability must be in [0, 1], got {mlm_probability}")
+        raise TypeError(
+            f"input_ids must be an integer tensor (int64); got {getattr(input_ids, 'dtype', type(input_ids))}"
+        )
+    if not 0.0 <= mlm_probability <= 1.0:
+        raise ValueError(f"mlm_probability must be in [0, 1], got {mlm_probability}")
     if min(mask_fraction, random_fraction) < 0 or mask_fraction + random_fraction > 1:
-        raise ValueError(f"mask_fraction + random_fraction must be a split of [0, 1]; got {mask_fraction} + {random_fraction}")
+        raise ValueError(
+            f"mask_fraction + random_fraction must be a split of [0, 1]; got {mask_fraction} + {random_fraction}"
+        )
     if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= vocab_size):
-        raise ValueError(f"token ids must lie in [0, {vocab_size}); got {int(input_ids.min())}..{int(input_ids.max())}")
+        raise ValueError(
+            f"token ids must lie in [0, {vocab_size}); got {int(input_ids.min())}..{int(input_ids.max())}"
+        )
     dev = input_ids.device
     special = torch.as_tensor(list(special_token_ids), dtype=torch.long, device=dev)
     allowed = torch.ones(vocab_size, dtype=torch.bool, device=dev)
     allowed[special] = False
-    allowed_ids = allowed.nonzero().flatten()                       # what a "random token" may be
-    if len(allowed_ids) == 0: raise ValueError("every id is special; nothing to draw random tokens from")
+    allowed_ids = allowed.nonzero().flatten()  # what a "random token" may be
+    if len(allowed_ids) == 0:
+        raise ValueError("every id is special; nothing to draw random tokens from")
     gdev = generator.device if generator is not None else dev
     u = torch.rand((2, *input_ids.shape), generator=generator, device=gdev).to(dev)
     r = torch.randint(len(allowed_ids), input_ids.shape, generator=generator, device=gdev).to(dev)
     selected = (u[0] < mlm_probability) & ~torch.isin(input_ids, special)
     labels = torch.where(selected, input_ids, torch.full_like(input_ids, -100))
     to_mask = selected & (u[1] < mask_fraction)
-    to_random = selected & (u[1] >= mask_fraction) & (u[1] < mask_fraction + random_fraction)   # the rest stay unchanged
+    to_random = (
+        selected & (u[1] >= mask_fraction) & (u[1] < mask_fraction + random_fraction)
+    )  # the rest stay unchanged
     out = torch.where(to_mask, torch.full_like(input_ids, mask_token_id), input_ids)
     out = torch.where(to_random, allowed_ids[r].to(input_ids.dtype), out)
     return out, labels
 
+
 def mlm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     "Mean cross-entropy over the predicted positions (labels != -100); `logits` (..., V), `labels` (...)."
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100
+    )
 
 # %% ../nbs/17_bert_mlm.ipynb #92cc61eb
 @dataclass
 class BertConfig:
     "Sizes of a `TinyBert` (saved as JSON next to the weights)."
+
     vocab_size: int = 8000
-    max_len: int = 64          # longest sequence the position table covers
+    max_len: int = 64  # longest sequence the position table covers
     dim: int = 128
     depth: int = 2
     heads: int = 4
     mlp_ratio: float = 4.0
     dropout: float = 0.1
     pad_id: int = 0
-    pooling: str = "mean"      # features for transfer: "mean" over non-pad tokens, or "cls"
+    pooling: str = "mean"  # features for transfer: "mean" over non-pad tokens, or "cls"
+
 
 class TextBlock(Block):
     "The course's pre-norm transformer `Block` (ssl_course.vit) with a key-padding mask: True = a real token."
+
     def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0):
         super().__init__(dim, heads, mlp_ratio)
         self.dropout = dropout
+
     def forward(self, x, mask: torch.Tensor | None = None, return_attention: bool = False):
         a, (b, t, d) = self.attn, x.shape
-        q, k, v = a.qkv(self.norm1(x)).reshape(b, t, 3, a.heads, d // a.heads).permute(2, 0, 3, 1, 4)
-        keep = None if mask is None else mask[:, None, None, :]                       # (B, 1, 1, T): which keys exist
+        q, k, v = (
+            a.qkv(self.norm1(x)).reshape(b, t, 3, a.heads, d // a.heads).permute(2, 0, 3, 1, 4)
+        )
+        keep = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, T): which keys exist
         if return_attention:
             s = q @ k.transpose(-2, -1) * a.scale
             attn = (s if keep is None else s.masked_fill(~keep, float("-inf"))).softmax(-1)
             out = attn @ v
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=self.dropout if self.training else 0.0)
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=keep, dropout_p=self.dropout if self.training else 0.0
+            )
         x = x + a.proj(out.transpose(1, 2).reshape(b, t, d))
         x = x + self.mlp(self.norm2(x))
         return (x, attn) if return_attention else x
 
+
 class TinyBert(nn.Module):
     """A small BERT encoder (Devlin et al. 2019): token + position embeddings, pre-norm transformer blocks with a
     padding mask. `forward_tokens(ids)` -> (N, T, dim); `forward(ids)` -> pooled sentence features (N, dim)."""
+
     def __init__(self, config: BertConfig | None = None, **kw):
         super().__init__()
         c = self.config = config if config is not None else BertConfig(**kw)
-        if c.pooling not in ("mean", "cls"): raise ValueError(f"pooling must be 'mean' or 'cls', got {c.pooling!r}")
-        self.tok_embed, self.pos_embed = nn.Embedding(c.vocab_size, c.dim), nn.Embedding(c.max_len, c.dim)
+        if c.pooling not in ("mean", "cls"):
+            raise ValueError(f"pooling must be 'mean' or 'cls', got {c.pooling!r}")
+        self.tok_embed, self.pos_embed = (
+            nn.Embedding(c.vocab_size, c.dim),
+            nn.Embedding(c.max_len, c.dim),
+        )
         self.embed_norm, self.drop = nn.LayerNorm(c.dim), nn.Dropout(c.dropout)
-        self.blocks = nn.ModuleList(TextBlock(c.dim, c.heads, c.mlp_ratio, c.dropout) for _ in range(c.depth))
+        self.blocks = nn.ModuleList(
+            TextBlock(c.dim, c.heads, c.mlp_ratio, c.dropout) for _ in range(c.depth)
+        )
         self.norm = nn.LayerNorm(c.dim)
         self.out_dim = c.dim
         self.apply(self._init)
@@ -377,34 +695,52 @@ class TinyBert(nn.Module):
     @staticmethod
     def _init(m):
         if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.trunc_normal_(m.weight, std=0.02)                                 # BERT's initialiser range
-            if getattr(m, "bias", None) is not None: nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm): nn.init.ones_(m.weight); nn.init.zeros_(m.bias)
+            nn.init.trunc_normal_(m.weight, std=0.02)  # BERT's initialiser range
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
 
     def check_ids(self, input_ids: torch.Tensor) -> None:
         c = self.config
-        if input_ids.ndim != 2: raise ValueError(f"TinyBert expects token ids (N, T); got shape {tuple(input_ids.shape)}")
+        if input_ids.ndim != 2:
+            raise ValueError(
+                f"TinyBert expects token ids (N, T); got shape {tuple(input_ids.shape)}"
+            )
         if input_ids.shape[1] > c.max_len:
-            raise ValueError(f"sequence of {input_ids.shape[1]} tokens is longer than the model's max_len={c.max_len}; "
-                             f"encode with encode_texts(..., max_len={c.max_len}) or build the model with a larger max_len")
-        if input_ids.shape[1] == 0: raise ValueError("empty sequence: encode at least [CLS] text [SEP]")
+            raise ValueError(
+                f"sequence of {input_ids.shape[1]} tokens is longer than the model's max_len={c.max_len}; "
+                f"encode with encode_texts(..., max_len={c.max_len}) or build the model with a larger max_len"
+            )
+        if input_ids.shape[1] == 0:
+            raise ValueError("empty sequence: encode at least [CLS] text [SEP]")
         if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= c.vocab_size):
-            raise ValueError(f"token ids must lie in [0, {c.vocab_size}); was the text encoded with another tokenizer?")
+            raise ValueError(
+                f"token ids must lie in [0, {c.vocab_size}); was the text encoded with another tokenizer?"
+            )
 
-    def forward_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward_tokens(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         "Contextual token vectors (N, T, dim); `attention_mask` (True/1 = real token) defaults to ids != pad_id."
         self.check_ids(input_ids)
-        mask = (input_ids != self.config.pad_id) if attention_mask is None else attention_mask.bool()
+        mask = (
+            (input_ids != self.config.pad_id) if attention_mask is None else attention_mask.bool()
+        )
         pos = torch.arange(input_ids.shape[1], device=input_ids.device)
         x = self.drop(self.embed_norm(self.tok_embed(input_ids) + self.pos_embed(pos)[None]))
-        for blk in self.blocks: x = blk(x, mask)
+        for blk in self.blocks:
+            x = blk(x, mask)
         return self.norm(x)
 
     def pool(self, h: torch.Tensor, mask: torch.Tensor, pooling: str | None = None) -> torch.Tensor:
         "Sentence features from token vectors: [CLS] (position 0) or the mean over real tokens."
         pooling = pooling or self.config.pooling
-        if pooling == "cls": return h[:, 0]
-        if pooling != "mean": raise ValueError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
+        if pooling == "cls":
+            return h[:, 0]
+        if pooling != "mean":
+            raise ValueError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
         m = mask[..., None].to(h.dtype)
         return (h * m).sum(1) / m.sum(1).clamp_min(1)
 
@@ -414,27 +750,42 @@ class TinyBert(nn.Module):
         mask = input_ids != self.config.pad_id
         return self.pool(self.forward_tokens(input_ids, mask), mask, pooling)
 
+
 def trim_padding(input_ids: torch.Tensor, pad_id: int = 0) -> torch.Tensor:
     "Drop the trailing columns that are [PAD] in every row (a batch is only as long as its longest sequence)."
-    if input_ids.ndim != 2 or input_ids.shape[1] == 0: return input_ids
+    if input_ids.ndim != 2 or input_ids.shape[1] == 0:
+        return input_ids
     real = (input_ids != pad_id).any(0).nonzero()
     return input_ids[:, : int(real.max()) + 1] if len(real) else input_ids[:, :1]
+
 
 class BertMLM(SSLMethod):
     """Masked language modelling (Devlin et al. 2019): a `TinyBert` encoder and an MLM head whose output weight is the
     token-embedding matrix. `training_step` masks each batch afresh (dynamic masking) and returns loss and accuracy."""
-    def __init__(self, encoder: TinyBert, mask_token_id: int = 4, special_token_ids: Sequence[int] = (0, 1, 2, 3, 4),
-                 mlm_probability: float = 0.15):
+
+    def __init__(
+        self,
+        encoder: TinyBert,
+        mask_token_id: int = 4,
+        special_token_ids: Sequence[int] = (0, 1, 2, 3, 4),
+        mlm_probability: float = 0.15,
+    ):
         super().__init__()
-        if not isinstance(encoder, TinyBert): raise ValueError(f"BertMLM needs a TinyBert encoder, got {type(encoder).__name__}")
+        if not isinstance(encoder, TinyBert):
+            raise ValueError(f"BertMLM needs a TinyBert encoder, got {type(encoder).__name__}")
         if encoder.config.pad_id not in special_token_ids:
-            raise ValueError(f"special_token_ids must include the [PAD] id {encoder.config.pad_id}, or padding would be masked")
+            raise ValueError(
+                f"special_token_ids must include the [PAD] id {encoder.config.pad_id}, or padding would be masked"
+            )
         d, v = encoder.config.dim, encoder.config.vocab_size
         self.encoder, self.mask_token_id = encoder, int(mask_token_id)
-        self.special_token_ids, self.mlm_probability = [int(i) for i in special_token_ids], float(mlm_probability)
+        self.special_token_ids, self.mlm_probability = (
+            [int(i) for i in special_token_ids],
+            float(mlm_probability),
+        )
         self.transform = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.LayerNorm(d))
         self.decoder = nn.Linear(d, v)
-        self.decoder.weight = encoder.tok_embed.weight                                # tied: one matrix, two uses
+        self.decoder.weight = encoder.tok_embed.weight  # tied: one matrix, two uses
         nn.init.zeros_(self.decoder.bias)
         TinyBert._init(self.transform[0])
 
@@ -442,7 +793,9 @@ class BertMLM(SSLMethod):
     def from_tokenizer(cls, tokenizer, mlm_probability: float = 0.15, **config) -> "BertMLM":
         "A fresh model sized for `tokenizer` (config keys: max_len, dim, depth, heads, ...)."
         sp = special_token_ids(tokenizer)
-        enc = TinyBert(BertConfig(vocab_size=tokenizer.get_vocab_size(), pad_id=sp["[PAD]"], **config))
+        enc = TinyBert(
+            BertConfig(vocab_size=tokenizer.get_vocab_size(), pad_id=sp["[PAD]"], **config)
+        )
         return cls(enc, sp["[MASK]"], list(sp.values()), mlm_probability)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -453,118 +806,215 @@ class BertMLM(SSLMethod):
         "Loss, masked-token accuracy and count on already-masked `input_ids`; the head runs on labelled positions only."
         h = self.encoder.forward_tokens(input_ids)
         sel = labels != -100
-        if not sel.any():                                   # nothing selected (tiny batch): a zero loss with a graph
+        if not sel.any():  # nothing selected (tiny batch): a zero loss with a graph
             return {"loss": h.sum() * 0.0, "acc": torch.tensor(0.0), "n": 0}
         logits = self.decoder(self.transform(h[sel]))
         target = labels[sel]
-        return {"loss": mlm_loss(logits, target), "acc": (logits.argmax(-1) == target).float().mean(), "n": int(sel.sum())}
+        return {
+            "loss": mlm_loss(logits, target),
+            "acc": (logits.argmax(-1) == target).float().mean(),
+            "n": int(sel.sum()),
+        }
 
     def training_step(self, batch):
         ids = batch[0] if isinstance(batch, (tuple, list)) else batch
         ids = trim_padding(ids, self.encoder.config.pad_id)
-        masked, labels = mask_tokens_for_mlm(ids, self.encoder.config.vocab_size, self.mask_token_id,
-                                             self.special_token_ids, self.mlm_probability)
+        masked, labels = mask_tokens_for_mlm(
+            ids,
+            self.encoder.config.vocab_size,
+            self.mask_token_id,
+            self.special_token_ids,
+            self.mlm_probability,
+        )
         out = self.mlm_outputs(masked, labels)
         out.pop("n")
         return out
 
-@register_method("mlm", "BERT masked language modelling with a tiny BERT", "17_bert_mlm",
-                 "Devlin et al., NAACL 2019, arXiv:1810.04805", modality="text", dataset="wordnet_glosses")
+
+@register_method(
+    "mlm",
+    "BERT masked language modelling with a tiny BERT",
+    "17_bert_mlm",
+    "Devlin et al., NAACL 2019, arXiv:1810.04805",
+    modality="text",
+    dataset="wordnet_glosses",
+)
 def build_mlm(encoder=None, data: TextDataset | None = None, **config) -> BertMLM:
     "For `ssl-course pretrain --method mlm`: a model sized for the dataset's tokenizer and length, and the profile's mlm_* sizes."
-    if isinstance(encoder, TinyBert): return BertMLM(encoder, **config)
+    if isinstance(encoder, TinyBert):
+        return BertMLM(encoder, **config)
     if data is None or getattr(data, "tokenizer", None) is None:
-        raise ValueError("build_mlm needs data= a TextDataset with its tokenizer (e.g. load_dataset('wordnet_glosses'))")
+        raise ValueError(
+            "build_mlm needs data= a TextDataset with its tokenizer (e.g. load_dataset('wordnet_glosses'))"
+        )
     config.setdefault("max_len", data.max_len)
-    for key in ("dim", "depth", "heads", "dropout"):                      # the profile's sizes unless given
-        if key not in config and _budget(f"mlm_{key}", None) is not None: config[key] = _budget(f"mlm_{key}", None)
+    for key in ("dim", "depth", "heads", "dropout"):  # the profile's sizes unless given
+        if key not in config and _budget(f"mlm_{key}", None) is not None:
+            config[key] = _budget(f"mlm_{key}", None)
     return BertMLM.from_tokenizer(data.tokenizer, **config)
 
 # %% ../nbs/17_bert_mlm.ipynb #878c6c5a
 @torch.no_grad()
-def evaluate_mlm(model: BertMLM, data: TextDataset | torch.Tensor, batch_size: int = 256, seed: int = 0) -> dict:
+def evaluate_mlm(
+    model: BertMLM, data: TextDataset | torch.Tensor, batch_size: int = 256, seed: int = 0
+) -> dict:
     "MLM loss, masked-token accuracy and perplexity (exp of the loss) on `data`, with masks drawn from `seed`."
     ids_all = data.input_ids if isinstance(data, TextDataset) else torch.as_tensor(data)
-    if len(ids_all) == 0: raise DataError("evaluate_mlm got no sequences")
+    if len(ids_all) == 0:
+        raise DataError("evaluate_mlm got no sequences")
     device, pad = next(model.parameters()).device, model.encoder.config.pad_id
     g = torch.Generator().manual_seed(seed)
-    was = model.training; model.eval()
+    was = model.training
+    model.eval()
     loss_sum, correct, n = 0.0, 0.0, 0
     try:
         for ids in ids_all.split(batch_size):
-            masked, labels = mask_tokens_for_mlm(trim_padding(ids, pad), model.encoder.config.vocab_size, model.mask_token_id,
-                                                 model.special_token_ids, model.mlm_probability, generator=g)
+            masked, labels = mask_tokens_for_mlm(
+                trim_padding(ids, pad),
+                model.encoder.config.vocab_size,
+                model.mask_token_id,
+                model.special_token_ids,
+                model.mlm_probability,
+                generator=g,
+            )
             out = model.mlm_outputs(masked.to(device), labels.to(device))
-            loss_sum += float(out["loss"]) * out["n"]; correct += float(out["acc"]) * out["n"]; n += out["n"]
+            loss_sum += float(out["loss"]) * out["n"]
+            correct += float(out["acc"]) * out["n"]
+            n += out["n"]
     finally:
         model.train(was)
     loss = loss_sum / max(n, 1)
-    return {"loss": loss, "accuracy": correct / max(n, 1), "perplexity": math.exp(loss), "masked_tokens": n}
+    return {
+        "loss": loss,
+        "accuracy": correct / max(n, 1),
+        "perplexity": math.exp(loss),
+        "masked_tokens": n,
+    }
+
 
 @torch.no_grad()
-def fill_mask(model: BertMLM, tokenizer, text: str, top_k: int = 5) -> list[list[tuple[str, float]]]:
+def fill_mask(
+    model: BertMLM, tokenizer, text: str, top_k: int = 5
+) -> list[list[tuple[str, float]]]:
     "For each [MASK] in `text`, the `top_k` most likely (token, probability) pairs; special tokens are never proposed."
-    if "[MASK]" not in text: raise ValueError(f"put at least one [MASK] in the text, e.g. 'a [MASK] that barks'; got {text!r}")
-    ids = trim_padding(encode_texts(tokenizer, text, model.encoder.config.max_len, truncate=False), model.encoder.config.pad_id)
-    was = model.training; model.eval()
-    try: logits = model(ids.to(next(model.parameters()).device))[0].float().cpu()
-    finally: model.train(was)
+    if "[MASK]" not in text:
+        raise ValueError(
+            f"put at least one [MASK] in the text, e.g. 'a [MASK] that barks'; got {text!r}"
+        )
+    ids = trim_padding(
+        encode_texts(tokenizer, text, model.encoder.config.max_len, truncate=False),
+        model.encoder.config.pad_id,
+    )
+    was = model.training
+    model.eval()
+    try:
+        logits = model(ids.to(next(model.parameters()).device))[0].float().cpu()
+    finally:
+        model.train(was)
     probs = logits[ids[0] == model.mask_token_id].softmax(-1)
     probs[:, model.special_token_ids] = 0
     top = probs.topk(top_k, dim=-1)
-    return [[(tokenizer.id_to_token(int(i)), float(p)) for p, i in zip(ps, ix)] for ps, ix in zip(top.values, top.indices)]
+    return [
+        [(tokenizer.id_to_token(int(i)), float(p)) for p, i in zip(ps, ix)]
+        for ps, ix in zip(top.values, top.indices)
+    ]
+
 
 MODEL_FORMAT = "ssl_course.mlm/1"
 
+
 def _atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".tmp-", dir=path.parent); os.close(fd)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".tmp-", dir=path.parent)
+    os.close(fd)
     try:
-        write(tmp); os.chmod(tmp, 0o644); os.replace(tmp, path)
+        write(tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp): os.unlink(tmp)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
 
 def save_bert(model: BertMLM, tokenizer, path: str | Path) -> Path:
     "Write `model.safetensors`, `config.json` and `tokenizer.json` into folder `path` (each file replaced atomically)."
     from safetensors.torch import save_model
-    if not isinstance(model, BertMLM): raise TypeError(f"save_bert saves a BertMLM; got {type(model).__name__}")
+
+    if not isinstance(model, BertMLM):
+        raise TypeError(f"save_bert saves a BertMLM; got {type(model).__name__}")
     if tokenizer.get_vocab_size() != model.encoder.config.vocab_size:
-        raise ValueError(f"tokenizer has {tokenizer.get_vocab_size()} tokens but the model {model.encoder.config.vocab_size}")
-    path = Path(path); path.mkdir(parents=True, exist_ok=True)
-    cfg = {"format": MODEL_FORMAT, "bert": asdict(model.encoder.config), "mask_token_id": model.mask_token_id,
-           "special_token_ids": model.special_token_ids, "mlm_probability": model.mlm_probability}
+        raise ValueError(
+            f"tokenizer has {tokenizer.get_vocab_size()} tokens but the model {model.encoder.config.vocab_size}"
+        )
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = {
+        "format": MODEL_FORMAT,
+        "bert": asdict(model.encoder.config),
+        "mask_token_id": model.mask_token_id,
+        "special_token_ids": model.special_token_ids,
+        "mlm_probability": model.mlm_probability,
+    }
     _atomic(path / "model.safetensors", lambda t: save_model(model, t))
     _atomic(path / "config.json", lambda t: Path(t).write_text(json.dumps(cfg, indent=2)))
     _atomic(path / "tokenizer.json", lambda t: tokenizer.save(t))
     return path
 
+
 def load_bert(path: str | Path, device: str | torch.device = "cpu"):
     "Read a folder written by `save_bert`: returns (BertMLM, tokenizer)."
     from safetensors.torch import load_model
     from tokenizers import Tokenizer
+
     path = Path(path)
-    missing = [f for f in ("model.safetensors", "config.json", "tokenizer.json") if not (path / f).is_file()]
-    if missing: raise FileNotFoundError(f"{path} lacks {', '.join(missing)}; it should be a folder written by save_bert()")
+    missing = [
+        f
+        for f in ("model.safetensors", "config.json", "tokenizer.json")
+        if not (path / f).is_file()
+    ]
+    if missing:
+        raise FileNotFoundError(
+            f"{path} lacks {', '.join(missing)}; it should be a folder written by save_bert()"
+        )
     cfg = json.loads((path / "config.json").read_text())
-    if cfg.get("format") != MODEL_FORMAT: raise ValueError(f"{path / 'config.json'} is not a {MODEL_FORMAT} config")
-    model = BertMLM(TinyBert(BertConfig(**cfg["bert"])), cfg["mask_token_id"], cfg["special_token_ids"], cfg["mlm_probability"])
+    if cfg.get("format") != MODEL_FORMAT:
+        raise ValueError(f"{path / 'config.json'} is not a {MODEL_FORMAT} config")
+    model = BertMLM(
+        TinyBert(BertConfig(**cfg["bert"])),
+        cfg["mask_token_id"],
+        cfg["special_token_ids"],
+        cfg["mlm_probability"],
+    )
     load_model(model, str(path / "model.safetensors"), device=str(device))
     return model.to(device).eval(), Tokenizer.from_file(str(path / "tokenizer.json"))
 
 # %% ../nbs/17_bert_mlm.ipynb #16ab8205
 @torch.no_grad()
-def text_features(encoder: TinyBert, data: TextDataset, pooling: str | None = None, batch_size: int = 512):
+def text_features(
+    encoder: TinyBert, data: TextDataset, pooling: str | None = None, batch_size: int = 512
+):
     "Frozen sentence features (N, dim) and the labels of `data`: mean over real tokens or [CLS] (`pooling`)."
-    was = encoder.training; encoder.eval()
+    was = encoder.training
+    encoder.eval()
     device = next(encoder.parameters()).device
-    try: feats = [encoder(ids.to(device), pooling=pooling).float().cpu() for ids in data.input_ids.split(batch_size)]
-    finally: encoder.train(was)
+    try:
+        feats = [
+            encoder(ids.to(device), pooling=pooling).float().cpu()
+            for ids in data.input_ids.split(batch_size)
+        ]
+    finally:
+        encoder.train(was)
     return torch.cat(feats), data.labels
+
 
 def bow_logistic_regression(train: TextDataset, test: TextDataset, C: float = 10.0) -> float:
     "Accuracy of the classic baseline: TF-IDF bag of words + logistic regression (scikit-learn) on the raw texts."
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
-    if not train.texts or not test.texts: raise DataError("bow_logistic_regression needs the raw texts of both sets")
+
+    if not train.texts or not test.texts:
+        raise DataError("bow_logistic_regression needs the raw texts of both sets")
     vec = TfidfVectorizer(sublinear_tf=True)
-    clf = LogisticRegression(C=C, max_iter=2000).fit(vec.fit_transform(train.texts), train.labels.numpy())
+    clf = LogisticRegression(C=C, max_iter=2000).fit(
+        vec.fit_transform(train.texts), train.labels.numpy()
+    )
     return float((clf.predict(vec.transform(test.texts)) == test.labels.numpy()).mean())

@@ -14,7 +14,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .augment import BatchAugment
 from .backbones import mlp
 from .backbones import feature_dim
 from .simclr import default_augment
@@ -24,10 +23,13 @@ from .train import SSLMethod, all_gather_with_grad, register_method
 __all__ = ['moco_loss', 'FeatureQueue', 'ema_update', 'cosine_momentum', 'momentum_copy', 'MoCo', 'build_moco']
 
 # %% ../nbs/13_moco.ipynb #4809d5f8
-def moco_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float = 0.2) -> torch.Tensor:
+def moco_loss(
+    q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float = 0.2
+) -> torch.Tensor:
     """MoCo's InfoNCE (He et al. 2020): queries `q` (N, D), positive keys `k` (N, D), negatives `queue` (K, D).
     Vectors are L2-normalised here; the positive is class 0 of a (K+1)-way cross-entropy. Keys get no gradient."""
-    if q.shape != k.shape or q.ndim != 2: raise ValueError(f"q and k must both be (N, D); got {tuple(q.shape)} and {tuple(k.shape)}")
+    if q.shape != k.shape or q.ndim != 2:
+        raise ValueError(f"q and k must both be (N, D); got {tuple(q.shape)} and {tuple(k.shape)}")
     if queue.ndim != 2 or queue.shape[1] != q.shape[1]:
         raise ValueError(f"queue must be (K, {q.shape[1]}); got {tuple(queue.shape)}")
     q = F.normalize(q.float(), dim=1)
@@ -39,18 +41,25 @@ def moco_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature
 # %% ../nbs/13_moco.ipynb #2b748308
 class FeatureQueue(nn.Module):
     "A ring buffer of the `size` most recent L2-normalised keys (MoCo's dictionary); `ptr` is the next write slot."
+
     def __init__(self, size: int, dim: int):
         super().__init__()
-        if size < 1: raise ValueError(f"queue size must be >= 1, got {size}")
-        self.register_buffer("queue", F.normalize(torch.randn(size, dim), dim=1))   # random keys until filled
+        if size < 1:
+            raise ValueError(f"queue size must be >= 1, got {size}")
+        self.register_buffer(
+            "queue", F.normalize(torch.randn(size, dim), dim=1)
+        )  # random keys until filled
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+
     @property
-    def size(self) -> int: return self.queue.shape[0]
+    def size(self) -> int:
+        return self.queue.shape[0]
+
     @torch.no_grad()
     def enqueue(self, keys: torch.Tensor) -> None:
         "Write `keys` (gathered from every process) at the pointer, wrapping around; advance the pointer."
         keys = all_gather_with_grad(F.normalize(keys.detach().float(), dim=1))
-        keys = keys[-self.size:]                                  # a batch larger than the queue keeps its newest keys
+        keys = keys[-self.size :]  # a batch larger than the queue keeps its newest keys
         idx = (self.ptr + torch.arange(len(keys), device=keys.device)) % self.size
         self.queue[idx] = keys.to(self.queue.dtype)
         self.ptr.fill_(int((self.ptr + len(keys)) % self.size))
@@ -64,14 +73,22 @@ def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
     for t, o in zip(target.parameters(), online.parameters()):
         t.mul_(momentum).add_(o.detach(), alpha=1 - momentum)
 
+
 def cosine_momentum(step: int, total_steps: int, base: float = 0.996, final: float = 1.0) -> float:
     "BYOL/DINO schedule: `base` at step 0, rising to `final` at the last step along a half cosine."
-    return final - (final - base) * (math.cos(math.pi * min(step, total_steps) / max(1, total_steps)) + 1) / 2
+    return (
+        final
+        - (final - base)
+        * (math.cos(math.pi * min(step, total_steps) / max(1, total_steps)) + 1)
+        / 2
+    )
+
 
 def momentum_copy(module: nn.Module) -> nn.Module:
     "A frozen deep copy of `module` for EMA updates (no gradients)."
     target = copy.deepcopy(module)
-    for p in target.parameters(): p.requires_grad_(False)
+    for p in target.parameters():
+        p.requires_grad_(False)
     return target
 
 # %% ../nbs/13_moco.ipynb #cf83af40
@@ -79,41 +96,69 @@ class MoCo(SSLMethod):
     """MoCo v2 (He et al. 2020; Chen et al. 2020): query encoder + MLP head trained with `moco_loss` against a
     momentum key encoder and a `FeatureQueue` of negatives. `symmetric=True` adds the loss with the views swapped;
     `head_bn=False` gives MoCo v2's head exactly (fc-ReLU-fc), the default adds batch norm as in MoCo v3."""
-    def __init__(self, encoder: nn.Module, image_size: int = 28, channels: int = 1, proj_dim: int = 128,
-                 hidden_dim: int | None = None, queue_size: int = 4096, momentum: float = 0.99,
-                 temperature: float = 0.2, symmetric: bool = False, bn_splits: int = 2, head_bn: bool = True,
-                 augment: nn.Module | None = None):
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        image_size: int = 28,
+        channels: int = 1,
+        proj_dim: int = 128,
+        hidden_dim: int | None = None,
+        queue_size: int = 4096,
+        momentum: float = 0.99,
+        temperature: float = 0.2,
+        symmetric: bool = False,
+        bn_splits: int = 2,
+        head_bn: bool = True,
+        augment: nn.Module | None = None,
+    ):
         super().__init__()
         d = feature_dim(encoder)
         self.encoder = encoder
-        self.projector = mlp(d, hidden_dim or max(512, d), proj_dim, layers=2, bn=head_bn)   # v2: fc-ReLU-fc; v3 adds BN
-        self.key_encoder, self.key_projector = momentum_copy(self.encoder), momentum_copy(self.projector)
+        self.projector = mlp(
+            d, hidden_dim or max(512, d), proj_dim, layers=2, bn=head_bn
+        )  # v2: fc-ReLU-fc; v3 adds BN
+        self.key_encoder, self.key_projector = (
+            momentum_copy(self.encoder),
+            momentum_copy(self.projector),
+        )
         self.queue = FeatureQueue(queue_size, proj_dim)
-        self.momentum, self.temperature, self.symmetric, self.bn_splits = momentum, temperature, symmetric, bn_splits
+        self.momentum, self.temperature, self.symmetric, self.bn_splits = (
+            momentum,
+            temperature,
+            symmetric,
+            bn_splits,
+        )
         self.augment = augment if augment is not None else default_augment(image_size, channels)
 
     def views(self, batch):
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        if isinstance(x, (tuple, list)): return x[0], x[1]
+        if isinstance(x, (tuple, list)):
+            return x[0], x[1]
         return self.augment(x), self.augment(x)
 
     @torch.no_grad()
     def keys(self, x: torch.Tensor) -> torch.Tensor:
         "Keys from the momentum encoder with shuffle BN over `bn_splits` sub-batches."
         perm = torch.randperm(len(x), device=x.device)
-        chunks = [self.key_projector(self.key_encoder(c)) for c in x[perm].chunk(max(1, min(self.bn_splits, len(x))))]
+        chunks = [
+            self.key_projector(self.key_encoder(c))
+            for c in x[perm].chunk(max(1, min(self.bn_splits, len(x))))
+        ]
         k = torch.empty_like(torch.cat(chunks))
         k[perm] = torch.cat(chunks)
         return F.normalize(k, dim=1)
 
     def training_step(self, batch):
         v1, v2 = self.views(batch)
-        queue = self.queue.queue.clone().detach()                  # negatives as of before this step
-        q1 = self.projector(self.encoder(v1)); k2 = self.keys(v2)
+        queue = self.queue.queue.clone().detach()  # negatives as of before this step
+        q1 = self.projector(self.encoder(v1))
+        k2 = self.keys(v2)
         loss = moco_loss(q1, k2, queue, self.temperature)
         new_keys = k2
         if self.symmetric:
-            q2 = self.projector(self.encoder(v2)); k1 = self.keys(v1)
+            q2 = self.projector(self.encoder(v2))
+            k1 = self.keys(v1)
             loss = (loss + moco_loss(q2, k1, queue, self.temperature)) / 2
             new_keys = torch.cat([k2, k1])
         self.queue.enqueue(new_keys)
@@ -123,7 +168,12 @@ class MoCo(SSLMethod):
         ema_update(self.key_encoder, self.encoder, self.momentum)
         ema_update(self.key_projector, self.projector, self.momentum)
 
-@register_method("moco", "MoCo v2: momentum key encoder + queue of negatives (InfoNCE)", "13_moco",
-                 "He et al., CVPR 2020, arXiv:1911.05722; Chen et al. 2020, arXiv:2003.04297")
+
+@register_method(
+    "moco",
+    "MoCo v2: momentum key encoder + queue of negatives (InfoNCE)",
+    "13_moco",
+    "He et al., CVPR 2020, arXiv:1911.05722; Chen et al. 2020, arXiv:2003.04297",
+)
 def build_moco(encoder, image_size: int = 28, channels: int = 1, **kw) -> MoCo:
     return MoCo(encoder, image_size=image_size, channels=channels, **kw)

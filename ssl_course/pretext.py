@@ -33,28 +33,41 @@ __all__ = ['SHAPE_CLASSES', 'rotate_batch', 'RotationPrediction', 'build_rotatio
 def rotate_batch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """All four rotations of every image (Gidaris et al. 2018): returns (4N images, 4N labels); index k*N + i holds
     image i rotated by k * 90 degrees counter-clockwise, with label k."""
-    if x.ndim != 4: raise ValueError(f"rotate_batch expects images (N, C, H, W); got shape {tuple(x.shape)}")
+    if x.ndim != 4:
+        raise ValueError(f"rotate_batch expects images (N, C, H, W); got shape {tuple(x.shape)}")
     if x.shape[-1] != x.shape[-2]:
-        raise ValueError(f"rotation prediction needs square images (a rotated {x.shape[-2]}x{x.shape[-1]} image changes "
-                         "shape); crop or resize them to a square first")
+        raise ValueError(
+            f"rotation prediction needs square images (a rotated {x.shape[-2]}x{x.shape[-1]} image changes "
+            "shape); crop or resize them to a square first"
+        )
     labels = torch.arange(4, device=x.device).repeat_interleave(x.shape[0])
     return torch.cat([torch.rot90(x, k, dims=(2, 3)) for k in range(4)]), labels
 
+
 class RotationPrediction(SSLMethod):
     "RotNet (Gidaris et al. 2018): encoder + MLP head classify which of 4 rotations was applied; all 4 of every image per batch."
+
     def __init__(self, encoder: nn.Module, hidden_dim: int | None = None):
         super().__init__()
         d = feature_dim(encoder)
         self.encoder, self.head = encoder, mlp(d, hidden_dim or d, 4, layers=2, bn=True)
-    def forward(self, x: torch.Tensor) -> torch.Tensor: return self.head(self.encoder(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x))
+
     def training_step(self, batch):
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         xr, y = rotate_batch(x)
         logits = self(xr)
         return {"loss": F.cross_entropy(logits, y), "acc": (logits.argmax(1) == y).float().mean()}
 
-@register_method("rotation", "RotNet: predict which of 4 rotations was applied", "11_pretext_tasks",
-                 "Gidaris et al., ICLR 2018, arXiv:1803.07728")
+
+@register_method(
+    "rotation",
+    "RotNet: predict which of 4 rotations was applied",
+    "11_pretext_tasks",
+    "Gidaris et al., ICLR 2018, arXiv:1803.07728",
+)
 def build_rotation(encoder, image_size: int = 28, channels: int = 1, **kw) -> RotationPrediction:
     return RotationPrediction(encoder, **kw)
 
@@ -62,40 +75,59 @@ def build_rotation(encoder, image_size: int = 28, channels: int = 1, **kw) -> Ro
 @lru_cache(maxsize=2)
 def all_permutations(n: int) -> np.ndarray:
     "Every permutation of range(n) as an (n!, n) int8 array (n <= 10)."
-    if not 1 <= n <= 10: raise ValueError(f"all permutations of {n} items is too many to list; use n <= 10 (a 3x3 grid is 9)")
+    if not 1 <= n <= 10:
+        raise ValueError(
+            f"all permutations of {n} items is too many to list; use n <= 10 (a 3x3 grid is 9)"
+        )
     return np.array(list(itertools.permutations(range(n))), dtype=np.int8)
+
 
 def hamming_distances(perms: torch.Tensor) -> torch.Tensor:
     "Pairwise Hamming distances (K, K) between the rows of `perms` (K, T): positions where two permutations differ."
     return (perms[:, None, :] != perms[None, :, :]).sum(-1)
+
 
 @lru_cache(maxsize=16)
 def _greedy_perms(n_perms: int, tiles: int, seed: int) -> tuple[np.ndarray, int]:
     cand = all_permutations(tiles)
     rng = np.random.default_rng(seed)
     chosen = [int(rng.integers(len(cand)))]
-    dist = (cand != cand[chosen[0]]).sum(1)              # distance of every candidate to its nearest chosen permutation
+    dist = (cand != cand[chosen[0]]).sum(
+        1
+    )  # distance of every candidate to its nearest chosen permutation
     d_min = tiles
     for _ in range(n_perms - 1):
         best = int(dist.max())
-        if best == 0: break
+        if best == 0:
+            break
         j = int(rng.choice(np.flatnonzero(dist == best)))
-        chosen.append(j); d_min = min(d_min, best)
+        chosen.append(j)
+        d_min = min(d_min, best)
         np.minimum(dist, (cand != cand[j]).sum(1), out=dist)
     return cand[chosen].astype(np.int64), d_min
 
-def jigsaw_permutations(n_perms: int, grid: int = 3, seed: int = 0, min_distance: int | None = None) -> tuple[torch.Tensor, int]:
+
+def jigsaw_permutations(
+    n_perms: int, grid: int = 3, seed: int = 0, min_distance: int | None = None
+) -> tuple[torch.Tensor, int]:
     """`n_perms` permutations of the grid*grid tiles chosen greedily for large Hamming distance (after Noroozi & Favaro
     2016, Algorithm 1; we maximise the minimum distance to the chosen set). Returns (perms (K, T), d_min), d_min = the
     smallest pairwise distance in the set. Raises if `min_distance` is asked for and not reached."""
     tiles = grid * grid
-    if n_perms < 2: raise ValueError(f"a jigsaw task needs at least 2 permutations, got {n_perms}")
-    if n_perms > math.factorial(tiles): raise ValueError(f"{n_perms} permutations asked, but {tiles} tiles have only {math.factorial(tiles)}")
+    if n_perms < 2:
+        raise ValueError(f"a jigsaw task needs at least 2 permutations, got {n_perms}")
+    if n_perms > math.factorial(tiles):
+        raise ValueError(
+            f"{n_perms} permutations asked, but {tiles} tiles have only {math.factorial(tiles)}"
+        )
     perms, d_min = _greedy_perms(n_perms, tiles, seed)
-    if len(perms) < n_perms: raise ValueError(f"could only find {len(perms)} distinct permutations")
+    if len(perms) < n_perms:
+        raise ValueError(f"could only find {len(perms)} distinct permutations")
     if min_distance is not None and d_min < min_distance:
-        raise ValueError(f"the greedy set of {n_perms} permutations of {tiles} tiles has minimum Hamming distance {d_min} "
-                         f"< {min_distance}; ask for fewer permutations or a smaller min_distance")
+        raise ValueError(
+            f"the greedy set of {n_perms} permutations of {tiles} tiles has minimum Hamming distance {d_min} "
+            f"< {min_distance}; ask for fewer permutations or a smaller min_distance"
+        )
     return torch.from_numpy(perms.copy()), d_min
 
 # %% ../nbs/11_pretext_tasks.ipynb #320bba91
@@ -103,51 +135,75 @@ def _check_grid(h: int, w: int, grid: int, min_tile: int) -> int:
     cell = min(h, w) // grid
     if cell < min_tile + 1:
         need = grid * (min_tile + 1)
-        raise ValueError(f"a {h}x{w} image is too small for a {grid}x{grid} jigsaw grid: tiles need at least {min_tile} px plus "
-                         f"a 1 px gap, i.e. images of at least {need} px; resize them (load_dataset(..., image_size={max(need, 28)})) "
-                         f"or use a smaller grid")
+        raise ValueError(
+            f"a {h}x{w} image is too small for a {grid}x{grid} jigsaw grid: tiles need at least {min_tile} px plus "
+            f"a 1 px gap, i.e. images of at least {need} px; resize them (load_dataset(..., image_size={max(need, 28)})) "
+            f"or use a smaller grid"
+        )
     return cell
 
-def jigsaw_tiles(x: torch.Tensor, grid: int = 3, tile: int | None = None, jitter: bool = True, min_tile: int = 4) -> torch.Tensor:
+
+def jigsaw_tiles(
+    x: torch.Tensor, grid: int = 3, tile: int | None = None, jitter: bool = True, min_tile: int = 4
+) -> torch.Tensor:
     """Cut (N, C, H, W) images into a grid x grid puzzle: (N, grid*grid, C, tile, tile), tiles in row-major order.
     Each tile is a crop of its cell, `tile` px (default: cell minus a quarter, at least 1 px smaller) at a random offset
     when `jitter` (else centred), so neighbouring tiles never share an edge."""
-    if x.ndim != 4: raise ValueError(f"jigsaw_tiles expects images (N, C, H, W); got shape {tuple(x.shape)}")
+    if x.ndim != 4:
+        raise ValueError(f"jigsaw_tiles expects images (N, C, H, W); got shape {tuple(x.shape)}")
     n, c, h, w = x.shape
     cell = _check_grid(h, w, grid, min_tile)
     tile = tile or cell - max(1, cell // 4)
-    if not min_tile <= tile <= cell: raise ValueError(f"tile must be between {min_tile} and the cell size {cell}; got {tile}")
+    if not min_tile <= tile <= cell:
+        raise ValueError(f"tile must be between {min_tile} and the cell size {cell}; got {tile}")
     span = torch.arange(tile, device=x.device)
     rows_all, cols_all = [], []
     for r in range(grid):
         for q in range(grid):
             if jitter:
-                oy, ox = (torch.randint(0, cell - tile + 1, (2, n), device=x.device))
+                oy, ox = torch.randint(0, cell - tile + 1, (2, n), device=x.device)
             else:
                 oy = ox = torch.full((n,), (cell - tile) // 2, device=x.device)
-            rows_all.append(r * cell + oy[:, None] + span); cols_all.append(q * cell + ox[:, None] + span)
-    rows, cols = torch.stack(rows_all, 1), torch.stack(cols_all, 1)           # (N, T, tile)
+            rows_all.append(r * cell + oy[:, None] + span)
+            cols_all.append(q * cell + ox[:, None] + span)
+    rows, cols = torch.stack(rows_all, 1), torch.stack(cols_all, 1)  # (N, T, tile)
     idx_n = torch.arange(n, device=x.device)[:, None, None, None]
-    out = x[idx_n, :, rows[:, :, :, None], cols[:, :, None, :]]                 # (N, T, tile, tile, C)
+    out = x[idx_n, :, rows[:, :, :, None], cols[:, :, None, :]]  # (N, T, tile, tile, C)
     return out.permute(0, 1, 4, 2, 3).contiguous()
+
 
 def tiles_to_image(tiles: torch.Tensor, grid: int = 3) -> torch.Tensor:
     "Lay (N, grid*grid, C, t, t) tiles out in row-major order: (N, C, grid*t, grid*t)."
     n, T, c, t, _ = tiles.shape
-    if T != grid * grid: raise ValueError(f"{T} tiles do not fill a {grid}x{grid} grid")
-    return tiles.reshape(n, grid, grid, c, t, t).permute(0, 3, 1, 4, 2, 5).reshape(n, c, grid * t, grid * t)
+    if T != grid * grid:
+        raise ValueError(f"{T} tiles do not fill a {grid}x{grid} grid")
+    return (
+        tiles.reshape(n, grid, grid, c, t, t)
+        .permute(0, 3, 1, 4, 2, 5)
+        .reshape(n, c, grid * t, grid * t)
+    )
+
 
 def shuffle_tiles(tiles: torch.Tensor, perms: torch.Tensor) -> torch.Tensor:
     "Slot i of image n receives tile perms[n, i]: (N, T, C, t, t) -> (N, T, C, t, t). Undo with argsort(perms)."
-    if perms.ndim == 1: perms = perms.expand(tiles.shape[0], -1)
+    if perms.ndim == 1:
+        perms = perms.expand(tiles.shape[0], -1)
     return torch.gather(tiles, 1, perms[:, :, None, None, None].expand_as(tiles))
 
 # %% ../nbs/11_pretext_tasks.ipynb #02f0ad97
 class Jigsaw(SSLMethod):
     """Jigsaw puzzles (Noroozi & Favaro 2016): tiles -> shared encoder -> concatenated in slot order -> MLP -> which of
     `n_perms` permutations (chosen for large Hamming distance) shuffled them."""
-    def __init__(self, encoder: nn.Module, image_size: int = 28, n_perms: int = 100, grid: int = 3,
-                 hidden_dim: int = 512, seed: int = 0):
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        image_size: int = 28,
+        n_perms: int = 100,
+        grid: int = 3,
+        hidden_dim: int = 512,
+        seed: int = 0,
+    ):
         super().__init__()
         _check_grid(image_size, image_size, grid, 4)
         d = feature_dim(encoder)
@@ -155,91 +211,146 @@ class Jigsaw(SSLMethod):
         perms, self.min_hamming = jigsaw_permutations(n_perms, grid, seed)
         self.register_buffer("perms", perms, persistent=False)
         self.head = mlp(grid * grid * d, hidden_dim, n_perms, layers=2, bn=True)
+
     def puzzle(self, x: torch.Tensor, labels: torch.Tensor | None = None):
         "(shuffled tiles (N, T, C, t, t), permutation labels (N,)) for a batch of images."
         tiles = jigsaw_tiles(x, self.grid)
-        if labels is None: labels = torch.randint(0, len(self.perms), (x.shape[0],), device=x.device)
+        if labels is None:
+            labels = torch.randint(0, len(self.perms), (x.shape[0],), device=x.device)
         return shuffle_tiles(tiles, self.perms[labels]), labels
+
     def forward(self, shuffled: torch.Tensor) -> torch.Tensor:
         n, T = shuffled.shape[:2]
         return self.head(self.encoder(shuffled.flatten(0, 1)).reshape(n, -1))
+
     def training_step(self, batch):
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         shuffled, y = self.puzzle(x)
         logits = self(shuffled)
         return {"loss": F.cross_entropy(logits, y), "acc": (logits.argmax(1) == y).float().mean()}
 
-@register_method("jigsaw", "Jigsaw: predict which of K maximally different permutations shuffled 3x3 tiles",
-                 "11_pretext_tasks", "Noroozi & Favaro, ECCV 2016, arXiv:1603.09246")
+
+@register_method(
+    "jigsaw",
+    "Jigsaw: predict which of K maximally different permutations shuffled 3x3 tiles",
+    "11_pretext_tasks",
+    "Noroozi & Favaro, ECCV 2016, arXiv:1603.09246",
+)
 def build_jigsaw(encoder, image_size: int = 28, channels: int = 1, **kw) -> Jigsaw:
     return Jigsaw(encoder, image_size=image_size, **kw)
 
 # %% ../nbs/11_pretext_tasks.ipynb #00de27ad
-def region_mask(n: int, size: int, frac: float = 0.25, mode: str = "random", device=None,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+def region_mask(
+    n: int,
+    size: int,
+    frac: float = 0.25,
+    mode: str = "random",
+    device=None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     "(N, 1, size, size) masks, 1 = erased: one square covering `frac` of the image, at a random position or the centre."
-    if not 0 < frac < 1: raise ValueError(f"frac must be in (0, 1), got {frac}")
-    side = max(1, round(size * frac ** 0.5))
-    if mode == "center": oy = ox = torch.full((n,), (size - side) // 2)
-    elif mode == "random": oy, ox = torch.randint(0, size - side + 1, (2, n), generator=generator)
-    else: raise ValueError(f"mode must be 'random' or 'center', got {mode!r}")
+    if not 0 < frac < 1:
+        raise ValueError(f"frac must be in (0, 1), got {frac}")
+    side = max(1, round(size * frac**0.5))
+    if mode == "center":
+        oy = ox = torch.full((n,), (size - side) // 2)
+    elif mode == "random":
+        oy, ox = torch.randint(0, size - side + 1, (2, n), generator=generator)
+    else:
+        raise ValueError(f"mode must be 'random' or 'center', got {mode!r}")
     ar = torch.arange(size)
     rows = (ar >= oy[:, None]) & (ar < oy[:, None] + side)
     cols = (ar >= ox[:, None]) & (ar < ox[:, None] + side)
     return (rows[:, :, None] & cols[:, None, :])[:, None].float().to(device)
 
+
 def inpainting_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     "Mean squared error over the erased pixels only (mask 1 = erased, broadcast over channels) (Pathak et al. 2016)."
-    if pred.shape != target.shape: raise ValueError(f"prediction {tuple(pred.shape)} and target {tuple(target.shape)} differ")
+    if pred.shape != target.shape:
+        raise ValueError(f"prediction {tuple(pred.shape)} and target {tuple(target.shape)} differ")
     m = mask.expand_as(target)
     return ((pred - target) ** 2 * m).sum() / m.sum().clamp_min(1)
 
+
 class ContextEncoder(SSLMethod):
     "Context encoder (Pathak et al. 2016): encoder sees the image with a hole, `ConvDecoder` paints it; loss on the hole only."
-    def __init__(self, encoder: nn.Module, image_size: int = 28, channels: int = 1, frac: float = 0.25, mode: str = "random",
-                 decoder_width: int = 16):
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        image_size: int = 28,
+        channels: int = 1,
+        frac: float = 0.25,
+        mode: str = "random",
+        decoder_width: int = 16,
+    ):
         super().__init__()
-        region_mask(1, image_size, frac, mode)                              # validates frac and mode
+        region_mask(1, image_size, frac, mode)  # validates frac and mode
         self.encoder, self.frac, self.mode = encoder, frac, mode
         self.decoder = ConvDecoder(feature_dim(encoder), channels, image_size, decoder_width)
+
     def erase(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         "The encoder's input: the hole filled with the batch's mean pixel value."
         fill = x.mean(dim=(0, 2, 3), keepdim=True)
         return x * (1 - mask) + fill * mask
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         "Predicted full image in [0, 1] from the erased input."
         return torch.sigmoid(self.decoder(self.encoder(self.erase(x, mask))))
+
     def training_step(self, batch):
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         mask = region_mask(x.shape[0], x.shape[-1], self.frac, self.mode, device=x.device)
         return inpainting_loss(self(x, mask), x, mask)
+
     @torch.no_grad()
     def inpaint(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         "(erased input, the input with the hole replaced by the prediction), for pictures."
-        was = self.training; self.eval()
+        was = self.training
+        self.eval()
         try:
             erased = self.erase(x, mask)
             return erased, x * (1 - mask) + self(x, mask) * mask
-        finally: self.train(was)
+        finally:
+            self.train(was)
 
-@register_method("inpainting", "Context encoder: paint an erased square back from its context", "11_pretext_tasks",
-                 "Pathak et al., CVPR 2016, arXiv:1604.07379")
+
+@register_method(
+    "inpainting",
+    "Context encoder: paint an erased square back from its context",
+    "11_pretext_tasks",
+    "Pathak et al., CVPR 2016, arXiv:1604.07379",
+)
 def build_inpainting(encoder, image_size: int = 28, channels: int = 1, **kw) -> ContextEncoder:
     return ContextEncoder(encoder, image_size=image_size, channels=channels, **kw)
 
 # %% ../nbs/11_pretext_tasks.ipynb #0d9cedf7
-_RGB_TO_XYZ = torch.tensor([[0.4124564, 0.3575761, 0.1804375], [0.2126729, 0.7151522, 0.0721750], [0.0193339, 0.1191920, 0.9503041]])
+_RGB_TO_XYZ = torch.tensor(
+    [
+        [0.4124564, 0.3575761, 0.1804375],
+        [0.2126729, 0.7151522, 0.0721750],
+        [0.0193339, 0.1191920, 0.9503041],
+    ]
+)
 _WHITE_D65 = torch.tensor([0.95047, 1.0, 1.08883])
+
 
 def rgb_to_lab(x: torch.Tensor) -> torch.Tensor:
     "sRGB images (N, 3, H, W) in [0, 1] -> CIE Lab (D65): L in [0, 100], a and b roughly in [-110, 110]."
-    if x.ndim != 4 or x.shape[1] != 3: raise ValueError(f"rgb_to_lab expects (N, 3, H, W) RGB images; got shape {tuple(x.shape)}")
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise ValueError(f"rgb_to_lab expects (N, 3, H, W) RGB images; got shape {tuple(x.shape)}")
     x = x.float().clamp(0, 1)
     lin = torch.where(x <= 0.04045, x / 12.92, ((x + 0.055) / 1.055) ** 2.4)
-    xyz = torch.einsum("ij,njhw->nihw", _RGB_TO_XYZ.to(x.device), lin) / _WHITE_D65.to(x.device)[:, None, None]
+    xyz = (
+        torch.einsum("ij,njhw->nihw", _RGB_TO_XYZ.to(x.device), lin)
+        / _WHITE_D65.to(x.device)[:, None, None]
+    )
     d = 6 / 29
-    f = torch.where(xyz > d ** 3, xyz.clamp_min(1e-12) ** (1 / 3), xyz / (3 * d * d) + 4 / 29)
-    return torch.stack([116 * f[:, 1] - 16, 500 * (f[:, 0] - f[:, 1]), 200 * (f[:, 1] - f[:, 2])], 1)
+    f = torch.where(xyz > d**3, xyz.clamp_min(1e-12) ** (1 / 3), xyz / (3 * d * d) + 4 / 29)
+    return torch.stack(
+        [116 * f[:, 1] - 16, 500 * (f[:, 0] - f[:, 1]), 200 * (f[:, 1] - f[:, 2])], 1
+    )
+
 
 def lab_to_rgb(lab: torch.Tensor) -> torch.Tensor:
     "CIE Lab (N, 3, H, W) -> sRGB in [0, 1] (out-of-gamut colours clipped). Inverse of `rgb_to_lab`."
@@ -247,72 +358,111 @@ def lab_to_rgb(lab: torch.Tensor) -> torch.Tensor:
     fy = (L + 16) / 116
     f = torch.stack([fy + a / 500, fy, fy - b / 200], 1)
     d = 6 / 29
-    xyz = torch.where(f > d, f ** 3, 3 * d * d * (f - 4 / 29)) * _WHITE_D65.to(lab.device)[:, None, None]
-    lin = torch.einsum("ij,njhw->nihw", torch.linalg.inv(_RGB_TO_XYZ).to(lab.device), xyz).clamp(0, 1)
-    return torch.where(lin <= 0.0031308, 12.92 * lin, 1.055 * lin.clamp_min(1e-12) ** (1 / 2.4) - 0.055).clamp(0, 1)
+    xyz = (
+        torch.where(f > d, f**3, 3 * d * d * (f - 4 / 29))
+        * _WHITE_D65.to(lab.device)[:, None, None]
+    )
+    lin = torch.einsum("ij,njhw->nihw", torch.linalg.inv(_RGB_TO_XYZ).to(lab.device), xyz).clamp(
+        0, 1
+    )
+    return torch.where(
+        lin <= 0.0031308, 12.92 * lin, 1.055 * lin.clamp_min(1e-12) ** (1 / 2.4) - 0.055
+    ).clamp(0, 1)
+
 
 def lightness(x: torch.Tensor) -> torch.Tensor:
     "Lab lightness L/100 in [0, 1], (N, 1, H, W), of RGB (3-channel) or grey (1-channel, read as R=G=B) images."
     if x.ndim != 4 or x.shape[1] not in (1, 3):
         raise ValueError(f"lightness expects (N, 1 or 3, H, W) images; got shape {tuple(x.shape)}")
-    if x.shape[1] == 1: x = x.expand(-1, 3, -1, -1)
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
     return rgb_to_lab(x)[:, :1] / 100
+
 
 class LightnessInput(nn.Module):
     "Wraps a backbone so that it sees only the lightness channel (repeated to its `in_channels`) of RGB or grey images."
+
     def __init__(self, backbone: nn.Module):
         super().__init__()
         self.backbone = backbone
         self.in_channels, self.out_dim = getattr(backbone, "in_channels", 1), feature_dim(backbone)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(lightness(x).expand(-1, self.in_channels, -1, -1))
+
 
 @lru_cache(maxsize=4)
 def _gamut_bins(grid: int) -> torch.Tensor:
     g = torch.linspace(0, 1, 64)
     rgb = torch.stack(torch.meshgrid(g, g, g, indexing="ij"), 0).reshape(1, 3, -1, 1)
-    ab = rgb_to_lab(rgb)[0, 1:, :, 0].T                                   # (64^3, 2)
+    ab = rgb_to_lab(rgb)[0, 1:, :, 0].T  # (64^3, 2)
     return torch.unique(torch.round(ab / grid), dim=0) * grid
+
 
 def ab_bins(grid: int = 10) -> torch.Tensor:
     "Centres (Q, 2) of the (a, b) grid cells of side `grid` reached by some sRGB colour (Zhang et al. 2016 use 313 bins)."
     return _gamut_bins(grid).clone()
 
-def soft_encode_ab(ab: torch.Tensor, bins: torch.Tensor, neighbours: int = 5, sigma: float = 5.0) -> torch.Tensor:
+
+def soft_encode_ab(
+    ab: torch.Tensor, bins: torch.Tensor, neighbours: int = 5, sigma: float = 5.0
+) -> torch.Tensor:
     "Soft targets (N, Q, h, w): each (a, b) spread over its `neighbours` nearest bins with Gaussian weights (sum 1)."
     n, _, h, w = ab.shape
     pts = ab.permute(0, 2, 3, 1).reshape(-1, 2)
-    d2 = torch.cdist(pts, bins.to(ab.device)) ** 2                      # (P, Q)
+    d2 = torch.cdist(pts, bins.to(ab.device)) ** 2  # (P, Q)
     near_d2, near = d2.topk(neighbours, dim=1, largest=False)
-    wts = torch.softmax(-near_d2 / (2 * sigma ** 2), dim=1)
+    wts = torch.softmax(-near_d2 / (2 * sigma**2), dim=1)
     z = torch.zeros_like(d2).scatter_(1, near, wts)
     return z.reshape(n, h, w, -1).permute(0, 3, 1, 2)
 
-def colorization_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+
+def colorization_loss(
+    logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None = None
+) -> torch.Tensor:
     "Per-pixel cross-entropy with soft targets over the Q colour bins (dim 1), optionally rebalanced per pixel; mean."
     per_pixel = -(targets * F.log_softmax(logits, dim=1)).sum(1)
-    if weights is not None: per_pixel = per_pixel * weights
+    if weights is not None:
+        per_pixel = per_pixel * weights
     return per_pixel.mean()
 
-def annealed_mean(logits: torch.Tensor, bins: torch.Tensor, temperature: float = 0.38) -> torch.Tensor:
+
+def annealed_mean(
+    logits: torch.Tensor, bins: torch.Tensor, temperature: float = 0.38
+) -> torch.Tensor:
     "(a, b) maps (N, 2, h, w) from bin logits: the mean of the re-sharpened distribution p^(1/T) (Zhang et al. 2016)."
     p = torch.softmax(F.log_softmax(logits, 1) / temperature, dim=1)
     return torch.einsum("nqhw,qc->nchw", p, bins.to(logits.device))
 
 # %% ../nbs/11_pretext_tasks.ipynb #8b3668c8
 def _colour_error(got: int) -> ValueError:
-    return ValueError(f"colorization needs colour (3-channel RGB) images to make its targets; got {got} channel(s). Use a colour "
-                      "data set: 'colour_shapes' (rendered offline, in ssl_course.pretext) or, when online, 'cifar10' or "
-                      "'stl10', e.g. ssl-course pretrain --method colorization --dataset colour_shapes")
+    return ValueError(
+        f"colorization needs colour (3-channel RGB) images to make its targets; got {got} channel(s). Use a colour "
+        "data set: 'colour_shapes' (rendered offline, in ssl_course.pretext) or, when online, 'cifar10' or "
+        "'stl10', e.g. ssl-course pretrain --method colorization --dataset colour_shapes"
+    )
+
 
 class Colorization(SSLMethod):
     """Colorization as classification (Zhang et al. 2016): the encoder sees the Lab lightness only; a head predicts per
     pixel (at 1/`downsample` resolution) a distribution over in-gamut (a, b) bins; soft targets, class rebalancing with
     a running bin prior (`rebalance` = lambda), annealed-mean decoding. `encoder` (kept for transfer) takes RGB or grey."""
-    def __init__(self, encoder: nn.Module, image_size: int = 28, channels: int = 3, grid: int = 10, downsample: int = 4,
-                 width: int = 32, rebalance: float = 0.5, prior_momentum: float = 0.99, temperature: float = 0.38):
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        image_size: int = 28,
+        channels: int = 3,
+        grid: int = 10,
+        downsample: int = 4,
+        width: int = 32,
+        rebalance: float = 0.5,
+        prior_momentum: float = 0.99,
+        temperature: float = 0.38,
+    ):
         super().__init__()
-        if channels != 3: raise _colour_error(channels)
+        if channels != 3:
+            raise _colour_error(channels)
         self.encoder = encoder if isinstance(encoder, LightnessInput) else LightnessInput(encoder)
         self.image_size, self.downsample, self.rebalance = image_size, downsample, rebalance
         self.prior_momentum, self.temperature, self.width = prior_momentum, temperature, width
@@ -321,47 +471,76 @@ class Colorization(SSLMethod):
         self.register_buffer("prior", torch.full((q,), 1.0 / q))
         self.side = -(-image_size // downsample)
         d = self.encoder.out_dim
-        self.fc = nn.Sequential(nn.Linear(d, width * self.side ** 2), nn.ReLU(inplace=True))
-        self.head = nn.Sequential(nn.Conv2d(width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(inplace=True),
-                                  nn.Conv2d(2 * width, q, 1))
+        self.fc = nn.Sequential(nn.Linear(d, width * self.side**2), nn.ReLU(inplace=True))
+        self.head = nn.Sequential(
+            nn.Conv2d(width, 2 * width, 3, padding=1),
+            nn.BatchNorm2d(2 * width),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(2 * width, q, 1),
+        )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         "Bin logits (N, Q, side, side) from RGB or grey images."
         h = self.fc(self.encoder(x)).view(len(x), self.width, self.side, self.side)
         return self.head(h)
+
     def targets(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         "(soft targets (N, Q, side, side), true (a, b) at that resolution) of RGB images."
-        if x.ndim != 4 or x.shape[1] != 3: raise _colour_error(x.shape[1] if x.ndim == 4 else 0)
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise _colour_error(x.shape[1] if x.ndim == 4 else 0)
         ab = F.adaptive_avg_pool2d(rgb_to_lab(x)[:, 1:], self.side)
         return soft_encode_ab(ab, self.bins), ab
+
     def training_step(self, batch):
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         z, _ = self.targets(x)
         weights = None
         if self.rebalance > 0:
             with torch.no_grad():
-                self.prior.mul_(self.prior_momentum).add_(z.mean((0, 2, 3)), alpha=1 - self.prior_momentum)
+                self.prior.mul_(self.prior_momentum).add_(
+                    z.mean((0, 2, 3)), alpha=1 - self.prior_momentum
+                )
                 w = 1.0 / ((1 - self.rebalance) * self.prior + self.rebalance / len(self.prior))
-                w = w / (self.prior * w).sum()                                 # E_prior[w] = 1
+                w = w / (self.prior * w).sum()  # E_prior[w] = 1
                 weights = w[z.argmax(1)]
         return colorization_loss(self(x), z, weights)
+
     @torch.no_grad()
     def colorize(self, x: torch.Tensor) -> torch.Tensor:
         "RGB images in [0, 1]: the input's own lightness with the predicted (a, b), upsampled to full resolution."
-        was = self.training; self.eval()
+        was = self.training
+        self.eval()
         try:
             ab = annealed_mean(self(x), self.bins, self.temperature)
             ab = F.interpolate(ab, size=x.shape[-2:], mode="bilinear", align_corners=False)
             return lab_to_rgb(torch.cat([lightness(x) * 100, ab], 1))
-        finally: self.train(was)
+        finally:
+            self.train(was)
 
-@register_method("colorization", "Colorization: predict a distribution over colour bins from lightness (colour data only)",
-                 "11_pretext_tasks", "Zhang et al., ECCV 2016, arXiv:1603.08511")
+
+@register_method(
+    "colorization",
+    "Colorization: predict a distribution over colour bins from lightness (colour data only)",
+    "11_pretext_tasks",
+    "Zhang et al., ECCV 2016, arXiv:1603.08511",
+)
 def build_colorization(encoder, image_size: int = 28, channels: int = 3, **kw) -> Colorization:
     return Colorization(encoder, image_size=image_size, channels=channels, **kw)
 
 # %% ../nbs/11_pretext_tasks.ipynb #6a31875c
-SHAPE_CLASSES = ["disc", "square", "triangle", "plus", "ring", "diamond", "ellipse", "x-cross", "crescent", "star"]
-_SHAPES = [                                       # inside-tests in shape coordinates (x right, y down, unit size)
+SHAPE_CLASSES = [
+    "disc",
+    "square",
+    "triangle",
+    "plus",
+    "ring",
+    "diamond",
+    "ellipse",
+    "x-cross",
+    "crescent",
+    "star",
+]
+_SHAPES = [  # inside-tests in shape coordinates (x right, y down, unit size)
     lambda x, y: x * x + y * y < 1,
     lambda x, y: torch.maximum(x.abs(), y.abs()) < 0.8,
     lambda x, y: (y > -0.85) & (y < 0.75) & (x.abs() < (y + 0.85) * 0.62),
@@ -369,24 +548,37 @@ _SHAPES = [                                       # inside-tests in shape coordi
     lambda x, y: (x * x + y * y < 1) & (x * x + y * y > 0.3),
     lambda x, y: x.abs() + y.abs() < 1,
     lambda x, y: x * x + 4 * y * y < 1,
-    lambda x, y: (((x - y).abs() < 0.4) | ((x + y).abs() < 0.4)) & (torch.maximum(x.abs(), y.abs()) < 0.8),
+    lambda x, y: (
+        (((x - y).abs() < 0.4) | ((x + y).abs() < 0.4)) & (torch.maximum(x.abs(), y.abs()) < 0.8)
+    ),
     lambda x, y: (x * x + y * y < 1) & ((x - 0.5) ** 2 + y * y > 0.5625),
     lambda x, y: (x * x + y * y).sqrt() < 0.55 + 0.4 * torch.cos(5 * torch.atan2(y, x)),
 ]
 
+
 def _hsv_to_rgb(h: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     "(m,) hue, saturation, value in [0, 1] -> (m, 3) RGB."
-    i = (h * 6).floor().long() % 6; f = h * 6 - (h * 6).floor()
+    i = (h * 6).floor().long() % 6
+    f = h * 6 - (h * 6).floor()
     p, q, t = v * (1 - s), v * (1 - f * s), v * (1 - (1 - f) * s)
-    table = torch.stack([torch.stack(c, 1) for c in ((v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q))], 1)
+    table = torch.stack(
+        [
+            torch.stack(c, 1)
+            for c in ((v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q))
+        ],
+        1,
+    )
     return table[torch.arange(len(h)), i]
 
-def render_colour_shapes(n: int, image_size: int = 32, seed: int = 0, typical_colour_p: float = 0.75,
-                         split: str = "") -> ImageDataset:
+
+def render_colour_shapes(
+    n: int, image_size: int = 32, seed: int = 0, typical_colour_p: float = 0.75, split: str = ""
+) -> ImageDataset:
     """`n` RGB images (uint8) of 10 kinds of shapes (`SHAPE_CLASSES`, balanced) on striped backgrounds, random position,
     size and angle; the shape's hue is its class's typical hue with probability `typical_colour_p`, random otherwise.
     Rendered at twice the size and averaged down (anti-aliasing). Deterministic given `seed`."""
-    if n < 1 or image_size < 8: raise ValueError(f"need n >= 1 and image_size >= 8; got n={n}, image_size={image_size}")
+    if n < 1 or image_size < 8:
+        raise ValueError(f"need n >= 1 and image_size >= 8; got n={n}, image_size={image_size}")
     g = torch.Generator().manual_seed(seed)
     labels = torch.randperm(n, generator=g) % 10
     s = 2 * image_size
@@ -394,26 +586,42 @@ def render_colour_shapes(n: int, image_size: int = 32, seed: int = 0, typical_co
     u, v = grid.view(1, 1, s), grid.view(1, s, 1)
     out = torch.empty(n, 3, image_size, image_size, dtype=torch.uint8)
     for a in range(0, n, 1000):
-        c = labels[a:a + 1000]; m = len(c)
+        c = labels[a : a + 1000]
+        m = len(c)
         r = lambda lo, hi, *shape: torch.empty(shape or (m, 1, 1)).uniform_(lo, hi, generator=g)
         cx, cy, sc, th = r(-0.2, 0.2), r(-0.2, 0.2), r(0.5, 0.75), r(-0.4, 0.4)
         x = ((u - cx) * th.cos() + (v - cy) * th.sin()) / sc
         y = (-(u - cx) * th.sin() + (v - cy) * th.cos()) / sc
         mask = torch.zeros(m, s, s, dtype=torch.bool)
-        for k in c.unique().tolist(): mask[c == k] = _SHAPES[k](x[c == k], y[c == k])
+        for k in c.unique().tolist():
+            mask[c == k] = _SHAPES[k](x[c == k], y[c == k])
         typical = r(0, 1, m) < typical_colour_p
         hue = torch.where(typical, c / 10 + 0.025 * torch.randn(m, generator=g), r(0, 1, m)) % 1
         fg = _hsv_to_rgb(hue, r(0.55, 1, m), r(0.55, 1, m))
         bg = _hsv_to_rgb((hue + r(0.25, 0.75, m)) % 1, r(0.0, 0.4, m), r(0.15, 0.55, m))
         freq, phase, ang = r(2, 6), r(0, 2 * math.pi), r(0, math.pi)
-        stripes = 1 + 0.12 * torch.sin(math.pi * freq * (u * ang.cos() + v * ang.sin()) + phase)   # background texture
-        shade = (1 + 0.1 * (x - y)).clamp(0.6, 1.2)                                                   # light from the top left
-        img = torch.where(mask[:, None], fg[:, :, None, None] * shade[:, None], bg[:, :, None, None] * stripes[:, None])
-        out[a:a + m] = (F.avg_pool2d(img, 2) * 255).round().clamp(0, 255).to(torch.uint8)
+        stripes = 1 + 0.12 * torch.sin(
+            math.pi * freq * (u * ang.cos() + v * ang.sin()) + phase
+        )  # background texture
+        shade = (1 + 0.1 * (x - y)).clamp(0.6, 1.2)  # light from the top left
+        img = torch.where(
+            mask[:, None],
+            fg[:, :, None, None] * shade[:, None],
+            bg[:, :, None, None] * stripes[:, None],
+        )
+        out[a : a + m] = (F.avg_pool2d(img, 2) * 255).round().clamp(0, 255).to(torch.uint8)
     return ImageDataset(out, labels, SHAPE_CLASSES, "colour_shapes", split)
 
-@register_dataset("colour_shapes", "image", ("train", "test"), "rendered on the fly with numpy (no download)",
-                  "10,000 train / 2,000 test 32x32 colour images of 10 kinds of shapes, each kind with a typical hue",
-                  "rendered by ssl_course.pretext (this course)")
+
+@register_dataset(
+    "colour_shapes",
+    "image",
+    ("train", "test"),
+    "rendered on the fly with numpy (no download)",
+    "10,000 train / 2,000 test 32x32 colour images of 10 kinds of shapes, each kind with a typical hue",
+    "rendered by ssl_course.pretext (this course)",
+)
 def _load_colour_shapes(split, data_dir=None, download=None):
-    return render_colour_shapes(10000 if split == "train" else 2000, 32, seed=0 if split == "train" else 1, split=split)
+    return render_colour_shapes(
+        10000 if split == "train" else 2000, 32, seed=0 if split == "train" else 1, split=split
+    )

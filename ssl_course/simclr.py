@@ -14,7 +14,12 @@ import torch.nn.functional as F
 from .augment import BatchAugment
 from .backbones import mlp
 from .backbones import feature_dim
-from .train import SSLMethod, all_gather_with_grad, get_rank, get_world_size, register_method
+from ssl_course.train import (
+    SSLMethod,
+    all_gather_with_grad,
+    get_rank,
+    register_method,
+)
 
 # %% auto #0
 __all__ = ['nt_xent_loss', 'default_augment', 'SimCLR', 'build_simclr']
@@ -26,14 +31,19 @@ def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -
     `z1[i]` and `z2[i]` are projections of two views of image i. Under DDP the keys are gathered
     from every process (with gradients), so negatives come from the global batch."""
     if z1.shape != z2.shape or z1.ndim != 2:
-        raise ValueError(f"z1 and z2 must both be (N, D) with the same shape; got {tuple(z1.shape)} and {tuple(z2.shape)}")
-    if z1.shape[0] < 2: raise ValueError("NT-Xent needs at least 2 images per batch (otherwise there are no negatives)")
+        raise ValueError(
+            f"z1 and z2 must both be (N, D) with the same shape; got {tuple(z1.shape)} and {tuple(z2.shape)}"
+        )
+    if z1.shape[0] < 2:
+        raise ValueError(
+            "NT-Xent needs at least 2 images per batch (otherwise there are no negatives)"
+        )
     z1, z2 = F.normalize(z1.float(), dim=1), F.normalize(z2.float(), dim=1)
     n = z1.shape[0]
     k1, k2 = all_gather_with_grad(z1), all_gather_with_grad(z2)
     big_n, offset = k1.shape[0], get_rank() * n
     keys, anchors = torch.cat([k1, k2]), torch.cat([z1, z2])
-    logits = anchors @ keys.T / temperature                      # (2n, 2N)
+    logits = anchors @ keys.T / temperature  # (2n, 2N)
     idx = torch.arange(n, device=z1.device) + offset
     self_idx, pos_idx = torch.cat([idx, idx + big_n]), torch.cat([idx + big_n, idx])
     logits = logits.masked_fill(F.one_hot(self_idx, 2 * big_n).bool(), float("-inf"))
@@ -43,32 +53,58 @@ def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -
 def default_augment(image_size: int, channels: int) -> BatchAugment:
     "Course defaults: SimCLR's recipe, gentler crops for tiny images, blur only from 64 px up (as in the paper's CIFAR runs)."
     small = image_size <= 32
-    return BatchAugment(image_size, crop_scale=(0.35, 1.0) if image_size <= 28 else (0.08 if not small else 0.2, 1.0),
-                        jitter_strength=0.5, gray_p=0.2 if channels == 3 else 0.0, blur_p=0.0 if small else 0.5)
+    return BatchAugment(
+        image_size,
+        crop_scale=(0.35, 1.0) if image_size <= 28 else (0.08 if not small else 0.2, 1.0),
+        jitter_strength=0.5,
+        gray_p=0.2 if channels == 3 else 0.0,
+        blur_p=0.0 if small else 0.5,
+    )
+
 
 class SimCLR(SSLMethod):
     "SimCLR (Chen et al. 2020): encoder + MLP projection head trained with `nt_xent_loss` on two augmented views."
-    sync_batchnorm = True     # the paper's "global BN" (sec. 2.2): BN statistics over all devices under multi-GPU DDP
-    def __init__(self, encoder: nn.Module, image_size: int = 28, channels: int = 1, proj_dim: int = 128,
-                 hidden_dim: int | None = None, temperature: float = 0.5, augment: nn.Module | None = None):
+
+    sync_batchnorm = True  # the paper's "global BN" (sec. 2.2): BN statistics over all devices under multi-GPU DDP
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        image_size: int = 28,
+        channels: int = 1,
+        proj_dim: int = 128,
+        hidden_dim: int | None = None,
+        temperature: float = 0.5,
+        augment: nn.Module | None = None,
+    ):
         super().__init__()
         d = feature_dim(encoder)
         self.encoder, self.temperature = encoder, temperature
         self.projector = mlp(d, hidden_dim or d, proj_dim, layers=2, bn=True)
         self.augment = augment if augment is not None else default_augment(image_size, channels)
+
     def views(self, batch):
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        if isinstance(x, (tuple, list)): return x[0], x[1]          # pre-made views (MultiViewDataset)
+        if isinstance(x, (tuple, list)):
+            return x[0], x[1]  # pre-made views (MultiViewDataset)
         return self.augment(x), self.augment(x)
+
     def training_step(self, batch):
         v1, v2 = self.views(batch)
         n = v1.shape[0]
-        z = self.projector(self.encoder(torch.cat([v1, v2])))       # one pass: batch norm sees both views
+        z = self.projector(
+            self.encoder(torch.cat([v1, v2]))
+        )  # one pass: batch norm sees both views
         z1, z2 = z[:n], z[n:]
         loss = nt_xent_loss(z1, z2, self.temperature)
         return {"loss": loss, "pos_cos": F.cosine_similarity(z1.detach(), z2.detach()).mean()}
 
-@register_method("simclr", "SimCLR: contrastive NT-Xent over two augmented views", "12_simclr",
-                 "Chen et al., ICML 2020, arXiv:2002.05709")
+
+@register_method(
+    "simclr",
+    "SimCLR: contrastive NT-Xent over two augmented views",
+    "12_simclr",
+    "Chen et al., ICML 2020, arXiv:2002.05709",
+)
 def build_simclr(encoder, image_size: int = 28, channels: int = 1, **kw) -> SimCLR:
     return SimCLR(encoder, image_size=image_size, channels=channels, **kw)

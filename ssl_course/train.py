@@ -18,7 +18,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -38,11 +38,20 @@ __all__ = ['METHODS', 'CKPT_FORMAT', 'SSLMethod', 'MethodInfo', 'register_method
 # %% ../nbs/04_train.ipynb #4ce5f2b8
 class SSLMethod(nn.Module):
     "Base class for a method trained by `fit`: set `self.encoder`, implement `training_step(batch)`."
+
     encoder: nn.Module
-    sync_batchnorm: bool = False      # True: `fit` uses synchronised (global) batch norm under multi-GPU DDP
+    sync_batchnorm: bool = (
+        False  # True: `fit` uses synchronised (global) batch norm under multi-GPU DDP
+    )
+
     def training_step(self, batch) -> torch.Tensor | dict:
-        raise NotImplementedError("a method must implement training_step(batch) -> loss or {'loss': ...}")
-    def on_step_end(self, step: int, total_steps: int) -> None: pass
+        raise NotImplementedError(
+            "a method must implement training_step(batch) -> loss or {'loss': ...}"
+        )
+
+    def on_step_end(self, step: int, total_steps: int) -> None:
+        pass
+
 
 @dataclass
 class MethodInfo:
@@ -51,56 +60,93 @@ class MethodInfo:
     description: str
     chapter: str = ""
     paper: str = ""
-    modality: str = "image"        # image | text | audio | image-text: which datasets `ssl-course pretrain` feeds it
-    dataset: str = ""              # default dataset for the CLI ("" = the profile's dataset)
+    modality: str = (
+        "image"  # image | text | audio | image-text: which datasets `ssl-course pretrain` feeds it
+    )
+    dataset: str = ""  # default dataset for the CLI ("" = the profile's dataset)
+
 
 METHODS: dict[str, MethodInfo] = {}
 
-def register_method(name: str, description: str, chapter: str = "", paper: str = "",
-                    modality: str = "image", dataset: str = ""):
+
+def register_method(
+    name: str,
+    description: str,
+    chapter: str = "",
+    paper: str = "",
+    modality: str = "image",
+    dataset: str = "",
+):
     """Decorator: register a builder under `name` for `ssl-course pretrain` and the transfer chapters.
 
     Image methods: `build(encoder, image_size=..., channels=..., **kwargs) -> method`. Other modalities
     receive `encoder=None` plus `data=` (the training dataset) and build their own encoder."""
+
     def deco(build):
         METHODS[name] = MethodInfo(name, build, description, chapter, paper, modality, dataset)
         return build
+
     return deco
 
-def list_methods() -> list[MethodInfo]: return list(METHODS.values())
+
+def list_methods() -> list[MethodInfo]:
+    return list(METHODS.values())
+
 
 def build_method(name: str, encoder: nn.Module, **kwargs) -> nn.Module:
     "Build registered method `name` around `encoder`."
     if name not in METHODS:
-        raise KeyError(f"unknown method {name!r}; registered: {', '.join(sorted(METHODS)) or 'none'} "
-                       "(import the chapter module that defines it, e.g. ssl_course.pretext)")
+        raise KeyError(
+            f"unknown method {name!r}; registered: {', '.join(sorted(METHODS)) or 'none'} "
+            "(import the chapter module that defines it, e.g. ssl_course.pretext)"
+        )
     return METHODS[name].build(encoder, **kwargs)
 
 # %% ../nbs/04_train.ipynb #fcca19c4
-def lr_at(step: int, total_steps: int, base_lr: float, warmup_steps: int = 0, min_lr: float = 0.0,
-          schedule: str = "cosine") -> float:
+def lr_at(
+    step: int,
+    total_steps: int,
+    base_lr: float,
+    warmup_steps: int = 0,
+    min_lr: float = 0.0,
+    schedule: str = "cosine",
+) -> float:
     "Learning rate at `step` (0-based): linear warm-up over `warmup_steps`, then cosine (or constant) decay to `min_lr`."
-    if warmup_steps > 0 and step < warmup_steps: return base_lr * (step + 1) / warmup_steps
-    if schedule == "constant": return base_lr
-    if schedule != "cosine": raise ValueError(f"unknown schedule {schedule!r}; use 'cosine' or 'constant'")
+    if warmup_steps > 0 and step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    if schedule == "constant":
+        return base_lr
+    if schedule != "cosine":
+        raise ValueError(f"unknown schedule {schedule!r}; use 'cosine' or 'constant'")
     t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return min_lr + 0.5 * (base_lr - min_lr) * (1 + math.cos(math.pi * min(1.0, t)))
 
 # %% ../nbs/04_train.ipynb #9edff53f
-def is_distributed() -> bool: return dist.is_available() and dist.is_initialized()
-def get_rank() -> int: return dist.get_rank() if is_distributed() else 0
-def get_world_size() -> int: return dist.get_world_size() if is_distributed() else 1
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
 
 def setup_distributed(device: torch.device | None = None) -> torch.device | None:
     "Initialise the process group when launched by torchrun (WORLD_SIZE > 1); return this rank's device."
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1: return device
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return device
     use_cuda = torch.cuda.is_available() and (device is None or device.type == "cuda")
     if not is_distributed():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     if use_cuda:
-        local = int(os.environ.get("LOCAL_RANK", 0)); torch.cuda.set_device(local)
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
         return torch.device("cuda", local)
     return torch.device("cpu")
+
 
 class _GatherWithGrad(torch.autograd.Function):
     @staticmethod
@@ -108,24 +154,32 @@ class _GatherWithGrad(torch.autograd.Function):
         out = [torch.zeros_like(x) for _ in range(dist.get_world_size())]
         dist.all_gather(out, x.contiguous())
         return torch.cat(out, 0)
+
     @staticmethod
     def backward(ctx, grad):
         # Every process computed the loss over the gathered batch; sum their gradients, keep our slice.
         grad = grad.contiguous()
         dist.all_reduce(grad)
         n = grad.shape[0] // dist.get_world_size()
-        return grad[dist.get_rank() * n:(dist.get_rank() + 1) * n]
+        return grad[dist.get_rank() * n : (dist.get_rank() + 1) * n]
+
 
 def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     "Concatenate `x` from every process along dim 0, differentiably (identity when not distributed)."
     return _GatherWithGrad.apply(x) if get_world_size() > 1 else x
 
+
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     "Average `x` over processes (no gradient); identity when not distributed."
-    if get_world_size() == 1: return x
-    x = x.detach().clone(); dist.all_reduce(x); return x / get_world_size()
+    if get_world_size() == 1:
+        return x
+    x = x.detach().clone()
+    dist.all_reduce(x)
+    return x / get_world_size()
+
 
 _SYNC_BN_WARNED = False
+
 
 def maybe_sync_batchnorm(method: nn.Module, device: torch.device, world: int) -> nn.Module:
     """Convert every batch norm of `method` to `nn.SyncBatchNorm` when it runs on `world` > 1 CUDA processes and its
@@ -135,77 +189,121 @@ def maybe_sync_batchnorm(method: nn.Module, device: torch.device, world: int) ->
     after, and before the DDP wrapper. `SyncBatchNorm` runs only on CUDA: on CPU (gloo) the method is returned
     unchanged with a warning, once per process, that the batch-norm statistics stay per process."""
     global _SYNC_BN_WARNED
-    if world <= 1 or not getattr(method, "sync_batchnorm", False): return method
-    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in method.modules()): return method
-    if torch.device(device).type == "cuda": return nn.SyncBatchNorm.convert_sync_batchnorm(method)
+    if world <= 1 or not getattr(method, "sync_batchnorm", False):
+        return method
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in method.modules()):
+        return method
+    if torch.device(device).type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(method)
     if not _SYNC_BN_WARNED:
         _SYNC_BN_WARNED = True
-        warnings.warn(f"{type(method).__name__} asks for synchronised batch norm, but SyncBatchNorm needs CUDA: on "
-                      f"{torch.device(device).type} with {world} processes the BN statistics stay per process "
-                      "(each normalises over its own slice of the global batch)")
+        warnings.warn(
+            f"{type(method).__name__} asks for synchronised batch norm, but SyncBatchNorm needs CUDA: on "
+            f"{torch.device(device).type} with {world} processes the BN statistics stay per process "
+            "(each normalises over its own slice of the global batch)"
+        )
     return method
 
 # %% ../nbs/04_train.ipynb #89196d88
 class CheckpointError(RuntimeError):
     "A checkpoint is missing, corrupt, or not in the course's safetensors format."
 
+
 CKPT_FORMAT = 1
+
 
 def _fsync_dir(path: Path):
     try:
-        fd = os.open(path, os.O_RDONLY); os.fsync(fd); os.close(fd)
-    except OSError: pass
+        fd = os.open(path, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+    except OSError:
+        pass
+
 
 def _write_json_atomic(path: Path, obj) -> None:
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".tmp-", dir=path.parent)
     with os.fdopen(fd, "w") as f:
-        json.dump(obj, f); f.flush(); os.fsync(f.fileno())
+        json.dump(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+
 
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        for b in iter(lambda: f.read(1 << 20), b""): h.update(b)
+        for b in iter(lambda: f.read(1 << 20), b""):
+            h.update(b)
     return h.hexdigest()
+
 
 def _optimizer_to_flat(opt: torch.optim.Optimizer):
     sd = opt.state_dict()
     tensors, plain = {}, {}
     for pid, st in sd["state"].items():
         for k, v in st.items():
-            if torch.is_tensor(v): tensors[f"optim.{pid}.{k}"] = v.detach().cpu().contiguous()
-            else: plain.setdefault(str(pid), {})[k] = v
+            if torch.is_tensor(v):
+                tensors[f"optim.{pid}.{k}"] = v.detach().cpu().contiguous()
+            else:
+                plain.setdefault(str(pid), {})[k] = v
     return tensors, {"param_groups": sd["param_groups"], "plain_state": plain}
+
 
 def _optimizer_from_flat(opt: torch.optim.Optimizer, tensors: dict, meta: dict):
     state: dict = {}
     for key, v in tensors.items():
         if key.startswith("optim."):
-            _, pid, k = key.split(".", 2); state.setdefault(int(pid), {})[k] = v
-    for pid, d in meta.get("plain_state", {}).items(): state.setdefault(int(pid), {}).update(d)
+            _, pid, k = key.split(".", 2)
+            state.setdefault(int(pid), {})[k] = v
+    for pid, d in meta.get("plain_state", {}).items():
+        state.setdefault(int(pid), {}).update(d)
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
 
 def _rng_state() -> tuple[dict, dict]:
     tensors = {"rng.torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()): tensors[f"rng.cuda.{i}"] = s
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
     npst = np.random.get_state()
     py = random.getstate()
-    return tensors, {"numpy": [npst[0], npst[1].tolist(), int(npst[2]), int(npst[3]), float(npst[4])],
-                     "python": [py[0], list(py[1]), py[2]]}
+    return tensors, {
+        "numpy": [npst[0], npst[1].tolist(), int(npst[2]), int(npst[3]), float(npst[4])],
+        "python": [py[0], list(py[1]), py[2]],
+    }
+
 
 def _set_rng_state(tensors: dict, meta: dict):
     torch.set_rng_state(tensors["rng.torch"])
-    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("rng.cuda.")), key=lambda k: int(k.rsplit(".", 1)[1]))]
-    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count(): torch.cuda.set_rng_state_all(cuda)
-    n = meta["numpy"]; np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
-    p = meta["python"]; random.setstate((p[0], tuple(p[1]), p[2]))
+    cuda = [
+        tensors[k]
+        for k in sorted(
+            (k for k in tensors if k.startswith("rng.cuda.")),
+            key=lambda k: int(k.rsplit(".", 1)[1]),
+        )
+    ]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    n = meta["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+    p = meta["python"]
+    random.setstate((p[0], tuple(p[1]), p[2]))
 
-def save_checkpoint(ckpt_dir: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                    state: dict | None = None, keep: int = 2) -> Path:
+
+def save_checkpoint(
+    ckpt_dir: str | Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    state: dict | None = None,
+    keep: int = 2,
+) -> Path:
     "Write `step-XXXXXXXX/` atomically into `ckpt_dir`, point `latest` at it, keep the newest `keep` checkpoints."
     from safetensors.torch import save_file, save_model
-    ckpt_dir = Path(ckpt_dir); ckpt_dir.mkdir(parents=True, exist_ok=True)
+
+    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:08d}"
     tmp = Path(tempfile.mkdtemp(prefix=name + ".tmp-", dir=ckpt_dir))
     try:
@@ -213,29 +311,41 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, model: nn.Module, optimizer
         tensors, rng_meta = _rng_state()
         meta = {"format": CKPT_FORMAT, "step": step, "rng": rng_meta, **(state or {})}
         if optimizer is not None:
-            ot, ometa = _optimizer_to_flat(optimizer); tensors.update(ot); meta["optimizer"] = ometa
+            ot, ometa = _optimizer_to_flat(optimizer)
+            tensors.update(ot)
+            meta["optimizer"] = ometa
         save_file(tensors, str(tmp / "state.safetensors"))
         meta["sha256"] = {f: _sha256(tmp / f) for f in ("model.safetensors", "state.safetensors")}
         _write_json_atomic(tmp / "state.json", meta)
         final = ckpt_dir / name
-        if final.exists(): shutil.rmtree(final)
+        if final.exists():
+            shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(ckpt_dir)
     finally:
-        if tmp.exists(): shutil.rmtree(tmp, ignore_errors=True)
-    (ckpt_dir / "latest.tmp").write_text(name); os.replace(ckpt_dir / "latest.tmp", ckpt_dir / "latest")
-    for old in sorted(p for p in ckpt_dir.glob("step-*") if p.is_dir() and ".tmp-" not in p.name)[:-keep or None]:
-        if old.name != name: shutil.rmtree(old, ignore_errors=True)
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    (ckpt_dir / "latest.tmp").write_text(name)
+    os.replace(ckpt_dir / "latest.tmp", ckpt_dir / "latest")
+    for old in sorted(p for p in ckpt_dir.glob("step-*") if p.is_dir() and ".tmp-" not in p.name)[
+        : -keep or None
+    ]:
+        if old.name != name:
+            shutil.rmtree(old, ignore_errors=True)
     return final
+
 
 def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
     "The newest complete checkpoint folder in `ckpt_dir`, or None."
     ckpt_dir = Path(ckpt_dir)
-    if not ckpt_dir.is_dir(): return None
+    if not ckpt_dir.is_dir():
+        return None
     ptr = ckpt_dir / "latest"
     if ptr.is_file() and (ckpt_dir / ptr.read_text().strip() / "state.json").is_file():
         return ckpt_dir / ptr.read_text().strip()
-    done = sorted(p for p in ckpt_dir.glob("step-*") if ".tmp-" not in p.name and (p / "state.json").is_file())
+    done = sorted(
+        p for p in ckpt_dir.glob("step-*") if ".tmp-" not in p.name and (p / "state.json").is_file()
+    )
     return done[-1] if done else None
 
 # %% ../nbs/04_train.ipynb #5696cfbb
@@ -243,23 +353,35 @@ def _check_ckpt_path(path: str | Path) -> Path:
     path = Path(path)
     if path.is_file():
         if path.suffix != ".safetensors":
-            raise CheckpointError(f"{path} is not a safetensors file. The course never unpickles files "
-                                  "(torch.load/pickle can run code hidden in them); convert trusted weights with "
-                                  "safetensors.torch.save_file(state_dict, 'model.safetensors').")
+            raise CheckpointError(
+                f"{path} is not a safetensors file. The course never unpickles files "
+                "(torch.load/pickle can run code hidden in them); convert trusted weights with "
+                "safetensors.torch.save_file(state_dict, 'model.safetensors')."
+            )
         return path
     if path.is_dir():
-        if (path / "state.json").is_file() or (path / "model.safetensors").is_file(): return path
+        if (path / "state.json").is_file() or (path / "model.safetensors").is_file():
+            return path
         found = latest_checkpoint(path)
-        if found: return found
-    raise CheckpointError(f"no checkpoint at {path}: expected a step-* folder, a folder of them, or a .safetensors file")
+        if found:
+            return found
+    raise CheckpointError(
+        f"no checkpoint at {path}: expected a step-* folder, a folder of them, or a .safetensors file"
+    )
+
 
 def _load_tensors(file: Path) -> dict:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
-    try: return load_file(str(file))
+
+    try:
+        return load_file(str(file))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{file} is corrupt or not a safetensors file ({e}); delete that checkpoint folder "
-                              "and resume from an older one (or start again)") from None
+        raise CheckpointError(
+            f"{file} is corrupt or not a safetensors file ({e}); delete that checkpoint folder "
+            "and resume from an older one (or start again)"
+        ) from None
+
 
 def load_weights(model: nn.Module, path: str | Path, strict: bool = True) -> nn.Module:
     "Load parameters from a checkpoint folder or a `.safetensors` file into `model` (never unpickles)."
@@ -273,8 +395,11 @@ def load_weights(model: nn.Module, path: str | Path, strict: bool = True) -> nn.
     # save_model drops duplicates of tied tensors; those show up as "missing" but are filled through the tie.
     real_missing = [k for k in missing if not _is_tied_alias(model, k, sd)]
     if strict and (real_missing or unexpected):
-        raise CheckpointError(f"{file} does not fit this model: missing {real_missing[:5]}, unexpected {list(unexpected)[:5]}")
+        raise CheckpointError(
+            f"{file} does not fit this model: missing {real_missing[:5]}, unexpected {list(unexpected)[:5]}"
+        )
     return model
+
 
 def _is_tied_alias(model: nn.Module, key: str, sd: dict) -> bool:
     "True when `key` names a tensor that shares storage with a tensor saved under another name."
@@ -282,60 +407,102 @@ def _is_tied_alias(model: nn.Module, key: str, sd: dict) -> bool:
     ptr = msd[key].data_ptr()
     return any(k in sd and msd[k].data_ptr() == ptr for k in msd if k != key)
 
-def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                    restore_rng: bool = True) -> dict:
+
+def load_checkpoint(
+    path: str | Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    restore_rng: bool = True,
+) -> dict:
     "Restore `model` (and `optimizer`, RNG states) from a checkpoint folder; return its JSON state."
     path = _check_ckpt_path(path)
-    if path.is_file(): load_weights(model, path); return {}
-    try: meta = json.loads((path / "state.json").read_text())
+    if path.is_file():
+        load_weights(model, path)
+        return {}
+    try:
+        meta = json.loads((path / "state.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}/state.json is unreadable ({e}); delete {path} and resume from an older checkpoint") from None
+        raise CheckpointError(
+            f"{path}/state.json is unreadable ({e}); delete {path} and resume from an older checkpoint"
+        ) from None
     for f, h in meta.get("sha256", {}).items():
         if not (path / f).is_file() or _sha256(path / f) != h:
-            raise CheckpointError(f"{path / f} is missing or does not match its recorded SHA-256 (corrupt); "
-                                  f"delete {path} and resume from an older checkpoint")
+            raise CheckpointError(
+                f"{path / f} is missing or does not match its recorded SHA-256 (corrupt); "
+                f"delete {path} and resume from an older checkpoint"
+            )
     load_weights(model, path)
     tensors = _load_tensors(path / "state.safetensors")
-    if optimizer is not None and "optimizer" in meta: _optimizer_from_flat(optimizer, tensors, meta["optimizer"])
-    if restore_rng: _set_rng_state(tensors, meta["rng"])
+    if optimizer is not None and "optimizer" in meta:
+        _optimizer_from_flat(optimizer, tensors, meta["optimizer"])
+    if restore_rng:
+        _set_rng_state(tensors, meta["rng"])
     return meta
 
 # %% ../nbs/04_train.ipynb #1f349972
 class History:
     "Rows of logged scalars, one per logged step; `history['loss']` is a column."
-    def __init__(self, rows: list | None = None): self.rows = list(rows or [])
-    def append(self, row: dict): self.rows.append(row)
-    def __len__(self): return len(self.rows)
-    def __getitem__(self, key): return [r[key] for r in self.rows if key in r]
+
+    def __init__(self, rows: list | None = None):
+        self.rows = list(rows or [])
+
+    def append(self, row: dict):
+        self.rows.append(row)
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, key):
+        return [r[key] for r in self.rows if key in r]
+
     @property
-    def last(self) -> dict: return self.rows[-1] if self.rows else {}
+    def last(self) -> dict:
+        return self.rows[-1] if self.rows else {}
+
     def smoothed(self, key: str = "loss", window: int = 20) -> list[float]:
         v = np.asarray(self[key], dtype=float)
-        if len(v) == 0: return []
+        if len(v) == 0:
+            return []
         k = max(1, min(window, len(v)))
         return list(np.convolve(v, np.ones(k) / k, mode="valid"))
+
     def plot(self, keys: Sequence[str] = ("loss",), ax=None, smooth: int = 10):
         import matplotlib.pyplot as plt
+
         ax = ax or plt.subplots(figsize=(5, 2.5))[1]
         for k in keys:
             steps = [r["step"] for r in self.rows if k in r]
             ax.plot(steps, self[k], alpha=0.3 if smooth > 1 else 1)
-            if smooth > 1 and len(steps) >= smooth: ax.plot(steps[smooth - 1:], self.smoothed(k, smooth), label=k)
+            if smooth > 1 and len(steps) >= smooth:
+                ax.plot(steps[smooth - 1 :], self.smoothed(k, smooth), label=k)
         ax.set_xlabel("step")
-        if smooth <= 1: ax.legend(list(keys))
-        else: ax.legend()
+        if smooth <= 1:
+            ax.legend(list(keys))
+        else:
+            ax.legend()
         return ax
-    def __repr__(self): return f"History({len(self)} rows, last={self.last})"
+
+    def __repr__(self):
+        return f"History({len(self)} rows, last={self.last})"
+
 
 class Callback:
     "Hooks called by `fit`; `trainer` exposes method, optimizer, step, total_steps, history, device, stop."
-    def on_fit_start(self, trainer): pass
-    def on_step_end(self, trainer, logs: dict): pass
-    def on_fit_end(self, trainer): pass
+
+    def on_fit_start(self, trainer):
+        pass
+
+    def on_step_end(self, trainer, logs: dict):
+        pass
+
+    def on_fit_end(self, trainer):
+        pass
+
 
 @dataclass
 class Trainer:
     "The loop's state, as seen by callbacks."
+
     method: nn.Module
     optimizer: torch.optim.Optimizer
     total_steps: int
@@ -345,64 +512,138 @@ class Trainer:
     stop: bool = False
     extra: dict = field(default_factory=dict)
 
+
 class NonFiniteLossError(FloatingPointError):
     "The loss became NaN or infinite; the message says at which step and what to try."
 
 # %% ../nbs/04_train.ipynb #eb5466cf
-def epoch_batches(n: int, global_batch: int, seed: int, epoch: int, rank: int = 0, world: int = 1,
-                  drop_last: bool = True) -> list[list[int]]:
+def epoch_batches(
+    n: int,
+    global_batch: int,
+    seed: int,
+    epoch: int,
+    rank: int = 0,
+    world: int = 1,
+    drop_last: bool = True,
+) -> list[list[int]]:
     "Index lists of one epoch: a seeded permutation cut into global batches; this rank's slice of each."
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     perm = torch.randperm(n, generator=g).tolist()
     stop = n - n % global_batch if drop_last else n
     per = global_batch // world
-    return [perm[i:i + global_batch][rank * per:(rank + 1) * per] for i in range(0, stop, global_batch)]
+    return [
+        perm[i : i + global_batch][rank * per : (rank + 1) * per]
+        for i in range(0, stop, global_batch)
+    ]
+
 
 def to_device(batch, device, non_blocking: bool = True):
     "Move tensors in (nested) lists, tuples and dicts to `device`."
-    if torch.is_tensor(batch): return batch.to(device, non_blocking=non_blocking)
-    if isinstance(batch, (list, tuple)): return type(batch)(to_device(b, device, non_blocking) for b in batch)
-    if isinstance(batch, dict): return {k: to_device(v, device, non_blocking) for k, v in batch.items()}
+    if torch.is_tensor(batch):
+        return batch.to(device, non_blocking=non_blocking)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(b, device, non_blocking) for b in batch)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device, non_blocking) for k, v in batch.items()}
     return batch
 
 # %% ../nbs/04_train.ipynb #20ea61a8
 class _StepModule(nn.Module):
     "Wraps a method so DDP/compile see `training_step` as `forward`."
-    def __init__(self, method): super().__init__(); self.method = method
-    def forward(self, batch): return self.method.training_step(batch)
+
+    def __init__(self, method):
+        super().__init__()
+        self.method = method
+
+    def forward(self, batch):
+        return self.method.training_step(batch)
+
 
 def default_param_groups(method: nn.Module, weight_decay: float) -> list[dict]:
     "Two groups: decay for >=2-D tensors (weights, kernels), none for biases and norm parameters."
     decay, no_decay = [], []
     for p in method.parameters():
-        if p.requires_grad: (decay if p.ndim >= 2 else no_decay).append(p)
-    return [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [
+        g
+        for g in (
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        )
+        if g["params"]
+    ]
 
-def make_optimizer(method: nn.Module, name: str = "adamw", lr: float = 1e-3, weight_decay: float = 0.0,
-                   momentum: float = 0.9, betas=(0.9, 0.999)) -> torch.optim.Optimizer:
+
+def make_optimizer(
+    method: nn.Module,
+    name: str = "adamw",
+    lr: float = 1e-3,
+    weight_decay: float = 0.0,
+    momentum: float = 0.9,
+    betas=(0.9, 0.999),
+) -> torch.optim.Optimizer:
     "AdamW or SGD over the method's `param_groups()` (or `default_param_groups`)."
-    groups = method.param_groups() if hasattr(method, "param_groups") else default_param_groups(method, weight_decay)
-    for g in groups: g.setdefault("weight_decay", weight_decay); g.setdefault("lr_scale", 1.0); g["lr"] = lr * g["lr_scale"]
-    if not any(len(g["params"]) for g in groups): raise ValueError("the method has no trainable parameters")
-    if name == "adamw": return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas))
-    if name == "sgd": return torch.optim.SGD(groups, lr=lr, momentum=momentum)
+    groups = (
+        method.param_groups()
+        if hasattr(method, "param_groups")
+        else default_param_groups(method, weight_decay)
+    )
+    for g in groups:
+        g.setdefault("weight_decay", weight_decay)
+        g.setdefault("lr_scale", 1.0)
+        g["lr"] = lr * g["lr_scale"]
+    if not any(len(g["params"]) for g in groups):
+        raise ValueError("the method has no trainable parameters")
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas))
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum)
     raise ValueError(f"unknown optimizer {name!r}; use 'adamw' or 'sgd'")
 
+
 def _autocast(device: torch.device, amp: str):
-    if amp == "auto": amp = "bf16" if device.type == "cuda" else "off"
-    if amp == "off": return torch.autocast(device.type, enabled=False)
-    if amp == "bf16": return torch.autocast(device.type, dtype=torch.bfloat16)
+    if amp == "auto":
+        amp = "bf16" if device.type == "cuda" else "off"
+    if amp == "off":
+        return torch.autocast(device.type, enabled=False)
+    if amp == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     raise ValueError(f"amp must be 'auto', 'bf16' or 'off'; got {amp!r}")
 
-def fit(method: nn.Module, data: Dataset, *, steps: int | None = None, epochs: int | None = None,
-        batch_size: int = 256, lr: float = 1e-3, weight_decay: float = 0.0, optimizer: str = "adamw",
-        momentum: float = 0.9, betas=(0.9, 0.999), warmup: float | int = 0.05, min_lr: float = 0.0,
-        schedule: str = "cosine", amp: str = "auto", compile: bool = False, grad_clip: float | None = None,
-        callbacks: Sequence[Callback] = (), checkpoint_dir: str | Path | None = None,
-        checkpoint_every: int | None = None, keep_checkpoints: int = 2, resume: bool = False,
-        device: str | torch.device | None = None, seed: int | None = None, num_workers: int | None = None,
-        collate_fn: Callable | None = None, progress: bool = True, log_every: int = 1,
-        find_unused_parameters: bool = False, desc: str | None = None) -> History:
+
+def fit(
+    method: nn.Module,
+    data: Dataset,
+    *,
+    steps: int | None = None,
+    epochs: int | None = None,
+    batch_size: int = 256,
+    lr: float = 1e-3,
+    weight_decay: float = 0.0,
+    optimizer: str = "adamw",
+    momentum: float = 0.9,
+    betas=(0.9, 0.999),
+    warmup: float | int = 0.05,
+    min_lr: float = 0.0,
+    schedule: str = "cosine",
+    amp: str = "auto",
+    compile: bool = False,
+    grad_clip: float | None = None,
+    callbacks: Sequence[Callback] = (),
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int | None = None,
+    keep_checkpoints: int = 2,
+    resume: bool = False,
+    device: str | torch.device | None = None,
+    seed: int | None = None,
+    num_workers: int | None = None,
+    collate_fn: Callable | None = None,
+    progress: bool = True,
+    log_every: int = 1,
+    find_unused_parameters: bool = False,
+    desc: str | None = None,
+) -> History:
     """Train `method` on `data` for `steps` optimiser steps (or `epochs` passes); return the `History`.
 
     `batch_size` is the global batch (split across processes under torchrun); `warmup` is a fraction of
@@ -415,59 +656,99 @@ def fit(method: nn.Module, data: Dataset, *, steps: int | None = None, epochs: i
     device = setup_distributed(get_device(device))
     rank, world = get_rank(), get_world_size()
     n = len(data)
-    if n == 0: raise ValueError("fit() got an empty dataset; check the split and max_items")
-    if batch_size % world: raise ValueError(f"batch_size {batch_size} must be divisible by the {world} processes")
+    if n == 0:
+        raise ValueError("fit() got an empty dataset; check the split and max_items")
+    if batch_size % world:
+        raise ValueError(f"batch_size {batch_size} must be divisible by the {world} processes")
     if batch_size > n:
         warnings.warn(f"batch_size {batch_size} > dataset size {n}; using {n - n % world}")
         batch_size = n - n % world
     per_epoch = n // batch_size
-    if (steps is None) == (epochs is None): raise ValueError("give exactly one of steps= or epochs=")
+    if (steps is None) == (epochs is None):
+        raise ValueError("give exactly one of steps= or epochs=")
     total = int(steps if steps is not None else epochs * per_epoch)
-    if total <= 0: raise ValueError(f"nothing to train: {total} steps")
-    warmup_steps = int(round(warmup * total)) if isinstance(warmup, float) and warmup < 1 else int(warmup)
+    if total <= 0:
+        raise ValueError(f"nothing to train: {total} steps")
+    warmup_steps = (
+        int(round(warmup * total)) if isinstance(warmup, float) and warmup < 1 else int(warmup)
+    )
     seed_everything(seed)
 
     method.to(device)
-    method = maybe_sync_batchnorm(method, device, world)     # global BN for SimCLR/BYOL/DINO on multi-GPU runs
+    method = maybe_sync_batchnorm(
+        method, device, world
+    )  # global BN for SimCLR/BYOL/DINO on multi-GPU runs
     opt = make_optimizer(method, optimizer, lr, weight_decay, momentum, betas)
     history, start = History(), 0
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else None
     if resume:
-        if ckpt_dir is None: raise ValueError("resume=True needs checkpoint_dir")
+        if ckpt_dir is None:
+            raise ValueError("resume=True needs checkpoint_dir")
         found = latest_checkpoint(ckpt_dir)
         if found is not None:
             meta = load_checkpoint(found, method, opt)
             start, history = int(meta["step"]), History(meta.get("history", []))
             if meta.get("total_steps") not in (None, total):
-                raise CheckpointError(f"{found} belongs to a {meta['total_steps']}-step run, this one has {total} steps; "
-                                      "use the same steps/epochs/batch_size to resume, or another checkpoint_dir")
+                raise CheckpointError(
+                    f"{found} belongs to a {meta['total_steps']}-step run, this one has {total} steps; "
+                    "use the same steps/epochs/batch_size to resume, or another checkpoint_dir"
+                )
     step_module = _StepModule(method)
     if world > 1:
         step_module = nn.parallel.DistributedDataParallel(
-            step_module, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=find_unused_parameters)
-    if compile: step_module = torch.compile(step_module)
+            step_module,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=find_unused_parameters,
+        )
+    if compile:
+        step_module = torch.compile(step_module)
     trainer = Trainer(method, opt, total, device, history, step=start)
-    for cb in callbacks: cb.on_fit_start(trainer)
+    for cb in callbacks:
+        cb.on_fit_start(trainer)
 
     def save(step):
         if ckpt_dir is not None and rank == 0:
-            save_checkpoint(ckpt_dir, step, method, opt, {"history": history.rows, "total_steps": total,
-                                                           "batch_size": batch_size, "seed": seed}, keep_checkpoints)
-        if world > 1: dist.barrier()
+            save_checkpoint(
+                ckpt_dir,
+                step,
+                method,
+                opt,
+                {
+                    "history": history.rows,
+                    "total_steps": total,
+                    "batch_size": batch_size,
+                    "seed": seed,
+                },
+                keep_checkpoints,
+            )
+        if world > 1:
+            dist.barrier()
 
     from tqdm.auto import tqdm
-    bar = tqdm(total=total, initial=start, disable=not progress or rank != 0, desc=desc or type(method).__name__,
-               dynamic_ncols=True, leave=True)
+
+    bar = tqdm(
+        total=total,
+        initial=start,
+        disable=not progress or rank != 0,
+        desc=desc or type(method).__name__,
+        dynamic_ncols=True,
+        leave=True,
+    )
     t0, step = time.perf_counter(), start
     method.train()
     try:
         while step < total:
             epoch, offset = divmod(step, per_epoch)
             batches = epoch_batches(n, batch_size, seed, epoch, rank, world)[offset:]
-            loader = DataLoader(data, batch_sampler=batches, num_workers=num_workers, collate_fn=collate_fn,
-                                pin_memory=device.type == "cuda", persistent_workers=False,
-                                generator=torch.Generator().manual_seed(seed + epoch))
+            loader = DataLoader(
+                data,
+                batch_sampler=batches,
+                num_workers=num_workers,
+                collate_fn=collate_fn,
+                pin_memory=device.type == "cuda",
+                persistent_workers=False,
+                generator=torch.Generator().manual_seed(seed + epoch),
+            )
             for batch in loader:
                 batch = to_device(batch, device)
                 for g in opt.param_groups:
@@ -479,28 +760,42 @@ def fit(method: nn.Module, data: Dataset, *, steps: int | None = None, epochs: i
                 if not torch.isfinite(loss.detach()).all():
                     raise NonFiniteLossError(
                         f"loss is {loss.item()} at step {step} (lr {opt.param_groups[0]['lr']:.3g}); try a lower lr, "
-                        "grad_clip=1.0, amp='off', or check the batch for NaNs")
+                        "grad_clip=1.0, amp='off', or check the batch for NaNs"
+                    )
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
-                if grad_clip: logs["grad_norm"] = nn.utils.clip_grad_norm_(method.parameters(), grad_clip)
+                if grad_clip:
+                    logs["grad_norm"] = nn.utils.clip_grad_norm_(method.parameters(), grad_clip)
                 opt.step()
-                if hasattr(method, "on_step_end"): method.on_step_end(step, total)
+                if hasattr(method, "on_step_end"):
+                    method.on_step_end(step, total)
                 step += 1
                 trainer.step = step
                 if step % log_every == 0 or step == total:
                     row = {"step": step, "lr": opt.param_groups[0]["lr"]}
-                    row.update({k: (v.item() if torch.is_tensor(v) else v) for k, v in logs.items()
-                                if (torch.is_tensor(v) and v.numel() == 1) or isinstance(v, (int, float))})
+                    row.update(
+                        {
+                            k: (v.item() if torch.is_tensor(v) else v)
+                            for k, v in logs.items()
+                            if (torch.is_tensor(v) and v.numel() == 1)
+                            or isinstance(v, (int, float))
+                        }
+                    )
                     history.append(row)
                     bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
                     logs = row
                 bar.update(1)
-                for cb in callbacks: cb.on_step_end(trainer, logs)
-                if checkpoint_every and step % checkpoint_every == 0 and step < total: save(step)
-                if trainer.stop or step >= total: break
-            if trainer.stop: break
+                for cb in callbacks:
+                    cb.on_step_end(trainer, logs)
+                if checkpoint_every and step % checkpoint_every == 0 and step < total:
+                    save(step)
+                if trainer.stop or step >= total:
+                    break
+            if trainer.stop:
+                break
     except KeyboardInterrupt:
-        save(step); bar.close()
+        save(step)
+        bar.close()
         raise
     finally:
         bar.close()
@@ -508,21 +803,28 @@ def fit(method: nn.Module, data: Dataset, *, steps: int | None = None, epochs: i
     elapsed = time.perf_counter() - t0
     trainer.extra.update(wall_time=elapsed, steps_per_s=(step - start) / max(elapsed, 1e-9))
     history.wall_time, history.steps_per_s = elapsed, trainer.extra["steps_per_s"]
-    for cb in callbacks: cb.on_fit_end(trainer)
+    for cb in callbacks:
+        cb.on_fit_end(trainer)
     method.eval()
     return history
 
 # %% ../nbs/04_train.ipynb #fc7e9910
-import importlib, pkgutil, sys
+import importlib
+import pkgutil
+import sys
 import ssl_course
+
 
 def load_chapter_modules(verbose: bool = False) -> list[str]:
     "Import every `ssl_course` module so that their `register_method`/`register_dataset` calls run; return the names."
     loaded = []
     for info in pkgutil.iter_modules(ssl_course.__path__):
-        if info.name.startswith("_") or info.name == "cli": continue
+        if info.name.startswith("_") or info.name == "cli":
+            continue
         try:
-            importlib.import_module(f"ssl_course.{info.name}"); loaded.append(info.name)
-        except ImportError as e:            # an optional dependency of one chapter must not break the CLI
-            if verbose: print(f"note: ssl_course.{info.name} not loaded ({e})", file=sys.stderr)
+            importlib.import_module(f"ssl_course.{info.name}")
+            loaded.append(info.name)
+        except ImportError as e:  # an optional dependency of one chapter must not break the CLI
+            if verbose:
+                print(f"note: ssl_course.{info.name} not loaded ({e})", file=sys.stderr)
     return loaded

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -32,57 +31,101 @@ __all__ = ['infer_architecture', 'load_backbone', 'pretrain_encoder', 'pretraine
 # %% ../nbs/20_linear_probe_and_knn.ipynb #d56ee78c
 def _read_report(folder: Path) -> dict:
     f = folder / "report.json"
-    if not f.is_file(): return {}
-    try: return json.loads(f.read_text())
-    except (OSError, json.JSONDecodeError) as e: raise CheckpointError(f"{f} is unreadable ({e})") from None
+    if not f.is_file():
+        return {}
+    try:
+        return json.loads(f.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{f} is unreadable ({e})") from None
+
 
 def _find_weights(path: Path) -> tuple[Path, str, dict]:
     "(safetensors file, key prefix to strip, report) for an encoder file, a pretrain folder or a training checkpoint."
     if path.is_file():
         if path.suffix != ".safetensors":
-            raise CheckpointError(f"{path} is not a safetensors file; the course never unpickles files (torch.load/pickle "
-                                  "can run code hidden in them). Convert trusted weights with safetensors.torch.save_file.")
+            raise CheckpointError(
+                f"{path} is not a safetensors file; the course never unpickles files (torch.load/pickle "
+                "can run code hidden in them). Convert trusted weights with safetensors.torch.save_file."
+            )
         folder = path.parent
-        rep = _read_report(folder) or _read_report(folder.parent) or _read_report(folder.parent.parent)
+        rep = (
+            _read_report(folder)
+            or _read_report(folder.parent)
+            or _read_report(folder.parent.parent)
+        )
         return path, ("" if path.name == "encoder.safetensors" else "encoder."), rep
-    if not path.is_dir(): raise CheckpointError(f"no checkpoint at {path}: expected a folder or a .safetensors file")
-    if (path / "encoder.safetensors").is_file(): return path / "encoder.safetensors", "", _read_report(path)
-    ckpt = path if (path / "model.safetensors").is_file() else latest_checkpoint(path / "checkpoints") or latest_checkpoint(path)
+    if not path.is_dir():
+        raise CheckpointError(f"no checkpoint at {path}: expected a folder or a .safetensors file")
+    if (path / "encoder.safetensors").is_file():
+        return path / "encoder.safetensors", "", _read_report(path)
+    ckpt = (
+        path
+        if (path / "model.safetensors").is_file()
+        else latest_checkpoint(path / "checkpoints") or latest_checkpoint(path)
+    )
     if ckpt is None or not (ckpt / "model.safetensors").is_file():
-        raise CheckpointError(f"no encoder in {path}: expected encoder.safetensors (from `ssl-course pretrain`), "
-                              "a step-* checkpoint folder, or a folder of them")
+        raise CheckpointError(
+            f"no encoder in {path}: expected encoder.safetensors (from `ssl-course pretrain`), "
+            "a step-* checkpoint folder, or a folder of them"
+        )
     rep = _read_report(ckpt.parent.parent) or _read_report(ckpt.parent)
     return ckpt / "model.safetensors", "encoder.", rep
 
+
 def _encoder_tensors(file: Path, prefix: str) -> dict:
     from safetensors.torch import load_file
-    try: sd = load_file(str(file))
-    except Exception as e: raise CheckpointError(f"{file} is corrupt or not a safetensors file ({e})") from None
+
+    try:
+        sd = load_file(str(file))
+    except Exception as e:
+        raise CheckpointError(f"{file} is corrupt or not a safetensors file ({e})") from None
     if prefix:
-        sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-        if not sd: raise CheckpointError(f"{file} holds no tensors under '{prefix}' (is it a method checkpoint?)")
+        sd = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
+        if not sd:
+            raise CheckpointError(
+                f"{file} holds no tensors under '{prefix}' (is it a method checkpoint?)"
+            )
     return sd
+
 
 def infer_architecture(sd: dict) -> dict:
     "Backbone family, width/channels and (ViT) image size read off an encoder's tensor names and shapes."
     if "patch_embed.weight" in sd:
-        w = sd["patch_embed.weight"]; patch = w.shape[-1]
+        w = sd["patch_embed.weight"]
+        patch = w.shape[-1]
         grid = int(round((sd["pos_embed"].shape[1] - 1) ** 0.5)) if "pos_embed" in sd else None
-        return {"backbone": "vit", "channels": int(w.shape[1]), "dim": int(w.shape[0]), "patch_size": int(patch),
-                "image_size": grid * patch if grid else None,
-                "depth": len({k.split(".")[1] for k in sd if k.startswith("blocks.")})}
+        return {
+            "backbone": "vit",
+            "channels": int(w.shape[1]),
+            "dim": int(w.shape[0]),
+            "patch_size": int(patch),
+            "image_size": grid * patch if grid else None,
+            "depth": len({k.split(".")[1] for k in sd if k.startswith("blocks.")}),
+        }
     if "features.0.0.weight" in sd:
         w = sd["features.0.0.weight"]
         return {"backbone": "small_cnn", "channels": int(w.shape[1]), "width": int(w.shape[0])}
     if "layer1.0.conv1.weight" in sd:
         return {"backbone": "resnet18_cifar", "channels": int(sd["conv1.weight"].shape[1])}
     inner = {k.split(".", 1)[1]: v for k, v in sd.items() if k.startswith("backbone.")}
-    if inner: return infer_architecture(inner)         # a wrapper around a backbone (e.g. colorization's LightnessInput)
+    if inner:
+        return infer_architecture(
+            inner
+        )  # a wrapper around a backbone (e.g. colorization's LightnessInput)
     first = next((v for v in sd.values() if v.ndim == 4), None)
     return {"backbone": None, "channels": int(first.shape[1]) if first is not None else None}
 
-def load_backbone(path: str | Path, method: str | None = None, *, encoder: nn.Module | None = None,
-                  backbone: str | None = None, image_size: int | None = None, device=None, strict: bool = True) -> nn.Module:
+
+def load_backbone(
+    path: str | Path,
+    method: str | None = None,
+    *,
+    encoder: nn.Module | None = None,
+    backbone: str | None = None,
+    image_size: int | None = None,
+    device=None,
+    strict: bool = True,
+) -> nn.Module:
     """The pretrained encoder saved at `path`, in eval mode: a `ssl-course pretrain` folder (encoder.safetensors +
     report.json), an `encoder.safetensors` file, or a training checkpoint (step-* folder or a folder of them).
     The architecture is rebuilt from the method (report.json or `method=`) and the tensors; pass `encoder=` to load
@@ -93,85 +136,177 @@ def load_backbone(path: str | Path, method: str | None = None, *, encoder: nn.Mo
         method = method or report.get("method")
         arch = infer_architecture(sd)
         if method is None:
-            raise CheckpointError(f"{path} has no report.json naming its method; pass method= (one of {', '.join(sorted(METHODS))})")
+            raise CheckpointError(
+                f"{path} has no report.json naming its method; pass method= (one of {', '.join(sorted(METHODS))})"
+            )
         if method not in METHODS:
             from ssl_course.train import load_chapter_modules
+
             load_chapter_modules()
-        if method not in METHODS: raise CheckpointError(f"unknown method {method!r}; registered: {', '.join(sorted(METHODS))}")
+        if method not in METHODS:
+            raise CheckpointError(
+                f"unknown method {method!r}; registered: {', '.join(sorted(METHODS))}"
+            )
         info = METHODS[method]
         if info.modality != "image":
-            raise CheckpointError(f"{method!r} is a {info.modality} method: its encoder is built from its data, so build it "
-                                  "as the chapter does and pass it as load_backbone(path, encoder=...)")
+            raise CheckpointError(
+                f"{method!r} is a {info.modality} method: its encoder is built from its data, so build it "
+                "as the chapter does and pass it as load_backbone(path, encoder=...)"
+            )
         chans = arch["channels"] or 1
-        size = image_size or report.get("image_size") or arch.get("image_size") or get_settings().budget.image_size
-        name = backbone or report.get("backbone") or arch["backbone"] or get_settings().budget.backbone
-        if name == "vit":   # a ViT: MAE swaps in its own; other methods keep the ViT they are given
+        size = (
+            image_size
+            or report.get("image_size")
+            or arch.get("image_size")
+            or get_settings().budget.image_size
+        )
+        name = (
+            backbone or report.get("backbone") or arch["backbone"] or get_settings().budget.backbone
+        )
+        if name == "vit":  # a ViT: MAE swaps in its own; other methods keep the ViT they are given
             vit_kw = {k: arch[k] for k in ("dim", "depth", "patch_size")}
             base = build_backbone("small_cnn", in_channels=chans)
             encoder = build_method(method, base, image_size=size, channels=chans).encoder
             if encoder is base:
-                encoder = build_method(method, build_backbone("vit_tiny", in_channels=chans, image_size=size, **vit_kw),
-                                       image_size=size, channels=chans).encoder
+                encoder = build_method(
+                    method,
+                    build_backbone("vit_tiny", in_channels=chans, image_size=size, **vit_kw),
+                    image_size=size,
+                    channels=chans,
+                ).encoder
         else:
             kw = {"width": arch["width"]} if name == "small_cnn" and "width" in arch else {}
-            encoder = build_method(method, build_backbone(name, in_channels=chans, **kw), image_size=size, channels=chans).encoder
+            encoder = build_method(
+                method,
+                build_backbone(name, in_channels=chans, **kw),
+                image_size=size,
+                channels=chans,
+            ).encoder
     try:
         missing, unexpected = encoder.load_state_dict(sd, strict=False)
     except RuntimeError as e:
         raise CheckpointError(f"{file} does not fit the rebuilt encoder: {str(e)[:400]}") from None
     if strict and (missing or unexpected):
-        raise CheckpointError(f"{file} does not fit the rebuilt encoder: missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]}")
+        raise CheckpointError(
+            f"{file} does not fit the rebuilt encoder: missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]}"
+        )
     dev = get_device(device) if device is not None else torch.device("cpu")
     return encoder.to(dev).eval()
 
 # %% ../nbs/20_linear_probe_and_knn.ipynb #63e74773
 def _as_list(v) -> list:
-    if isinstance(v, (list, tuple)): return list(v)
+    if isinstance(v, (list, tuple)):
+        return list(v)
     return str(v).replace(",", " ").split() if isinstance(v, str) else [v]
+
 
 # method options that the profile sets as `<method>_<option>` (chapter 12's temperature etc.)
 _METHOD_KWARGS = {"simclr": ("temperature",)}
 
-def pretrain_encoder(method: str, train, *, steps: int | None = None, epochs: int | None = None, batch_size: int = 128,
-                     lr: float | None = None, backbone: str | None = None, out_dir: str | Path | None = None,
-                     seed: int = 0, device=None, progress: bool = False, method_kwargs: dict | None = None,
-                     settings=None) -> tuple[nn.Module, dict]:
+
+def pretrain_encoder(
+    method: str,
+    train,
+    *,
+    steps: int | None = None,
+    epochs: int | None = None,
+    batch_size: int = 128,
+    lr: float | None = None,
+    backbone: str | None = None,
+    out_dir: str | Path | None = None,
+    seed: int = 0,
+    device=None,
+    progress: bool = False,
+    method_kwargs: dict | None = None,
+    settings=None,
+) -> tuple[nn.Module, dict]:
     """Pretrain registered image `method` on the images of `train` (labels ignored) as `ssl-course pretrain` does;
     save `encoder.safetensors` + `report.json` into `out_dir` when given. Profile options such as `simclr_temperature`
     are passed to the method's builder (override with `method_kwargs`). Returns (encoder, report)."""
     if method not in METHODS:
         from ssl_course.train import load_chapter_modules
+
         load_chapter_modules()
-    if method not in METHODS: raise KeyError(f"unknown method {method!r}; registered: {', '.join(sorted(METHODS))}")
+    if method not in METHODS:
+        raise KeyError(f"unknown method {method!r}; registered: {', '.join(sorted(METHODS))}")
     b = (settings or get_settings()).budget
     name = backbone or b.backbone
     seed_everything(seed)
-    kw = {k: b[f"{method}_{k}"] for k in _METHOD_KWARGS.get(method, ()) if b.get(f"{method}_{k}") not in (None, "", 0)}
-    model = build_method(method, build_backbone(name, in_channels=train.channels), image_size=train.image_size,
-                         channels=train.channels, **{**kw, **(method_kwargs or {})})
+    kw = {
+        k: b[f"{method}_{k}"]
+        for k in _METHOD_KWARGS.get(method, ())
+        if b.get(f"{method}_{k}") not in (None, "", 0)
+    }
+    model = build_method(
+        method,
+        build_backbone(name, in_channels=train.channels),
+        image_size=train.image_size,
+        channels=train.channels,
+        **{**kw, **(method_kwargs or {})},
+    )
     lr = lr or b.get(f"{method}_lr", 0) or b.lr
-    length = {"steps": int(steps)} if steps else ({"epochs": int(epochs)} if epochs else b.length(method))
+    length = (
+        {"steps": int(steps)}
+        if steps
+        else ({"epochs": int(epochs)} if epochs else b.length(method))
+    )
     t0 = time.perf_counter()
-    hist = fit(model, train.without_labels(), **length, batch_size=batch_size, lr=lr, weight_decay=b.weight_decay,
-               device=device, seed=seed, progress=progress, desc=f"{method} pretraining")
-    report = {"method": method, "backbone": name, "dataset": getattr(train, "name", ""), "channels": train.channels,
-              "image_size": train.image_size, "train_images": len(train), **length, "batch_size": batch_size, "lr": lr,
-              "seed": seed, "first_loss": hist["loss"][0], "last_loss": hist["loss"][-1],
-              "seconds": round(time.perf_counter() - t0, 1), "hardware": hardware_summary(next(model.parameters()).device)}
+    hist = fit(
+        model,
+        train.without_labels(),
+        **length,
+        batch_size=batch_size,
+        lr=lr,
+        weight_decay=b.weight_decay,
+        device=device,
+        seed=seed,
+        progress=progress,
+        desc=f"{method} pretraining",
+    )
+    report = {
+        "method": method,
+        "backbone": name,
+        "dataset": getattr(train, "name", ""),
+        "channels": train.channels,
+        "image_size": train.image_size,
+        "train_images": len(train),
+        **length,
+        "batch_size": batch_size,
+        "lr": lr,
+        "seed": seed,
+        "first_loss": hist["loss"][0],
+        "last_loss": hist["loss"][-1],
+        "seconds": round(time.perf_counter() - t0, 1),
+        "hardware": hardware_summary(next(model.parameters()).device),
+    }
     if out_dir is not None:
         from safetensors.torch import save_model
-        out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
         save_model(model.encoder, str(out / "encoder.safetensors"))
         (out / "report.json").write_text(json.dumps(report, indent=2))
     return model.encoder.eval(), report
 
-def pretrained_encoder(method: str | None = None, *, dataset: str | None = None, steps: int | None = None,
-                       train_images: int | None = None, batch_size: int | None = None, backbone: str | None = None,
-                       image_size: int | None = None, seed: int | None = None, cache: bool = True,
-                       verbose: bool = True, settings=None) -> tuple[nn.Module, dict]:
+
+def pretrained_encoder(
+    method: str | None = None,
+    *,
+    dataset: str | None = None,
+    steps: int | None = None,
+    train_images: int | None = None,
+    batch_size: int | None = None,
+    backbone: str | None = None,
+    image_size: int | None = None,
+    seed: int | None = None,
+    cache: bool = True,
+    verbose: bool = True,
+    settings=None,
+) -> tuple[nn.Module, dict]:
     """The encoder of `method` pretrained with the transfer chapters' budget (`transfer_*` settings), cached under
     `<reports_dir>/pretrained/`. Returns (encoder in eval mode, its report)."""
-    s = settings or get_settings(); b = s.budget
+    s = settings or get_settings()
+    b = s.budget
     method = method or b.transfer_method
     dataset = dataset or b.dataset
     steps = b.transfer_steps if steps is None else steps
@@ -180,98 +315,187 @@ def pretrained_encoder(method: str | None = None, *, dataset: str | None = None,
     size = image_size or b.image_size
     name = backbone or b.backbone
     seed = s.seed if seed is None else seed
-    opts = {k: v for k, v in sorted(b.items()) if k.startswith(f"{method}_")}    # temperature etc. change the weights too
+    opts = {
+        k: v for k, v in sorted(b.items()) if k.startswith(f"{method}_")
+    }  # temperature etc. change the weights too
     import hashlib
+
     tag = hashlib.sha256(json.dumps(opts, sort_keys=True, default=str).encode()).hexdigest()[:8]
     key = f"{method}-{dataset}-{name}-{size}px-{steps or 'profile'}steps-b{batch}-{n or 'all'}img-seed{seed}-{tag}"
     out = Path(s.reports_dir) / "pretrained" / key
     if cache and (out / "report.json").is_file() and (out / "encoder.safetensors").is_file():
         report = json.loads((out / "report.json").read_text())
-        if verbose: print(f"loaded cached {method} encoder from {out} (pretrained in {report['seconds']} s)")
+        if verbose:
+            print(
+                f"loaded cached {method} encoder from {out} (pretrained in {report['seconds']} s)"
+            )
         return load_backbone(out), {**report, "cached": True}
     train = load_dataset(dataset, "train", max_items=n or None, image_size=size, seed=seed)
     tmp = out.parent / f".{key}.tmp-{os.getpid()}"
-    enc, report = pretrain_encoder(method, train, steps=steps or None, batch_size=batch, backbone=name, seed=seed,
-                                   out_dir=tmp if cache else None, settings=s)
+    enc, report = pretrain_encoder(
+        method,
+        train,
+        steps=steps or None,
+        batch_size=batch,
+        backbone=name,
+        seed=seed,
+        out_dir=tmp if cache else None,
+        settings=s,
+    )
     if cache:
-        try: os.replace(tmp, out)                  # atomic; fails if another process finished first
-        except OSError: shutil.rmtree(tmp, ignore_errors=True)
-    if verbose: print(f"pretrained {method} for {report.get('steps', report.get('epochs'))} steps in {report['seconds']} s; "
-                      f"loss {report['first_loss']:.3f} -> {report['last_loss']:.3f}")
+        try:
+            os.replace(tmp, out)  # atomic; fails if another process finished first
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if verbose:
+        print(
+            f"pretrained {method} for {report.get('steps', report.get('epochs'))} steps in {report['seconds']} s; "
+            f"loss {report['first_loss']:.3f} -> {report['last_loss']:.3f}"
+        )
     return enc, {**report, "cached": False}
 
 # %% ../nbs/20_linear_probe_and_knn.ipynb #80d02fa6
-def knn_grid(train_feats, train_labels, test_feats, test_labels, ks: Sequence[int] = (1, 5, 20, 50),
-             temperatures: Sequence[float] = (0.02, 0.07, 0.5, 1e6)) -> list[dict]:
+def knn_grid(
+    train_feats,
+    train_labels,
+    test_feats,
+    test_labels,
+    ks: Sequence[int] = (1, 5, 20, 50),
+    temperatures: Sequence[float] = (0.02, 0.07, 0.5, 1e6),
+) -> list[dict]:
     "Weighted-kNN accuracy for every (k, temperature); 1e6 stands for an unweighted majority vote."
-    return [{"k": int(k), "temperature": float(t), "accuracy": knn_accuracy(train_feats, train_labels, test_feats, test_labels, k, t)}
-            for k in ks for t in temperatures]
+    return [
+        {
+            "k": int(k),
+            "temperature": float(t),
+            "accuracy": knn_accuracy(train_feats, train_labels, test_feats, test_labels, k, t),
+        }
+        for k in ks
+        for t in temperatures
+    ]
 
 # %% ../nbs/20_linear_probe_and_knn.ipynb #6e606a93
 def normalize_features(train_feats: torch.Tensor, test_feats: torch.Tensor, how: str = "standard"):
     "Normalise train and test features with statistics of the *training* features only: 'standard', 'l2' or 'none'."
     a, b = torch.as_tensor(train_feats).float(), torch.as_tensor(test_feats).float()
-    if how == "none": return a, b
-    if how == "l2": return F.normalize(a, dim=1), F.normalize(b, dim=1)
+    if how == "none":
+        return a, b
+    if how == "l2":
+        return F.normalize(a, dim=1), F.normalize(b, dim=1)
     if how == "standard":
         mu, sd = a.mean(0, keepdim=True), a.std(0, unbiased=False, keepdim=True).clamp_min(1e-6)
         return (a - mu) / sd, (b - mu) / sd
     raise ValueError(f"how must be 'standard', 'l2' or 'none', got {how!r}")
 
+
 class few_threads:
     """Run tiny full-batch problems on `n` threads. A probe on 1,000 x 128 features is far too small to split across
     cores: on a busy machine the threads spend their time waiting for each other (measured: 50x the CPU time)."""
-    def __init__(self, n: int = 1): self.n = n
-    def __enter__(self): self.old = torch.get_num_threads(); torch.set_num_threads(min(self.n, self.old))
-    def __exit__(self, *exc): torch.set_num_threads(self.old)
 
-def train_probe(train_feats, train_labels, test_feats, test_labels, *, hidden: int = 0, norm: str = "standard",
-                steps: int = 300, lr: float = 0.01, weight_decay: float = 1e-3, dropout: float = 0.0,
-                num_classes: int | None = None, seed: int = 0) -> ProbeResult:
+    def __init__(self, n: int = 1):
+        self.n = n
+
+    def __enter__(self):
+        self.old = torch.get_num_threads()
+        torch.set_num_threads(min(self.n, self.old))
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.old)
+
+
+def train_probe(
+    train_feats,
+    train_labels,
+    test_feats,
+    test_labels,
+    *,
+    hidden: int = 0,
+    norm: str = "standard",
+    steps: int = 300,
+    lr: float = 0.01,
+    weight_decay: float = 1e-3,
+    dropout: float = 0.0,
+    num_classes: int | None = None,
+    seed: int = 0,
+) -> ProbeResult:
     """A probe on frozen features trained full-batch with AdamW: linear (`hidden=0`) or one hidden ReLU layer.
     Features are normalised with `normalize_features(how=norm)`. Returns test accuracy and the model."""
     ytr, yte = torch.as_tensor(train_labels).long(), torch.as_tensor(test_labels).long()
-    if len(ytr) == 0: raise DataError("a probe needs labelled training features; got none")
-    if (ytr < 0).any(): raise DataError("the probe got unlabelled items (label -1); probe on a labelled split")
-    if len(torch.unique(ytr)) < 2: raise DataError("a probe needs at least two classes among the labels")
+    if len(ytr) == 0:
+        raise DataError("a probe needs labelled training features; got none")
+    if (ytr < 0).any():
+        raise DataError("the probe got unlabelled items (label -1); probe on a labelled split")
+    if len(torch.unique(ytr)) < 2:
+        raise DataError("a probe needs at least two classes among the labels")
     xtr, xte = normalize_features(train_feats, test_feats, norm)
     c = num_classes or int(max(ytr.max(), yte.max() if len(yte) else 0)) + 1
-    g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     d = xtr.shape[1]
-    model = (nn.Linear(d, c) if hidden == 0 else
-             nn.Sequential(nn.Linear(d, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, c)))
+    model = (
+        nn.Linear(d, c)
+        if hidden == 0
+        else nn.Sequential(
+            nn.Linear(d, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, c)
+        )
+    )
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     with few_threads(1):
         model.train()
         for _ in range(steps):
             loss = F.cross_entropy(model(xtr), ytr)
-            opt.zero_grad(); loss.backward(); opt.step()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
         model.eval()
-        with torch.no_grad(): acc = (model(xte).argmax(1) == yte).float().mean().item()
+        with torch.no_grad():
+            acc = (model(xte).argmax(1) == yte).float().mean().item()
     return ProbeResult(acc, model)
 
-def mlp_probe(train_feats, train_labels, test_feats, test_labels, hidden: int = 256, **kwargs) -> ProbeResult:
+
+def mlp_probe(
+    train_feats, train_labels, test_feats, test_labels, hidden: int = 256, **kwargs
+) -> ProbeResult:
     "A one-hidden-layer MLP on frozen, standardised features (see `train_probe`)."
     kwargs.setdefault("dropout", 0.2)
     return train_probe(train_feats, train_labels, test_feats, test_labels, hidden=hidden, **kwargs)
 
 # %% ../nbs/20_linear_probe_and_knn.ipynb #9deb0ec9
-def probe_table(encoders: dict, train, test, labels_per_class: Sequence[int] = (1, 10, 100), seed: int = 0,
-                knn_k: int = 20, knn_temperature: float = 0.07, probe_steps: int = 300, test_feats: dict | None = None,
-                verbose: bool = True) -> list[dict]:
+def probe_table(
+    encoders: dict,
+    train,
+    test,
+    labels_per_class: Sequence[int] = (1, 10, 100),
+    seed: int = 0,
+    knn_k: int = 20,
+    knn_temperature: float = 0.07,
+    probe_steps: int = 300,
+    test_feats: dict | None = None,
+    verbose: bool = True,
+) -> list[dict]:
     "Rows {encoder, labels/class, knn, linear, linear (raw), mlp}: frozen-feature accuracies on the same labelled images."
     test_feats = test_feats or {n: embed(e, test) for n, e in encoders.items()}
     rows = []
     for k in labels_per_class:
         idx = sample_per_class(train.labels, k, seed=seed)
         for name, enc in encoders.items():
-            ftr, ytr = embed(enc, train.subset(idx)); fte, yte = test_feats[name]
-            row = {"encoder": name, "labels/class": int(k),
-                   "knn": knn_accuracy(ftr, ytr, fte, yte, k=knn_k, temperature=knn_temperature),
-                   "linear": linear_probe(ftr, ytr, fte, yte, C=0.1).accuracy,
-                   "linear (raw)": train_probe(ftr, ytr, fte, yte, norm="none", steps=probe_steps, seed=seed).accuracy,
-                   "mlp": mlp_probe(ftr, ytr, fte, yte, steps=probe_steps, seed=seed).accuracy}
+            ftr, ytr = embed(enc, train.subset(idx))
+            fte, yte = test_feats[name]
+            row = {
+                "encoder": name,
+                "labels/class": int(k),
+                "knn": knn_accuracy(ftr, ytr, fte, yte, k=knn_k, temperature=knn_temperature),
+                "linear": linear_probe(ftr, ytr, fte, yte, C=0.1).accuracy,
+                "linear (raw)": train_probe(
+                    ftr, ytr, fte, yte, norm="none", steps=probe_steps, seed=seed
+                ).accuracy,
+                "mlp": mlp_probe(ftr, ytr, fte, yte, steps=probe_steps, seed=seed).accuracy,
+            }
             rows.append(row)
-            if verbose: print(" | ".join(f"{c} {v:.3f}" if isinstance(v, float) else f"{c} {v}" for c, v in row.items()))
+            if verbose:
+                print(
+                    " | ".join(
+                        f"{c} {v:.3f}" if isinstance(v, float) else f"{c} {v}"
+                        for c, v in row.items()
+                    )
+                )
     return rows

@@ -23,51 +23,76 @@ def patchify(x: torch.Tensor, patch_size: int) -> torch.Tensor:
     if h % patch_size or w % patch_size:
         raise ValueError(f"image size {h}x{w} is not divisible by the patch size {patch_size}")
     x = x.reshape(n, c, h // patch_size, patch_size, w // patch_size, patch_size)
-    return x.permute(0, 2, 4, 3, 5, 1).reshape(n, (h // patch_size) * (w // patch_size), patch_size ** 2 * c)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(
+        n, (h // patch_size) * (w // patch_size), patch_size**2 * c
+    )
 
-def unpatchify(patches: torch.Tensor, patch_size: int, channels: int, grid: tuple[int, int] | None = None) -> torch.Tensor:
+
+def unpatchify(
+    patches: torch.Tensor, patch_size: int, channels: int, grid: tuple[int, int] | None = None
+) -> torch.Tensor:
     "Inverse of `patchify`: (N, L, p*p*C) -> (N, C, H, W); a square grid unless `grid=(gh, gw)`."
     n, l, _ = patches.shape
-    gh, gw = grid or (int(round(l ** 0.5)),) * 2
-    if gh * gw != l: raise ValueError(f"{l} patches do not form a {gh}x{gw} grid; pass grid=(rows, cols)")
+    gh, gw = grid or (int(round(l**0.5)),) * 2
+    if gh * gw != l:
+        raise ValueError(f"{l} patches do not form a {gh}x{gw} grid; pass grid=(rows, cols)")
     x = patches.reshape(n, gh, gw, patch_size, patch_size, channels).permute(0, 5, 1, 3, 2, 4)
     return x.reshape(n, channels, gh * patch_size, gw * patch_size)
+
 
 def sincos_pos_embed(dim: int, grid: int, cls_token: bool = True) -> torch.Tensor:
     """Fixed 2-D sine-cosine position embeddings (as in MAE): half the channels encode the row, half the column,
     each with sin/cos at geometrically spaced frequencies. Returns (1, [1 +] grid*grid, dim); the [CLS] row is 0."""
-    if dim % 4: raise ValueError(f"sin-cos position embeddings need a width divisible by 4, got {dim}")
+    if dim % 4:
+        raise ValueError(f"sin-cos position embeddings need a width divisible by 4, got {dim}")
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
-    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64), indexing="ij")
-    def enc(pos): out = pos.reshape(-1, 1) * omega[None]; return torch.cat([out.sin(), out.cos()], 1)
+    rows, cols = torch.meshgrid(
+        torch.arange(grid, dtype=torch.float64),
+        torch.arange(grid, dtype=torch.float64),
+        indexing="ij",
+    )
+
+    def enc(pos):
+        out = pos.reshape(-1, 1) * omega[None]
+        return torch.cat([out.sin(), out.cos()], 1)
+
     emb = torch.cat([enc(rows), enc(cols)], 1).float()
-    if cls_token: emb = torch.cat([torch.zeros(1, dim), emb])
+    if cls_token:
+        emb = torch.cat([torch.zeros(1, dim), emb])
     return emb[None]
 
 # %% ../nbs/06a_vit.ipynb #7921f49a
 class Attention(nn.Module):
     "Multi-head self-attention; `forward(x, return_attention=True)` also returns the (N, heads, T, T) weights."
+
     def __init__(self, dim: int, heads: int, qkv_bias: bool = True):
         super().__init__()
-        if dim % heads: raise ValueError(f"width {dim} is not divisible by {heads} heads")
+        if dim % heads:
+            raise ValueError(f"width {dim} is not divisible by {heads} heads")
         self.heads, self.scale = heads, (dim // heads) ** -0.5
         self.qkv, self.proj = nn.Linear(dim, 3 * dim, bias=qkv_bias), nn.Linear(dim, dim)
+
     def forward(self, x, return_attention: bool = False):
         b, t, d = x.shape
         q, k, v = self.qkv(x).reshape(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         if return_attention:
             attn = (q @ k.transpose(-2, -1) * self.scale).softmax(-1)
             return self.proj((attn @ v).transpose(1, 2).reshape(b, t, d)), attn
-        out = F.scaled_dot_product_attention(q, k, v)            # fused kernel when available
+        out = F.scaled_dot_product_attention(q, k, v)  # fused kernel when available
         return self.proj(out.transpose(1, 2).reshape(b, t, d))
+
 
 class Block(nn.Module):
     "Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."
+
     def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0):
         super().__init__()
         self.norm1, self.attn = nn.LayerNorm(dim), Attention(dim, heads)
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, int(dim * mlp_ratio)), nn.GELU(), nn.Linear(int(dim * mlp_ratio), dim))
+        self.mlp = nn.Sequential(
+            nn.Linear(dim, int(dim * mlp_ratio)), nn.GELU(), nn.Linear(int(dim * mlp_ratio), dim)
+        )
+
     def forward(self, x, return_attention: bool = False):
         if return_attention:
             y, attn = self.attn(self.norm1(x), return_attention=True)
@@ -76,24 +101,45 @@ class Block(nn.Module):
         x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
 
+
 class ViT(nn.Module):
     """Vision Transformer encoder (Dosovitskiy et al., ICLR 2021): (N, C, H, W) -> [CLS] features (N, dim).
     `pos_embed='sincos'` uses fixed 2-D sine-cosine position embeddings (MAE), 'learned' trains them (DINO)."""
-    def __init__(self, image_size: int = 28, patch_size: int = 4, in_channels: int = 1, dim: int = 96,
-                 depth: int = 4, heads: int = 3, mlp_ratio: float = 4.0, pos_embed: str = "learned"):
+
+    def __init__(
+        self,
+        image_size: int = 28,
+        patch_size: int = 4,
+        in_channels: int = 1,
+        dim: int = 96,
+        depth: int = 4,
+        heads: int = 3,
+        mlp_ratio: float = 4.0,
+        pos_embed: str = "learned",
+    ):
         super().__init__()
         self._check_size(image_size, patch_size)
-        self.image_size, self.patch_size, self.in_channels, self.out_dim = image_size, patch_size, in_channels, dim
+        self.image_size, self.patch_size, self.in_channels, self.out_dim = (
+            image_size,
+            patch_size,
+            in_channels,
+            dim,
+        )
         self.grid = image_size // patch_size
-        self.num_patches = self.grid ** 2
+        self.num_patches = self.grid**2
         self.patch_embed = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        if pos_embed not in ("learned", "sincos"): raise ValueError(f"pos_embed must be 'learned' or 'sincos', got {pos_embed!r}")
-        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.num_patches, dim), requires_grad=pos_embed == "learned")
+        if pos_embed not in ("learned", "sincos"):
+            raise ValueError(f"pos_embed must be 'learned' or 'sincos', got {pos_embed!r}")
+        self.pos_embed = nn.Parameter(
+            torch.zeros(1, 1 + self.num_patches, dim), requires_grad=pos_embed == "learned"
+        )
         self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
-        if pos_embed == "sincos": self.pos_embed.data.copy_(sincos_pos_embed(dim, self.grid))   # fixed, as in MAE
-        else: nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        if pos_embed == "sincos":
+            self.pos_embed.data.copy_(sincos_pos_embed(dim, self.grid))  # fixed, as in MAE
+        else:
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         self.apply(self._init)
 
@@ -101,19 +147,29 @@ class ViT(nn.Module):
     def _init(m):
         if isinstance(m, nn.Linear):
             nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None: nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm): nn.init.ones_(m.weight); nn.init.zeros_(m.bias)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
 
     @staticmethod
     def _check_size(size: int, patch: int):
         if size % patch:
-            ok = [s for s in range(max(patch, size - 2 * patch), size + 2 * patch + 1) if s % patch == 0]
-            raise ValueError(f"image size {size} is not divisible by the patch size {patch}; resize or crop to one of "
-                             f"{ok} px, or choose a patch size that divides {size}")
+            ok = [
+                s
+                for s in range(max(patch, size - 2 * patch), size + 2 * patch + 1)
+                if s % patch == 0
+            ]
+            raise ValueError(
+                f"image size {size} is not divisible by the patch size {patch}; resize or crop to one of "
+                f"{ok} px, or choose a patch size that divides {size}"
+            )
 
     def pos_embed_for(self, grid_h: int, grid_w: int) -> torch.Tensor:
         "Position embeddings for a grid_h x grid_w patch grid (bicubic interpolation of the trained grid)."
-        if grid_h == grid_w == self.grid: return self.pos_embed
+        if grid_h == grid_w == self.grid:
+            return self.pos_embed
         cls, patch = self.pos_embed[:, :1], self.pos_embed[:, 1:]
         patch = patch.reshape(1, self.grid, self.grid, -1).permute(0, 3, 1, 2)
         patch = F.interpolate(patch, size=(grid_h, grid_w), mode="bicubic", align_corners=False)
@@ -122,8 +178,9 @@ class ViT(nn.Module):
     def patchify_embed(self, x: torch.Tensor) -> torch.Tensor:
         "Patch tokens with position embeddings, without [CLS]: (N, L, dim)."
         check_images(x, self.in_channels, "ViT")
-        for side in x.shape[-2:]: self._check_size(side, self.patch_size)
-        t = self.patch_embed(x)                                     # (N, dim, H/p, W/p)
+        for side in x.shape[-2:]:
+            self._check_size(side, self.patch_size)
+        t = self.patch_embed(x)  # (N, dim, H/p, W/p)
         gh, gw = t.shape[-2:]
         return t.flatten(2).transpose(1, 2) + self.pos_embed_for(gh, gw)[:, 1:]
 
@@ -134,20 +191,22 @@ class ViT(nn.Module):
     def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
         "All output tokens after the final norm: (N, 1 + L, dim), [CLS] first."
         t = self.with_cls(self.patchify_embed(x))
-        for blk in self.blocks: t = blk(t)
+        for blk in self.blocks:
+            t = blk(t)
         return self.norm(t)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor: return self.forward_tokens(x)[:, 0]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_tokens(x)[:, 0]
 
     @torch.no_grad()
     def last_self_attention(self, x: torch.Tensor) -> torch.Tensor:
         "Attention weights of the last block: (N, heads, 1 + L, 1 + L)."
         t = self.with_cls(self.patchify_embed(x))
-        for blk in self.blocks[:-1]: t = blk(t)
+        for blk in self.blocks[:-1]:
+            t = blk(t)
         return self.blocks[-1](t, return_attention=True)[1]
+
 
 def vit_tiny(in_channels: int = 1, image_size: int = 28, patch_size: int = 4, **kw) -> ViT:
     "The course's small ViT: width 96, 4 blocks, 3 heads (about 0.45 M parameters)."
     return ViT(image_size, patch_size, in_channels, **{"dim": 96, "depth": 4, "heads": 3, **kw})
-
-

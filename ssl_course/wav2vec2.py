@@ -22,11 +22,19 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import Dataset
 
 from .core import get_settings
-from .data import (LabelledDataset, DataError, DatasetUnavailableError, UNLABELED, dataset_dir, download_url, register_dataset,
-                             _download_allowed, _extract, ChecksumError)
+from ssl_course.data import (
+    LabelledDataset,
+    DataError,
+    DatasetUnavailableError,
+    UNLABELED,
+    dataset_dir,
+    download_url,
+    register_dataset,
+    _download_allowed,
+    ChecksumError,
+)
 from .train import SSLMethod, register_method
 
 # %% auto #0
@@ -42,345 +50,672 @@ __all__ = ['SAMPLE_RATE', 'CLIP_SAMPLES', 'RECEPTIVE_FIELD', 'DIGIT_WORDS', 'COM
 
 # %% ../nbs/18_wav2vec2.ipynb #fed3e24e
 SAMPLE_RATE = 16_000
-CLIP_SAMPLES = 16_000          # every clip is centred in a 1 s window
-RECEPTIVE_FIELD = 400          # samples seen by one output frame of the paper's conv stack (25 ms)
+CLIP_SAMPLES = 16_000  # every clip is centred in a 1 s window
+RECEPTIVE_FIELD = 400  # samples seen by one output frame of the paper's conv stack (25 ms)
+
 
 class AudioError(DataError):
     "Audio that cannot be used as given (unreadable file, wrong shape, too short)."
 
-def prepare_waveform(wave, sample_rate: int, target_rate: int = SAMPLE_RATE, min_samples: int = RECEPTIVE_FIELD) -> torch.Tensor:
+
+def prepare_waveform(
+    wave, sample_rate: int, target_rate: int = SAMPLE_RATE, min_samples: int = RECEPTIVE_FIELD
+) -> torch.Tensor:
     """A 1-D float32 tensor at `target_rate` from `wave`: shape (T,), or (C, T) / (T, C) with C <= 8 channels
     (averaged to mono); resampled with torchaudio when `sample_rate` differs. Refuses clips shorter than `min_samples`
     after resampling (the encoder's receptive field, 400 samples = 25 ms at 16 kHz)."""
     w = torch.as_tensor(np.asarray(wave) if not torch.is_tensor(wave) else wave).float()
     if w.ndim == 2:
-        if w.shape[0] > 8 and w.shape[1] <= 8: w = w.T            # soundfile gives (frames, channels)
-        if w.shape[0] > 8: raise AudioError(f"expected mono (T,) or (channels, T) audio, got shape {tuple(w.shape)}")
-        w = w.mean(0)                                              # stereo -> mono
-    if w.ndim != 1: raise AudioError(f"expected mono (T,) or (channels, T) audio, got shape {tuple(w.shape)}")
+        if w.shape[0] > 8 and w.shape[1] <= 8:
+            w = w.T  # soundfile gives (frames, channels)
+        if w.shape[0] > 8:
+            raise AudioError(
+                f"expected mono (T,) or (channels, T) audio, got shape {tuple(w.shape)}"
+            )
+        w = w.mean(0)  # stereo -> mono
+    if w.ndim != 1:
+        raise AudioError(f"expected mono (T,) or (channels, T) audio, got shape {tuple(w.shape)}")
     if not isinstance(sample_rate, (int, np.integer)) or sample_rate <= 0:
         raise AudioError(f"sample_rate must be a positive integer, got {sample_rate!r}")
     if sample_rate != target_rate:
         import torchaudio.functional as AF
+
         w = AF.resample(w, int(sample_rate), int(target_rate))
-    if not torch.isfinite(w).all(): raise AudioError("audio contains NaN or inf samples")
+    if not torch.isfinite(w).all():
+        raise AudioError("audio contains NaN or inf samples")
     if len(w) < min_samples:
-        raise AudioError(f"clip has {len(w)} samples ({1000 * len(w) / target_rate:.1f} ms at {target_rate} Hz) but the "
-                         f"feature encoder needs at least {min_samples} (its receptive field); pad or drop the clip")
+        raise AudioError(
+            f"clip has {len(w)} samples ({1000 * len(w) / target_rate:.1f} ms at {target_rate} Hz) but the "
+            f"feature encoder needs at least {min_samples} (its receptive field); pad or drop the clip"
+        )
     return w
 
-def load_audio(path: str | Path, target_rate: int = SAMPLE_RATE, min_samples: int = RECEPTIVE_FIELD) -> torch.Tensor:
+
+def load_audio(
+    path: str | Path, target_rate: int = SAMPLE_RATE, min_samples: int = RECEPTIVE_FIELD
+) -> torch.Tensor:
     "Read an audio file with soundfile and return `prepare_waveform` of it (mono, `target_rate`)."
     import soundfile as sf
+
     path = Path(path)
-    if not path.is_file(): raise AudioError(f"{path}: no such audio file")
-    try: data, sr = sf.read(str(path), dtype="float32", always_2d=False)
-    except Exception as e:   # soundfile raises LibsndfileError (a RuntimeError) or ValueError on bad headers
-        raise AudioError(f"{path}: not a readable audio file (corrupt or unsupported format): {e}") from None
+    if not path.is_file():
+        raise AudioError(f"{path}: no such audio file")
+    try:
+        data, sr = sf.read(str(path), dtype="float32", always_2d=False)
+    except (
+        Exception
+    ) as e:  # soundfile raises LibsndfileError (a RuntimeError) or ValueError on bad headers
+        raise AudioError(
+            f"{path}: not a readable audio file (corrupt or unsupported format): {e}"
+        ) from None
     return prepare_waveform(data, sr, target_rate, min_samples)
 
-def trim_and_center(w: torch.Tensor, length: int = CLIP_SAMPLES, threshold: float = 0.03, margin: int = 800) -> torch.Tensor:
+
+def trim_and_center(
+    w: torch.Tensor, length: int = CLIP_SAMPLES, threshold: float = 0.03, margin: int = 800
+) -> torch.Tensor:
     "Cut leading/trailing silence (below `threshold` x peak), keep `margin` samples around, centre in `length` samples."
     peak = w.abs().max()
     if peak > 0:
         loud = torch.nonzero(w.abs() > threshold * peak).flatten()
-        w = w[max(0, int(loud[0]) - margin): int(loud[-1]) + margin]
+        w = w[max(0, int(loud[0]) - margin) : int(loud[-1]) + margin]
     if len(w) >= length:
         start = (len(w) - length) // 2
-        return w[start:start + length].contiguous()
+        return w[start : start + length].contiguous()
     left = (length - len(w)) // 2
     return F.pad(w, (left, length - len(w) - left))
 
 # %% ../nbs/18_wav2vec2.ipynb #6bab8f54
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 # The 25 non-digit keywords of Speech Commands v0.02 (Warden 2018): unlabelled pretraining material besides the digits.
-COMMAND_WORDS = ["yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go", "backward", "bed", "bird", "cat",
-                 "dog", "follow", "forward", "happy", "house", "learn", "marvin", "sheila", "tree", "visual", "wow"]
-ESPEAK_VOICES = ["en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp", "en-gb-x-gbclan", "en-gb-x-gbcwmd", "en-029"]
-ESPEAK_VARIANTS = ["", "+m1", "+m2", "+m3", "+m4", "+m5", "+m6", "+m7", "+f1", "+f2", "+f3", "+f4", "+f5",
-                   "+klatt", "+klatt2", "+klatt3", "+croak", "+whisper", "+grandma", "+grandpa"]
+COMMAND_WORDS = [
+    "yes",
+    "no",
+    "up",
+    "down",
+    "left",
+    "right",
+    "on",
+    "off",
+    "stop",
+    "go",
+    "backward",
+    "bed",
+    "bird",
+    "cat",
+    "dog",
+    "follow",
+    "forward",
+    "happy",
+    "house",
+    "learn",
+    "marvin",
+    "sheila",
+    "tree",
+    "visual",
+    "wow",
+]
+ESPEAK_VOICES = [
+    "en-us",
+    "en-gb",
+    "en-gb-scotland",
+    "en-gb-x-rp",
+    "en-gb-x-gbclan",
+    "en-gb-x-gbcwmd",
+    "en-029",
+]
+ESPEAK_VARIANTS = [
+    "",
+    "+m1",
+    "+m2",
+    "+m3",
+    "+m4",
+    "+m5",
+    "+m6",
+    "+m7",
+    "+f1",
+    "+f2",
+    "+f3",
+    "+f4",
+    "+f5",
+    "+klatt",
+    "+klatt2",
+    "+klatt3",
+    "+croak",
+    "+whisper",
+    "+grandma",
+    "+grandpa",
+]
 FLITE_VOICES = ["slt", "awb", "rms", "kal16"]
 DEBIAN_PACKAGE = {"espeak-ng": "espeak-ng", "flite": "flite"}
+
 
 @dataclass(frozen=True)
 class VoiceConfig:
     "One synthetic speaker: engine, voice, speed (words per minute for espeak-ng, a duration stretch for flite), pitch."
+
     engine: str
     voice: str
     speed: float
     pitch: int
+
     @property
-    def key(self) -> str: return f"{self.engine}-{self.voice.replace('+', '_')}-{self.speed:g}-{self.pitch}"
+    def key(self) -> str:
+        return f"{self.engine}-{self.voice.replace('+', '_')}-{self.speed:g}-{self.pitch}"
+
 
 def voice_configs(n: int, seed: int = 0, flite_share: float = 0.25) -> list[VoiceConfig]:
     "`n` distinct voice configurations drawn deterministically from `seed` (about `flite_share` of them flite)."
     rng, out, seen = np.random.default_rng(seed), [], set()
     while len(out) < n:
         if rng.random() < flite_share:
-            v = VoiceConfig("flite", str(rng.choice(FLITE_VOICES)), round(float(rng.uniform(0.8, 1.35)), 2), int(rng.integers(80, 200)))
+            v = VoiceConfig(
+                "flite",
+                str(rng.choice(FLITE_VOICES)),
+                round(float(rng.uniform(0.8, 1.35)), 2),
+                int(rng.integers(80, 200)),
+            )
         else:
-            v = VoiceConfig("espeak-ng", str(rng.choice(ESPEAK_VOICES)) + str(rng.choice(ESPEAK_VARIANTS)),
-                            int(rng.integers(110, 220)), int(rng.integers(15, 90)))
-        if v.key not in seen: seen.add(v.key); out.append(v)
+            v = VoiceConfig(
+                "espeak-ng",
+                str(rng.choice(ESPEAK_VOICES)) + str(rng.choice(ESPEAK_VARIANTS)),
+                int(rng.integers(110, 220)),
+                int(rng.integers(15, 90)),
+            )
+        if v.key not in seen:
+            seen.add(v.key)
+            out.append(v)
     return out
+
 
 def find_binary(engine: str) -> str:
     "Path of the synthesiser binary, or a DatasetUnavailableError naming the Debian package."
     path = shutil.which(engine)
     if path is None:
-        raise DatasetUnavailableError(f"the speech synthesiser {engine!r} is not installed; install the Debian package: "
-                                      f"sudo apt-get install {DEBIAN_PACKAGE.get(engine, engine)}")
+        raise DatasetUnavailableError(
+            f"the speech synthesiser {engine!r} is not installed; install the Debian package: "
+            f"sudo apt-get install {DEBIAN_PACKAGE.get(engine, engine)}"
+        )
     return path
+
 
 def synthesize(text: str, voice: VoiceConfig, path: str | Path) -> Path:
     "Say `text` with `voice` into the WAV file `path` (atomic: temporary file + rename). Returns `path`."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     exe = find_binary(voice.engine)
-    fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".part.wav", dir=path.parent); os.close(fd)
+    fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".part.wav", dir=path.parent)
+    os.close(fd)
     try:
         if voice.engine == "espeak-ng":
-            cmd = [exe, "-v", voice.voice, "-s", str(int(voice.speed)), "-p", str(voice.pitch), "-w", tmp, text]
+            cmd = [
+                exe,
+                "-v",
+                voice.voice,
+                "-s",
+                str(int(voice.speed)),
+                "-p",
+                str(voice.pitch),
+                "-w",
+                tmp,
+                text,
+            ]
         elif voice.engine == "flite":
-            cmd = [exe, "-voice", voice.voice, "--setf", f"duration_stretch={voice.speed}",
-                   "--setf", f"int_f0_target_mean={voice.pitch}", "-t", text, "-o", tmp]
-        else: raise ValueError(f"unknown engine {voice.engine!r}; use 'espeak-ng' or 'flite'")
+            cmd = [
+                exe,
+                "-voice",
+                voice.voice,
+                "--setf",
+                f"duration_stretch={voice.speed}",
+                "--setf",
+                f"int_f0_target_mean={voice.pitch}",
+                "-t",
+                text,
+                "-o",
+                tmp,
+            ]
+        else:
+            raise ValueError(f"unknown engine {voice.engine!r}; use 'espeak-ng' or 'flite'")
         r = subprocess.run(cmd, capture_output=True, timeout=60)
         if r.returncode != 0 or os.path.getsize(tmp) <= 44:
-            raise DataError(f"{voice.engine} failed for {text!r} ({voice}): {r.stderr.decode(errors='ignore')[-300:]}")
+            raise DataError(
+                f"{voice.engine} failed for {text!r} ({voice}): {r.stderr.decode(errors='ignore')[-300:]}"
+            )
         os.replace(tmp, path)
         return path
     finally:
-        if os.path.exists(tmp): os.unlink(tmp)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 # %% ../nbs/18_wav2vec2.ipynb #d1b14c0c
 class AudioDataset(LabelledDataset):
     "Mono 16 kHz clips `(N, T)` with int64 labels (-1 = unlabelled). Items are `(waveform (T,), label)`."
-    def __init__(self, waves: torch.Tensor, labels: torch.Tensor | None = None, classes: Sequence[str] = (),
-                 name: str = "", split: str = "", speakers: Sequence[str] | None = None, sample_rate: int = SAMPLE_RATE):
+
+    def __init__(
+        self,
+        waves: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        classes: Sequence[str] = (),
+        name: str = "",
+        split: str = "",
+        speakers: Sequence[str] | None = None,
+        sample_rate: int = SAMPLE_RATE,
+    ):
         waves = torch.as_tensor(waves).float()
-        if waves.ndim != 2: raise AudioError(f"waves must be (N, T) mono clips; got shape {tuple(waves.shape)}")
+        if waves.ndim != 2:
+            raise AudioError(f"waves must be (N, T) mono clips; got shape {tuple(waves.shape)}")
         n = len(waves)
-        labels = torch.full((n,), UNLABELED, dtype=torch.long) if labels is None else torch.as_tensor(labels).long().reshape(-1)
-        if len(labels) != n: raise DataError(f"{n} clips but {len(labels)} labels")
-        self.waves, self.labels, self.classes, self.name, self.split = waves, labels, list(classes), name, split
-        self.speakers, self.sample_rate = list(speakers) if speakers is not None else [""] * n, sample_rate
-    def __len__(self): return len(self.waves)
-    def __getitem__(self, i): return self.waves[i], int(self.labels[i])
+        labels = (
+            torch.full((n,), UNLABELED, dtype=torch.long)
+            if labels is None
+            else torch.as_tensor(labels).long().reshape(-1)
+        )
+        if len(labels) != n:
+            raise DataError(f"{n} clips but {len(labels)} labels")
+        self.waves, self.labels, self.classes, self.name, self.split = (
+            waves,
+            labels,
+            list(classes),
+            name,
+            split,
+        )
+        self.speakers, self.sample_rate = (
+            list(speakers) if speakers is not None else [""] * n,
+            sample_rate,
+        )
+
+    def __len__(self):
+        return len(self.waves)
+
+    def __getitem__(self, i):
+        return self.waves[i], int(self.labels[i])
+
     def __repr__(self):
         lab = f"{self.num_classes} classes" if self.is_labeled else "unlabelled"
         return f"AudioDataset({self.name or '?'}:{self.split or '?'}, n={len(self)}, {self.waves.shape[1] / self.sample_rate:.2f} s @ {self.sample_rate} Hz, {lab})"
+
     def subset(self, indices) -> "AudioDataset":
         idx = torch.as_tensor(indices, dtype=torch.long)
-        return AudioDataset(self.waves[idx], self.labels[idx], self.classes, self.name, self.split,
-                            [self.speakers[i] for i in idx.tolist()], self.sample_rate)
+        return AudioDataset(
+            self.waves[idx],
+            self.labels[idx],
+            self.classes,
+            self.name,
+            self.split,
+            [self.speakers[i] for i in idx.tolist()],
+            self.sample_rate,
+        )
+
     def without_labels(self) -> "AudioDataset":
-        return AudioDataset(self.waves, None, self.classes, self.name, self.split, self.speakers, self.sample_rate)
+        return AudioDataset(
+            self.waves, None, self.classes, self.name, self.split, self.speakers, self.sample_rate
+        )
+
     def concat(self, other: "AudioDataset") -> "AudioDataset":
         "Both sets in one (labels kept; class lists must agree, else labels are dropped)."
         same = self.classes == other.classes
-        return AudioDataset(torch.cat([self.waves, other.waves]), torch.cat([self.labels, other.labels]) if same else None,
-                            self.classes if same else [], f"{self.name}+{other.name}", self.split, self.speakers + other.speakers)
+        return AudioDataset(
+            torch.cat([self.waves, other.waves]),
+            torch.cat([self.labels, other.labels]) if same else None,
+            self.classes if same else [],
+            f"{self.name}+{other.name}",
+            self.split,
+            self.speakers + other.speakers,
+        )
+
 
 def _atomic_save_npy(path: Path, array: np.ndarray):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".part", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f: np.save(f, array)
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, array)
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp): os.unlink(tmp)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
-def synthesize_corpus(words: Sequence[str], voices: Sequence[VoiceConfig], data_dir: str | Path | None = None,
-                      workers: int = 4) -> torch.Tensor:
+
+def synthesize_corpus(
+    words: Sequence[str],
+    voices: Sequence[VoiceConfig],
+    data_dir: str | Path | None = None,
+    workers: int = 4,
+) -> torch.Tensor:
     "All `words` x `voices` clips as a `(len(voices) * len(words), 16000)` tensor (voice-major), synthesised once and cached."
     root = dataset_dir("synthetic_speech", data_dir)
-    spec = "|".join(w for w in words) + "#" + "|".join(v.key for v in voices) + f"#v1-{CLIP_SAMPLES}"
+    spec = (
+        "|".join(w for w in words) + "#" + "|".join(v.key for v in voices) + f"#v1-{CLIP_SAMPLES}"
+    )
     cache = root / "tensors" / f"{hashlib.sha256(spec.encode()).hexdigest()[:20]}.npy"
     if cache.is_file():
         try:
             arr = np.load(cache, allow_pickle=False)
-            if arr.shape == (len(voices) * len(words), CLIP_SAMPLES): return torch.from_numpy(arr.astype(np.float32) / 32767)
-        except (ValueError, OSError): pass                      # a damaged cache is rebuilt below
+            if arr.shape == (len(voices) * len(words), CLIP_SAMPLES):
+                return torch.from_numpy(arr.astype(np.float32) / 32767)
+        except (ValueError, OSError):
+            pass  # a damaged cache is rebuilt below
     jobs = [(w, v, root / "wav" / v.key / f"{w}.wav") for v in voices for w in words]
     missing = [j for j in jobs if not j[2].is_file()]
     if missing:
-        for eng in {v.engine for _, v, _ in missing}: find_binary(eng)
-        with ThreadPoolExecutor(workers) as ex: list(ex.map(lambda j: synthesize(*j), missing))
+        for eng in {v.engine for _, v, _ in missing}:
+            find_binary(eng)
+        with ThreadPoolExecutor(workers) as ex:
+            list(ex.map(lambda j: synthesize(*j), missing))
     waves = torch.stack([trim_and_center(load_audio(p)) for _, _, p in jobs])
-    waves = waves / waves.abs().amax(1, keepdim=True).clamp_min(1e-4) * 0.9      # peak-normalise every clip
+    waves = (
+        waves / waves.abs().amax(1, keepdim=True).clamp_min(1e-4) * 0.9
+    )  # peak-normalise every clip
     _atomic_save_npy(cache, (waves.numpy() * 32767).round().astype(np.int16))
     return waves
 
 # %% ../nbs/18_wav2vec2.ipynb #11a476e6
 def _n_voices(voices: int | None) -> int:
-    if voices: return int(voices)
+    if voices:
+        return int(voices)
     return int(get_settings().budget.get("wav2vec2_voices", 30))
 
-@register_dataset("synth_digits", "audio", ("train", "test"), "synthesised locally (Debian espeak-ng, flite)",
-                  "spoken digits 0-9 from espeak-ng/flite voices; train and test use disjoint voice configurations",
-                  "Dudley et al., espeak-ng; Black & Lenzo, Flite (CMU, 2001)")
+
+@register_dataset(
+    "synth_digits",
+    "audio",
+    ("train", "test"),
+    "synthesised locally (Debian espeak-ng, flite)",
+    "spoken digits 0-9 from espeak-ng/flite voices; train and test use disjoint voice configurations",
+    "Dudley et al., espeak-ng; Black & Lenzo, Flite (CMU, 2001)",
+)
 def _load_synth_digits(split, data_dir=None, download=None, voices: int | None = None):
     n = _n_voices(voices)
     vs = voice_configs(n, seed=0) if split == "train" else voice_configs(max(10, n // 3), seed=1)
     waves = synthesize_corpus(DIGIT_WORDS, vs, data_dir)
     labels = torch.arange(10).repeat(len(vs))
-    return AudioDataset(waves, labels, DIGIT_WORDS, "synth_digits", split, [v.key for v in vs for _ in DIGIT_WORDS])
+    return AudioDataset(
+        waves, labels, DIGIT_WORDS, "synth_digits", split, [v.key for v in vs for _ in DIGIT_WORDS]
+    )
 
-@register_dataset("synth_words", "audio", ("train",), "synthesised locally (Debian espeak-ng, flite)",
-                  "35 keywords (10 digits + the 25 other Speech Commands words) from the training voice configurations",
-                  "Dudley et al., espeak-ng; Black & Lenzo, Flite (CMU, 2001)")
+
+@register_dataset(
+    "synth_words",
+    "audio",
+    ("train",),
+    "synthesised locally (Debian espeak-ng, flite)",
+    "35 keywords (10 digits + the 25 other Speech Commands words) from the training voice configurations",
+    "Dudley et al., espeak-ng; Black & Lenzo, Flite (CMU, 2001)",
+)
 def _load_synth_words(split, data_dir=None, download=None, voices: int | None = None):
     words = DIGIT_WORDS + COMMAND_WORDS
     vs = voice_configs(_n_voices(voices), seed=0)
     waves = synthesize_corpus(words, vs, data_dir)
-    return AudioDataset(waves, torch.arange(len(words)).repeat(len(vs)), words, "synth_words", split,
-                        [v.key for v in vs for _ in words])
+    return AudioDataset(
+        waves,
+        torch.arange(len(words)).repeat(len(vs)),
+        words,
+        "synth_words",
+        split,
+        [v.key for v in vs for _ in words],
+    )
 
-ASTERISK_DIRS = [Path("/usr/share/asterisk/sounds/en_US_f_Allison"), Path("/usr/share/asterisk/sounds/en")]
+
+ASTERISK_DIRS = [
+    Path("/usr/share/asterisk/sounds/en_US_f_Allison"),
+    Path("/usr/share/asterisk/sounds/en"),
+]
 ASTERISK_FIX = "install the Debian package (sudo apt-get install asterisk-core-sounds-en-wav)"
+
 
 def _asterisk_root(data_dir=None) -> Path:
     for d in [dataset_dir("asterisk_sounds", data_dir), *ASTERISK_DIRS]:
-        if (d / "digits" / "0.wav").is_file(): return d
-    raise DatasetUnavailableError(f"the Asterisk English prompts are not available: looked in "
-                                  f"{', '.join(str(d) for d in [dataset_dir('asterisk_sounds', data_dir), *ASTERISK_DIRS])}. Fix: {ASTERISK_FIX}")
+        if (d / "digits" / "0.wav").is_file():
+            return d
+    raise DatasetUnavailableError(
+        f"the Asterisk English prompts are not available: looked in "
+        f"{', '.join(str(d) for d in [dataset_dir('asterisk_sounds', data_dir), *ASTERISK_DIRS])}. Fix: {ASTERISK_FIX}"
+    )
 
-@register_dataset("asterisk_digits", "audio", ("test",), "Debian package asterisk-core-sounds-en-wav",
-                  "real human speech: one professional speaker (Allison) saying 0-9, 8 kHz resampled to 16 kHz (10 clips)",
-                  "Digium/Sangoma, Asterisk core sound prompts (CC BY-SA 3.0)")
+
+@register_dataset(
+    "asterisk_digits",
+    "audio",
+    ("test",),
+    "Debian package asterisk-core-sounds-en-wav",
+    "real human speech: one professional speaker (Allison) saying 0-9, 8 kHz resampled to 16 kHz (10 clips)",
+    "Digium/Sangoma, Asterisk core sound prompts (CC BY-SA 3.0)",
+)
 def _load_asterisk_digits(split, data_dir=None, download=None):
     root = _asterisk_root(data_dir) / "digits"
     waves = torch.stack([trim_and_center(load_audio(root / f"{d}.wav")) for d in range(10)])
     waves = waves / waves.abs().amax(1, keepdim=True).clamp_min(1e-4) * 0.9
-    return AudioDataset(waves, torch.arange(10), DIGIT_WORDS, "asterisk_digits", split, ["allison"] * 10)
+    return AudioDataset(
+        waves, torch.arange(10), DIGIT_WORDS, "asterisk_digits", split, ["allison"] * 10
+    )
 
-@register_dataset("asterisk_prompts", "audio", ("train",), "Debian package asterisk-core-sounds-en-wav",
-                  "real human speech without labels: Allison's telephone prompts cut into 1 s windows (no digits)",
-                  "Digium/Sangoma, Asterisk core sound prompts (CC BY-SA 3.0)")
+
+@register_dataset(
+    "asterisk_prompts",
+    "audio",
+    ("train",),
+    "Debian package asterisk-core-sounds-en-wav",
+    "real human speech without labels: Allison's telephone prompts cut into 1 s windows (no digits)",
+    "Digium/Sangoma, Asterisk core sound prompts (CC BY-SA 3.0)",
+)
 def _load_asterisk_prompts(split, data_dir=None, download=None, max_files: int | None = None):
     files = sorted(_asterisk_root(data_dir).glob("*.wav"))[:max_files]
     chunks = []
     for f in files:
-        try: w = load_audio(f)
-        except AudioError: continue
+        try:
+            w = load_audio(f)
+        except AudioError:
+            continue
         for s in range(0, max(1, len(w) - CLIP_SAMPLES // 2), CLIP_SAMPLES):
-            c = w[s:s + CLIP_SAMPLES]
-            if c.abs().max() > 0.01: chunks.append(F.pad(c, (0, CLIP_SAMPLES - len(c))) / c.abs().max() * 0.9)
-    if not chunks: raise DatasetUnavailableError(f"no usable prompt found under {_asterisk_root(data_dir)}. Fix: {ASTERISK_FIX}")
+            c = w[s : s + CLIP_SAMPLES]
+            if c.abs().max() > 0.01:
+                chunks.append(F.pad(c, (0, CLIP_SAMPLES - len(c))) / c.abs().max() * 0.9)
+    if not chunks:
+        raise DatasetUnavailableError(
+            f"no usable prompt found under {_asterisk_root(data_dir)}. Fix: {ASTERISK_FIX}"
+        )
     return AudioDataset(torch.stack(chunks), None, [], "asterisk_prompts", split)
 
 # %% ../nbs/18_wav2vec2.ipynb #434d2823
 SPEECH_COMMANDS_URL = "http://download.tensorflow.org/data/"
-SPEECH_COMMANDS_ARCHIVE = {"speech_commands_v0.02.tar.gz": "af14739ee7dc311471de98f5f9d2c9191b18aedfe957f4a6ff791c709868ff58"}
+SPEECH_COMMANDS_ARCHIVE = {
+    "speech_commands_v0.02.tar.gz": "af14739ee7dc311471de98f5f9d2c9191b18aedfe957f4a6ff791c709868ff58"
+}
 FSDD_GIT = "https://github.com/Jakobovski/free-spoken-digit-dataset"
 FSDD_HF = "mteb/free-spoken-digit-dataset"
 
-def _clips_from_files(files, labels, name, split, classes):
-    if not files: raise DataError(f"{name} {split}: no clips found")
-    waves = torch.stack([trim_and_center(load_audio(f, min_samples=1)) for f in files])
-    return AudioDataset(waves, torch.as_tensor(labels), classes, name, split, [Path(f).stem for f in files])
 
-@register_dataset("speech_commands_digits", "audio", ("train", "validation", "test"),
-                  "online only (download 2.3 GB, SHA-256 checked)",
-                  "Speech Commands v0.02, the ten digit words (about 38,000 1 s clips, 2,600 speakers)",
-                  "Warden, Speech Commands: A Dataset for Limited-Vocabulary Speech Recognition, arXiv:1804.03209, 2018")
+def _clips_from_files(files, labels, name, split, classes):
+    if not files:
+        raise DataError(f"{name} {split}: no clips found")
+    waves = torch.stack([trim_and_center(load_audio(f, min_samples=1)) for f in files])
+    return AudioDataset(
+        waves, torch.as_tensor(labels), classes, name, split, [Path(f).stem for f in files]
+    )
+
+
+@register_dataset(
+    "speech_commands_digits",
+    "audio",
+    ("train", "validation", "test"),
+    "online only (download 2.3 GB, SHA-256 checked)",
+    "Speech Commands v0.02, the ten digit words (about 38,000 1 s clips, 2,600 speakers)",
+    "Warden, Speech Commands: A Dataset for Limited-Vocabulary Speech Recognition, arXiv:1804.03209, 2018",
+)
 def _load_speech_commands(split, data_dir=None, download=None, max_per_class: int | None = None):
     root = dataset_dir("speech_commands", data_dir)
     if not (root / "testing_list.txt").is_file():
         name = "speech_commands_v0.02.tar.gz"
         if not (root / name).is_file():
             if not _download_allowed(download):
-                raise DatasetUnavailableError(f"Speech Commands is not in {root} and downloads are disabled. Fix: put "
-                                              f"{name} from {SPEECH_COMMANDS_URL} into {root}, or allow network access")
-            try: download_url(SPEECH_COMMANDS_URL + name, root / name, SPEECH_COMMANDS_ARCHIVE[name])
+                raise DatasetUnavailableError(
+                    f"Speech Commands is not in {root} and downloads are disabled. Fix: put "
+                    f"{name} from {SPEECH_COMMANDS_URL} into {root}, or allow network access"
+                )
+            try:
+                download_url(SPEECH_COMMANDS_URL + name, root / name, SPEECH_COMMANDS_ARCHIVE[name])
             except (OSError, ChecksumError) as e:
                 raise DatasetUnavailableError(f"Speech Commands download failed: {e}") from None
         import tarfile
-        with tarfile.open(root / name) as tf: tf.extractall(root, filter="data")
-    held = {s: set((root / f).read_text().split()) for s, f in (("validation", "validation_list.txt"), ("test", "testing_list.txt"))}
+
+        with tarfile.open(root / name) as tf:
+            tf.extractall(root, filter="data")
+    held = {
+        s: set((root / f).read_text().split())
+        for s, f in (("validation", "validation_list.txt"), ("test", "testing_list.txt"))
+    }
     files, labels = [], []
     for c, word in enumerate(DIGIT_WORDS):
         rel = sorted(f"{word}/{p.name}" for p in (root / word).glob("*.wav"))
-        if split == "train": rel = [r for r in rel if r not in held["validation"] and r not in held["test"]]
-        else: rel = [r for r in rel if r in held[split]]
+        if split == "train":
+            rel = [r for r in rel if r not in held["validation"] and r not in held["test"]]
+        else:
+            rel = [r for r in rel if r in held[split]]
         rel = rel[:max_per_class] if max_per_class else rel
-        files += [root / r for r in rel]; labels += [c] * len(rel)
+        files += [root / r for r in rel]
+        labels += [c] * len(rel)
     return _clips_from_files(files, labels, "speech_commands_digits", split, DIGIT_WORDS)
 
-@register_dataset("fsdd", "audio", ("train", "test"), "online only (git clone, or Hugging Face datasets)",
-                  "Free Spoken Digit Dataset: 3,000 recordings of 0-9 by 6 speakers at 8 kHz; test = recordings 0-4 of each",
-                  "Jackson et al., Free Spoken Digit Dataset, https://github.com/Jakobovski/free-spoken-digit-dataset")
+
+@register_dataset(
+    "fsdd",
+    "audio",
+    ("train", "test"),
+    "online only (git clone, or Hugging Face datasets)",
+    "Free Spoken Digit Dataset: 3,000 recordings of 0-9 by 6 speakers at 8 kHz; test = recordings 0-4 of each",
+    "Jackson et al., Free Spoken Digit Dataset, https://github.com/Jakobovski/free-spoken-digit-dataset",
+)
 def _load_fsdd(split, data_dir=None, download=None):
     root = dataset_dir("fsdd", data_dir)
-    rec = next((d for d in (root / "recordings", root / "free-spoken-digit-dataset" / "recordings") if d.is_dir()), None)
+    rec = next(
+        (
+            d
+            for d in (root / "recordings", root / "free-spoken-digit-dataset" / "recordings")
+            if d.is_dir()
+        ),
+        None,
+    )
     if rec is not None:
         files = sorted(rec.glob("*.wav"))
         files = [f for f in files if (int(f.stem.split("_")[2]) < 5) == (split == "test")]
-        return _clips_from_files(files, [int(f.stem.split("_")[0]) for f in files], "fsdd", split, DIGIT_WORDS)
+        return _clips_from_files(
+            files, [int(f.stem.split("_")[0]) for f in files], "fsdd", split, DIGIT_WORDS
+        )
     if _download_allowed(download):
         try:
             import datasets as hfds
+
             ds = hfds.load_dataset(FSDD_HF, split=split)
-            waves = [trim_and_center(prepare_waveform(r["audio"]["array"], r["audio"]["sampling_rate"], min_samples=1)) for r in ds]
-            return AudioDataset(torch.stack(waves), torch.as_tensor(ds["label"]), DIGIT_WORDS, "fsdd", split)
-        except Exception as e: reason = f"Hugging Face datasets failed or is not installed ({type(e).__name__}: {e})"
-    else: reason = "downloads are disabled"
-    raise DatasetUnavailableError(f"FSDD is not in {root} ({reason}). Fix: git clone {FSDD_GIT} {root}")
+            waves = [
+                trim_and_center(
+                    prepare_waveform(
+                        r["audio"]["array"], r["audio"]["sampling_rate"], min_samples=1
+                    )
+                )
+                for r in ds
+            ]
+            return AudioDataset(
+                torch.stack(waves), torch.as_tensor(ds["label"]), DIGIT_WORDS, "fsdd", split
+            )
+        except Exception as e:
+            reason = f"Hugging Face datasets failed or is not installed ({type(e).__name__}: {e})"
+    else:
+        reason = "downloads are disabled"
+    raise DatasetUnavailableError(
+        f"FSDD is not in {root} ({reason}). Fix: git clone {FSDD_GIT} {root}"
+    )
 
 # %% ../nbs/18_wav2vec2.ipynb #25872148
 PAPER_KERNELS = (10, 3, 3, 3, 3, 2, 2)
 PAPER_STRIDES = (5, 2, 2, 2, 2, 2, 2)
 
+
 def conv_output_length(num_samples: int, kernels=PAPER_KERNELS, strides=PAPER_STRIDES) -> int:
     "Frames produced from `num_samples` by the valid convolution stack (0 when the clip is shorter than the receptive field)."
     n = int(num_samples)
     for k, s in zip(kernels, strides):
-        if n < k: return 0
+        if n < k:
+            return 0
         n = (n - k) // s + 1
     return n
+
 
 def receptive_field(kernels=PAPER_KERNELS, strides=PAPER_STRIDES) -> tuple[int, int]:
     "(receptive field, hop) in samples of one output frame: (400, 320) for the paper's stack."
     field, hop = 1, 1
-    for k, s in zip(kernels, strides): field, hop = field + (k - 1) * hop, hop * s
+    for k, s in zip(kernels, strides):
+        field, hop = field + (k - 1) * hop, hop * s
     return field, hop
+
 
 class GradMultiply(torch.autograd.Function):
     "Identity forward, gradient times `scale` backward (fairseq scales the feature encoder's gradient by 0.1)."
+
     @staticmethod
-    def forward(ctx, x, scale): ctx.scale = scale; return x.view_as(x)
+    def forward(ctx, x, scale):
+        ctx.scale = scale
+        return x.view_as(x)
+
     @staticmethod
-    def backward(ctx, grad): return grad * ctx.scale, None
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
+
 
 class ConvFeatureEncoder(nn.Module):
     "wav2vec 2.0's convolutional feature encoder: raw (B, T) audio -> (B, frames, conv_dim)."
-    def __init__(self, conv_dim: int = 512, kernels=PAPER_KERNELS, strides=PAPER_STRIDES, normalize: bool = True):
+
+    def __init__(
+        self,
+        conv_dim: int = 512,
+        kernels=PAPER_KERNELS,
+        strides=PAPER_STRIDES,
+        normalize: bool = True,
+    ):
         super().__init__()
-        if len(kernels) != len(strides): raise ValueError("kernels and strides must have the same length")
-        self.kernels, self.strides, self.normalize, self.out_dim = tuple(kernels), tuple(strides), normalize, conv_dim
+        if len(kernels) != len(strides):
+            raise ValueError("kernels and strides must have the same length")
+        self.kernels, self.strides, self.normalize, self.out_dim = (
+            tuple(kernels),
+            tuple(strides),
+            normalize,
+            conv_dim,
+        )
         self.field, self.hop = receptive_field(kernels, strides)
         layers, c_in = [], 1
         for i, (k, s) in enumerate(zip(kernels, strides)):
-            conv = nn.Conv1d(c_in, conv_dim, k, s, bias=False); nn.init.kaiming_normal_(conv.weight)
-            layers.append(nn.Sequential(conv, nn.GroupNorm(conv_dim, conv_dim) if i == 0 else nn.Identity(), nn.GELU()))
+            conv = nn.Conv1d(c_in, conv_dim, k, s, bias=False)
+            nn.init.kaiming_normal_(conv.weight)
+            layers.append(
+                nn.Sequential(
+                    conv, nn.GroupNorm(conv_dim, conv_dim) if i == 0 else nn.Identity(), nn.GELU()
+                )
+            )
             c_in = conv_dim
         self.layers = nn.Sequential(*layers)
 
     def check_input(self, wave: torch.Tensor) -> torch.Tensor:
-        if wave.ndim == 3 and wave.shape[1] == 1: wave = wave[:, 0]
-        if wave.ndim == 1: wave = wave[None]
+        if wave.ndim == 3 and wave.shape[1] == 1:
+            wave = wave[:, 0]
+        if wave.ndim == 1:
+            wave = wave[None]
         if wave.ndim != 2:
-            raise AudioError(f"expected mono audio (B, T) at 16 kHz, got shape {tuple(wave.shape)}; mix stereo down and "
-                             "resample with prepare_waveform(wave, sample_rate)")
+            raise AudioError(
+                f"expected mono audio (B, T) at 16 kHz, got shape {tuple(wave.shape)}; mix stereo down and "
+                "resample with prepare_waveform(wave, sample_rate)"
+            )
         if wave.shape[1] < self.field:
-            raise AudioError(f"clips have {wave.shape[1]} samples, fewer than the encoder's receptive field of {self.field} "
-                             f"samples ({1000 * self.field / SAMPLE_RATE:.0f} ms at 16 kHz); pad them")
+            raise AudioError(
+                f"clips have {wave.shape[1]} samples, fewer than the encoder's receptive field of {self.field} "
+                f"samples ({1000 * self.field / SAMPLE_RATE:.0f} ms at 16 kHz); pad them"
+            )
         return wave
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
         x = self.check_input(wave)
-        if not x.is_floating_point(): x = x.float()
-        if self.normalize: x = (x - x.mean(1, keepdim=True)) / (x.std(1, keepdim=True) + 1e-5)
+        if not x.is_floating_point():
+            x = x.float()
+        if self.normalize:
+            x = (x - x.mean(1, keepdim=True)) / (x.std(1, keepdim=True) + 1e-5)
         return self.layers(x[:, None]).transpose(1, 2)
 
 # %% ../nbs/18_wav2vec2.ipynb #3ec04617
@@ -389,38 +724,77 @@ class Wav2Vec2Encoder(nn.Module):
 
     `forward(wave)` returns utterance features (B, D) (mean over frames) for probes and fine-tuning;
     `frames(wave)` returns the per-frame context vectors (B, T, D)."""
-    def __init__(self, conv_dim: int = 512, embed_dim: int = 768, layers: int = 12, heads: int | None = None,
-                 ffn_mult: int = 4, pos_conv_kernel: int = 128, pos_conv_groups: int = 16, dropout: float = 0.1,
-                 feature_grad_mult: float = 1.0, kernels=PAPER_KERNELS, strides=PAPER_STRIDES, normalize: bool = True):
+
+    def __init__(
+        self,
+        conv_dim: int = 512,
+        embed_dim: int = 768,
+        layers: int = 12,
+        heads: int | None = None,
+        ffn_mult: int = 4,
+        pos_conv_kernel: int = 128,
+        pos_conv_groups: int = 16,
+        dropout: float = 0.1,
+        feature_grad_mult: float = 1.0,
+        kernels=PAPER_KERNELS,
+        strides=PAPER_STRIDES,
+        normalize: bool = True,
+    ):
         super().__init__()
         heads = heads or max(1, embed_dim // 64)
         if embed_dim % heads or embed_dim % pos_conv_groups:
-            raise ValueError(f"embed_dim {embed_dim} must be divisible by heads ({heads}) and pos_conv_groups ({pos_conv_groups})")
+            raise ValueError(
+                f"embed_dim {embed_dim} must be divisible by heads ({heads}) and pos_conv_groups ({pos_conv_groups})"
+            )
         self.feature_extractor = ConvFeatureEncoder(conv_dim, kernels, strides, normalize)
         self.feature_grad_mult, self.conv_dim, self.out_dim = feature_grad_mult, conv_dim, embed_dim
         self.layer_norm = nn.LayerNorm(conv_dim)
         self.post_extract_proj = nn.Linear(conv_dim, embed_dim)
         self.dropout = nn.Dropout(dropout)
-        pos = nn.Conv1d(embed_dim, embed_dim, pos_conv_kernel, padding=pos_conv_kernel // 2, groups=pos_conv_groups)
-        nn.init.normal_(pos.weight, 0, math.sqrt(4 / (pos_conv_kernel * embed_dim))); nn.init.zeros_(pos.bias)
+        pos = nn.Conv1d(
+            embed_dim,
+            embed_dim,
+            pos_conv_kernel,
+            padding=pos_conv_kernel // 2,
+            groups=pos_conv_groups,
+        )
+        nn.init.normal_(pos.weight, 0, math.sqrt(4 / (pos_conv_kernel * embed_dim)))
+        nn.init.zeros_(pos.bias)
         self.pos_conv = nn.utils.parametrizations.weight_norm(pos, name="weight", dim=2)
-        self.pos_trim = 1 if pos_conv_kernel % 2 == 0 else 0      # an even kernel with this padding gives one extra frame
-        block = nn.TransformerEncoderLayer(embed_dim, heads, ffn_mult * embed_dim, dropout, activation="gelu",
-                                           batch_first=True, norm_first=True)
+        self.pos_trim = (
+            1 if pos_conv_kernel % 2 == 0 else 0
+        )  # an even kernel with this padding gives one extra frame
+        block = nn.TransformerEncoderLayer(
+            embed_dim,
+            heads,
+            ffn_mult * embed_dim,
+            dropout,
+            activation="gelu",
+            batch_first=True,
+            norm_first=True,
+        )
         self.blocks = nn.TransformerEncoder(block, layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(embed_dim)
 
     def features(self, wave: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         "Conv features (B, T, C) after layer norm, and the L2 feature penalty (mean square before the norm)."
         f = self.feature_extractor(wave)
-        if self.feature_grad_mult != 1.0 and self.training and f.requires_grad: f = GradMultiply.apply(f, self.feature_grad_mult)
+        if self.feature_grad_mult != 1.0 and self.training and f.requires_grad:
+            f = GradMultiply.apply(f, self.feature_grad_mult)
         return self.layer_norm(f), f.float().pow(2).mean()
 
-    def context(self, x: torch.Tensor, mask: torch.Tensor | None = None, mask_emb: torch.Tensor | None = None) -> torch.Tensor:
+    def context(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        mask_emb: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         "Projected features (B, T, D) -> context (B, T, D); frames where `mask` is True are replaced by `mask_emb` first."
-        if mask is not None: x = torch.where(mask[..., None], mask_emb.to(x.dtype), x)
+        if mask is not None:
+            x = torch.where(mask[..., None], mask_emb.to(x.dtype), x)
         p = self.pos_conv(x.transpose(1, 2))
-        if self.pos_trim: p = p[..., :-self.pos_trim]
+        if self.pos_trim:
+            p = p[..., : -self.pos_trim]
         x = x + F.gelu(p).transpose(1, 2)
         return self.norm(self.blocks(self.dropout(x)))
 
@@ -428,19 +802,28 @@ class Wav2Vec2Encoder(nn.Module):
         f, _ = self.features(wave)
         return self.context(self.dropout(self.post_extract_proj(f)))
 
-    def forward(self, wave: torch.Tensor) -> torch.Tensor: return self.frames(wave).mean(1)
+    def forward(self, wave: torch.Tensor) -> torch.Tensor:
+        return self.frames(wave).mean(1)
 
 # %% ../nbs/18_wav2vec2.ipynb #bdc8850b
-def compute_span_mask(shape: tuple[int, int], mask_prob: float = 0.65, mask_length: int = 10, min_masks: int = 2,
-                      generator: torch.Generator | None = None) -> torch.Tensor:
+def compute_span_mask(
+    shape: tuple[int, int],
+    mask_prob: float = 0.65,
+    mask_length: int = 10,
+    min_masks: int = 2,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """wav2vec 2.0 span mask (fairseq's `compute_mask_indices`, static lengths): for each of the B rows of length T draw
     int(mask_prob * T / mask_length + U[0,1)) span starts (at least `min_masks`, at most the number of start positions)
     without replacement and mask `mask_length` frames from each. Returns a bool (B, T) tensor, True = masked.
     Spans never run past the end; a row shorter than `mask_length` is masked entirely."""
     b, t = int(shape[0]), int(shape[1])
-    if not 0 <= mask_prob <= 1: raise ValueError(f"mask_prob must be in [0, 1], got {mask_prob}")
-    if mask_length < 1 or min_masks < 0: raise ValueError(f"mask_length must be >= 1 and min_masks >= 0")
-    if t < 1: raise ValueError(f"cannot mask a sequence of length {t}")
+    if not 0 <= mask_prob <= 1:
+        raise ValueError(f"mask_prob must be in [0, 1], got {mask_prob}")
+    if mask_length < 1 or min_masks < 0:
+        raise ValueError("mask_length must be >= 1 and min_masks >= 0")
+    if t < 1:
+        raise ValueError(f"cannot mask a sequence of length {t}")
     length = min(mask_length, t)
     starts_avail = t - length + 1
     mask = torch.zeros(b, t, dtype=torch.bool)
@@ -448,22 +831,28 @@ def compute_span_mask(shape: tuple[int, int], mask_prob: float = 0.65, mask_leng
     for i in range(b):
         n = max(min_masks, int(mask_prob * t / mask_length + float(u[i])))
         n = min(n, starts_avail)
-        if n == 0: continue
+        if n == 0:
+            continue
         starts = torch.randperm(starts_avail, generator=generator)[:n]
         idx = (starts[:, None] + torch.arange(length)).flatten()
         mask[i, idx] = True
     return mask
 
 # %% ../nbs/18_wav2vec2.ipynb #9508ff10
-def gumbel_temperature_decay(total_steps: int, max_temp: float = 2.0, min_temp: float = 0.5, fraction: float = 0.69) -> float:
+def gumbel_temperature_decay(
+    total_steps: int, max_temp: float = 2.0, min_temp: float = 0.5, fraction: float = 0.69
+) -> float:
     "Per-update decay so that max_temp * decay**(fraction * total_steps) = min_temp (fairseq: 0.999995 for 400k updates)."
-    if total_steps < 1: raise ValueError("total_steps must be >= 1")
+    if total_steps < 1:
+        raise ValueError("total_steps must be >= 1")
     return (min_temp / max_temp) ** (1.0 / max(1.0, fraction * total_steps))
+
 
 def codebook_perplexity(probs: torch.Tensor) -> torch.Tensor:
     "exp(entropy) of the batch-averaged code distribution, summed over groups; `probs` (N, G, V). Between G and G*V."
     avg = probs.reshape(-1, *probs.shape[-2:]).float().mean(0)
     return torch.exp(-(avg * torch.log(avg + 1e-7)).sum(-1)).sum()
+
 
 def codebook_diversity_loss(probs: torch.Tensor) -> torch.Tensor:
     """wav2vec 2.0's diversity loss (G*V - perplexity) / (G*V) of the softmax code probabilities `probs` (N, G, V):
@@ -471,47 +860,72 @@ def codebook_diversity_loss(probs: torch.Tensor) -> torch.Tensor:
     g, v = probs.shape[-2:]
     return (g * v - codebook_perplexity(probs)) / (g * v)
 
+
 class GumbelVectorQuantizer(nn.Module):
     """Product quantiser with G groups of V codewords and a straight-through hard Gumbel-softmax (Baevski et al. 2020;
     Jang et al. 2017). Input (..., dim) -> dict with `x` (..., vq_dim) quantised vectors, `onehot` (..., G, V),
     `probs` (..., G, V) softmax of the logits, `codes` (..., G), `prob_perplexity`, `code_perplexity`, `temp`."""
-    def __init__(self, dim: int, num_groups: int = 2, num_vars: int = 320, vq_dim: int | None = None,
-                 temp: tuple[float, float, float] = (2.0, 0.5, 0.999995)):
+
+    def __init__(
+        self,
+        dim: int,
+        num_groups: int = 2,
+        num_vars: int = 320,
+        vq_dim: int | None = None,
+        temp: tuple[float, float, float] = (2.0, 0.5, 0.999995),
+    ):
         super().__init__()
         vq_dim = vq_dim or dim
-        if vq_dim % num_groups: raise ValueError(f"vq_dim {vq_dim} must be divisible by num_groups {num_groups}")
+        if vq_dim % num_groups:
+            raise ValueError(f"vq_dim {vq_dim} must be divisible by num_groups {num_groups}")
         self.dim, self.num_groups, self.num_vars, self.vq_dim = dim, num_groups, num_vars, vq_dim
         self.codevectors = nn.Parameter(torch.rand(num_groups * num_vars, vq_dim // num_groups))
         self.weight_proj = nn.Linear(dim, num_groups * num_vars)
-        nn.init.normal_(self.weight_proj.weight, 0, 1); nn.init.zeros_(self.weight_proj.bias)
+        nn.init.normal_(self.weight_proj.weight, 0, 1)
+        nn.init.zeros_(self.weight_proj.bias)
         self.max_temp, self.min_temp, self.temp_decay = temp
         self.curr_temp = self.max_temp
 
     def set_num_updates(self, num_updates: int):
-        self.curr_temp = max(self.max_temp * self.temp_decay ** num_updates, self.min_temp)
+        self.curr_temp = max(self.max_temp * self.temp_decay**num_updates, self.min_temp)
 
     def forward(self, x: torch.Tensor) -> dict:
-        if x.shape[-1] != self.dim: raise ValueError(f"expected features of width {self.dim}, got {x.shape[-1]}")
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"expected features of width {self.dim}, got {x.shape[-1]}")
         lead, g, v = x.shape[:-1], self.num_groups, self.num_vars
         logits = self.weight_proj(x.reshape(-1, self.dim)).float().view(-1, g, v)
         codes = logits.argmax(-1)
         hard = F.one_hot(codes, v).to(logits.dtype)
         probs = logits.softmax(-1)
-        if self.training: onehot = F.gumbel_softmax(logits, tau=self.curr_temp, hard=True, dim=-1)
-        else: onehot = hard
-        q = torch.einsum("ngv,gvd->ngd", onehot, self.codevectors.view(g, v, -1).float()).reshape(*lead, self.vq_dim)
-        return {"x": q.to(x.dtype), "onehot": onehot.view(*lead, g, v), "probs": probs.view(*lead, g, v),
-                "codes": codes.view(*lead, g), "prob_perplexity": codebook_perplexity(probs),
-                "code_perplexity": codebook_perplexity(hard), "temp": self.curr_temp}
+        if self.training:
+            onehot = F.gumbel_softmax(logits, tau=self.curr_temp, hard=True, dim=-1)
+        else:
+            onehot = hard
+        q = torch.einsum("ngv,gvd->ngd", onehot, self.codevectors.view(g, v, -1).float()).reshape(
+            *lead, self.vq_dim
+        )
+        return {
+            "x": q.to(x.dtype),
+            "onehot": onehot.view(*lead, g, v),
+            "probs": probs.view(*lead, g, v),
+            "codes": codes.view(*lead, g),
+            "prob_perplexity": codebook_perplexity(probs),
+            "code_perplexity": codebook_perplexity(hard),
+            "temp": self.curr_temp,
+        }
 
 # %% ../nbs/18_wav2vec2.ipynb #12634e77
-def sample_negatives(mask: torch.Tensor, num_negatives: int = 100, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_negatives(
+    mask: torch.Tensor, num_negatives: int = 100, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Indices (N, K) of distractors for the N masked frames of `mask` (B, T) enumerated row by row (the order of
     `x[mask]`): uniform with replacement over the *other* masked frames of the same row, never the frame itself."""
     counts = mask.sum(1)
     if (counts < 2).any():
-        raise ValueError(f"every utterance needs at least 2 masked frames to draw distractors; got {counts.min().item()} "
-                         "(use longer clips or more min_masks)")
+        raise ValueError(
+            f"every utterance needs at least 2 masked frames to draw distractors; got {counts.min().item()} "
+            "(use longer clips or more min_masks)"
+        )
     n = int(counts.sum())
     row = torch.repeat_interleave(torch.arange(len(counts), device=mask.device), counts)
     offsets = torch.cumsum(counts, 0) - counts
@@ -521,32 +935,58 @@ def sample_negatives(mask: torch.Tensor, num_negatives: int = 100, generator: to
     r = r + (r >= rank[:, None]).long()
     return offsets[row][:, None] + r
 
-def contrastive_logits(context: torch.Tensor, targets: torch.Tensor, negatives: torch.Tensor,
-                       temperature: float = 0.1, same: torch.Tensor | None = None) -> torch.Tensor:
+
+def contrastive_logits(
+    context: torch.Tensor,
+    targets: torch.Tensor,
+    negatives: torch.Tensor,
+    temperature: float = 0.1,
+    same: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Logits (N, 1 + K): cosine similarity / temperature to the positive (column 0) and the K distractors; -inf where a
     distractor equals the positive (`same` (N, K) can pass that test precomputed, e.g. from code indices)."""
     c = F.normalize(context.float(), dim=-1, eps=1e-8)
     cands = F.normalize(torch.cat([targets[:, None], negatives], 1).float(), dim=-1, eps=1e-8)
     logits = torch.einsum("nd,nkd->nk", c, cands) / temperature
-    if same is None: same = (negatives == targets[:, None]).all(-1)
+    if same is None:
+        same = (negatives == targets[:, None]).all(-1)
     return torch.cat([logits[:, :1], logits[:, 1:].masked_fill(same, float("-inf"))], 1)
 
-def contrastive_logits_by_index(context: torch.Tensor, targets: torch.Tensor, negative_idx: torch.Tensor,
-                                temperature: float = 0.1, same: torch.Tensor | None = None) -> torch.Tensor:
+
+def contrastive_logits_by_index(
+    context: torch.Tensor,
+    targets: torch.Tensor,
+    negative_idx: torch.Tensor,
+    temperature: float = 0.1,
+    same: torch.Tensor | None = None,
+) -> torch.Tensor:
     """`contrastive_logits` with the distractors given as row indices (N, K) into `targets`: one (N, N) similarity
     matrix and a gather instead of an (N, K, D) tensor — the same numbers, many times cheaper for K = 100."""
-    sim = F.normalize(context.float(), dim=-1, eps=1e-8) @ F.normalize(targets.float(), dim=-1, eps=1e-8).T / temperature
-    if same is None: same = (targets[negative_idx] == targets[:, None]).all(-1)
+    sim = (
+        F.normalize(context.float(), dim=-1, eps=1e-8)
+        @ F.normalize(targets.float(), dim=-1, eps=1e-8).T
+        / temperature
+    )
+    if same is None:
+        same = (targets[negative_idx] == targets[:, None]).all(-1)
     neg = sim.gather(1, negative_idx).masked_fill(same, float("-inf"))
     return torch.cat([sim.diagonal()[:, None], neg], 1)
 
-def wav2vec2_contrastive_loss(context: torch.Tensor, targets: torch.Tensor, negatives: torch.Tensor,
-                              temperature: float = 0.1) -> torch.Tensor:
+
+def wav2vec2_contrastive_loss(
+    context: torch.Tensor, targets: torch.Tensor, negatives: torch.Tensor, temperature: float = 0.1
+) -> torch.Tensor:
     """wav2vec 2.0's contrastive loss L_m (Baevski et al. 2020, eq. 3), averaged over the N masked frames.
     `context` (N, D): predictions at masked frames; `targets` (N, D): their quantised vectors; `negatives` (N, K, D)."""
-    if context.shape != targets.shape or negatives.shape[0] != context.shape[0] or negatives.shape[2] != context.shape[1]:
-        raise ValueError(f"shapes do not match: context {tuple(context.shape)}, targets {tuple(targets.shape)}, "
-                         f"negatives {tuple(negatives.shape)} (expected (N, D), (N, D), (N, K, D))")
+    if (
+        context.shape != targets.shape
+        or negatives.shape[0] != context.shape[0]
+        or negatives.shape[2] != context.shape[1]
+    ):
+        raise ValueError(
+            f"shapes do not match: context {tuple(context.shape)}, targets {tuple(targets.shape)}, "
+            f"negatives {tuple(negatives.shape)} (expected (N, D), (N, D), (N, K, D))"
+        )
     logits = contrastive_logits(context, targets, negatives, temperature)
     return F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))
 
@@ -557,12 +997,27 @@ class Wav2Vec2(SSLMethod):
     `feature_grad_mult` scales the gradient that reaches the conv feature encoder (the paper, sec. 4.2, and fairseq's
     `feature_grad_mult=0.1` for BASE and LARGE pretraining); it is set on the encoder, given or built, whose own default
     (1.0, no scaling) is the one for probes and fine-tuning."""
-    def __init__(self, encoder: Wav2Vec2Encoder | None = None, num_groups: int = 2, num_vars: int = 320,
-                 codevector_dim: int = 256, final_dim: int = 256, num_negatives: int = 100, mask_prob: float = 0.65,
-                 mask_length: int = 10, min_masks: int = 2, logit_temp: float = 0.1, diversity_weight: float = 0.1,
-                 feature_pen_weight: float = 10.0, temp: tuple[float, float, float] = (2.0, 0.5, 0.999995),
-                 dropout_features: float = 0.1, crop_samples: int | None = None, feature_grad_mult: float = 0.1,
-                 **encoder_kwargs):
+
+    def __init__(
+        self,
+        encoder: Wav2Vec2Encoder | None = None,
+        num_groups: int = 2,
+        num_vars: int = 320,
+        codevector_dim: int = 256,
+        final_dim: int = 256,
+        num_negatives: int = 100,
+        mask_prob: float = 0.65,
+        mask_length: int = 10,
+        min_masks: int = 2,
+        logit_temp: float = 0.1,
+        diversity_weight: float = 0.1,
+        feature_pen_weight: float = 10.0,
+        temp: tuple[float, float, float] = (2.0, 0.5, 0.999995),
+        dropout_features: float = 0.1,
+        crop_samples: int | None = None,
+        feature_grad_mult: float = 0.1,
+        **encoder_kwargs,
+    ):
         super().__init__()
         self.encoder = encoder if encoder is not None else Wav2Vec2Encoder(**encoder_kwargs)
         if not isinstance(self.encoder, Wav2Vec2Encoder):
@@ -570,7 +1025,10 @@ class Wav2Vec2(SSLMethod):
         self.encoder.feature_grad_mult = feature_grad_mult
         d, c = self.encoder.out_dim, self.encoder.conv_dim
         self.quantizer = GumbelVectorQuantizer(c, num_groups, num_vars, codevector_dim, temp)
-        self.project_q, self.final_proj = nn.Linear(codevector_dim, final_dim), nn.Linear(d, final_dim)
+        self.project_q, self.final_proj = (
+            nn.Linear(codevector_dim, final_dim),
+            nn.Linear(d, final_dim),
+        )
         self.mask_emb = nn.Parameter(torch.empty(d).uniform_())
         self.dropout_features = nn.Dropout(dropout_features)
         self.num_negatives, self.logit_temp = num_negatives, logit_temp
@@ -578,81 +1036,152 @@ class Wav2Vec2(SSLMethod):
         self.diversity_weight, self.feature_pen_weight = diversity_weight, feature_pen_weight
         self.crop_samples = crop_samples
 
-    def forward(self, wave: torch.Tensor, mask: torch.Tensor | None = None, generator: torch.Generator | None = None) -> dict:
+    def forward(
+        self,
+        wave: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> dict:
         "Loss terms and diagnostics for a batch of 16 kHz clips (B, T); `mask` (B, frames) defaults to a fresh span mask."
-        feats, pen = self.encoder.features(wave)                      # (B, T, C), layer-normed
+        feats, pen = self.encoder.features(wave)  # (B, T, C), layer-normed
         b, t, _ = feats.shape
-        if mask is None: mask = compute_span_mask((b, t), self.mask_prob, self.mask_length, self.min_masks, generator)
+        if mask is None:
+            mask = compute_span_mask(
+                (b, t), self.mask_prob, self.mask_length, self.min_masks, generator
+            )
         mask = mask.to(feats.device)
-        if mask.shape != (b, t): raise ValueError(f"mask must have shape {(b, t)}, got {tuple(mask.shape)}")
+        if mask.shape != (b, t):
+            raise ValueError(f"mask must have shape {(b, t)}, got {tuple(mask.shape)}")
         unmasked = self.dropout_features(feats)
         x = self.encoder.dropout(self.encoder.post_extract_proj(feats))
         c = self.encoder.context(x, mask, self.mask_emb)
-        q = self.quantizer(unmasked[mask])                           # targets at masked frames only, (N, vq_dim)
+        q = self.quantizer(unmasked[mask])  # targets at masked frames only, (N, vq_dim)
         y = self.project_q(q["x"])
         neg_idx = sample_negatives(mask, self.num_negatives, generator)
         # a distractor identical to the positive is masked to -inf, tested on the sampled target vectors y themselves
         # (fairseq `compute_preds`: neg_is_pos = (y == negatives).all(-1)); in training the Gumbel-sampled codeword
         # can differ from the noise-free argmax code, so comparing `q["codes"]` would mask the wrong distractors
         logits = contrastive_logits_by_index(self.final_proj(c[mask]), y, neg_idx, self.logit_temp)
-        contrastive = F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))
+        contrastive = F.cross_entropy(
+            logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device)
+        )
         diversity = codebook_diversity_loss(q["probs"])
         loss = contrastive + self.diversity_weight * diversity + self.feature_pen_weight * pen
-        return {"loss": loss, "contrastive": contrastive.detach(), "diversity": diversity.detach(), "feature_pen": pen.detach(),
-                "prob_perplexity": q["prob_perplexity"].detach(), "code_perplexity": q["code_perplexity"].detach(),
-                "temp": q["temp"], "accuracy": (logits.argmax(1) == 0).float().mean().detach(),
-                "mask_fraction": mask.float().mean()}
+        return {
+            "loss": loss,
+            "contrastive": contrastive.detach(),
+            "diversity": diversity.detach(),
+            "feature_pen": pen.detach(),
+            "prob_perplexity": q["prob_perplexity"].detach(),
+            "code_perplexity": q["code_perplexity"].detach(),
+            "temp": q["temp"],
+            "accuracy": (logits.argmax(1) == 0).float().mean().detach(),
+            "mask_fraction": mask.float().mean(),
+        }
 
     def training_step(self, batch):
         wave = batch[0] if isinstance(batch, (tuple, list)) else batch
-        if self.crop_samples and wave.shape[1] > self.crop_samples:     # a random window per clip (cheaper steps)
-            start = torch.randint(0, wave.shape[1] - self.crop_samples + 1, (len(wave), 1), device=wave.device)
+        if (
+            self.crop_samples and wave.shape[1] > self.crop_samples
+        ):  # a random window per clip (cheaper steps)
+            start = torch.randint(
+                0, wave.shape[1] - self.crop_samples + 1, (len(wave), 1), device=wave.device
+            )
             wave = wave.gather(1, start + torch.arange(self.crop_samples, device=wave.device))
         return self(wave)
 
-    def on_step_end(self, step: int, total_steps: int) -> None: self.quantizer.set_num_updates(step + 1)
+    def on_step_end(self, step: int, total_steps: int) -> None:
+        self.quantizer.set_num_updates(step + 1)
 
     @torch.no_grad()
     def codes(self, wave: torch.Tensor) -> torch.Tensor:
         "Codeword indices (B, T, G) of every frame (argmax, no noise)."
-        return self.quantizer(self.encoder.features(wave)[0])["codes"]     # codes = argmax of the logits (no noise)
+        return self.quantizer(self.encoder.features(wave)[0])[
+            "codes"
+        ]  # codes = argmax of the logits (no noise)
 
-def wav2vec2_small(conv_dim: int = 64, embed_dim: int = 128, layers: int = 2, dropout: float = 0.1,
-                   feature_grad_mult: float = 0.1, **kw) -> Wav2Vec2:
+
+def wav2vec2_small(
+    conv_dim: int = 64,
+    embed_dim: int = 128,
+    layers: int = 2,
+    dropout: float = 0.1,
+    feature_grad_mult: float = 0.1,
+    **kw,
+) -> Wav2Vec2:
     """A small wav2vec 2.0 for CPU: `conv_dim` channels, `layers` blocks of width `embed_dim`; the paper's position
     convolution (kernel 128, 16 groups), which also tells frames inside a long masked span apart."""
-    enc = Wav2Vec2Encoder(conv_dim=conv_dim, embed_dim=embed_dim, layers=layers, pos_conv_kernel=128, pos_conv_groups=16,
-                          feature_grad_mult=feature_grad_mult, dropout=dropout)
+    enc = Wav2Vec2Encoder(
+        conv_dim=conv_dim,
+        embed_dim=embed_dim,
+        layers=layers,
+        pos_conv_kernel=128,
+        pos_conv_groups=16,
+        feature_grad_mult=feature_grad_mult,
+        dropout=dropout,
+    )
     final = min(256, embed_dim)
-    return Wav2Vec2(enc, codevector_dim=final, final_dim=final, feature_grad_mult=feature_grad_mult, **kw)
+    return Wav2Vec2(
+        enc, codevector_dim=final, final_dim=final, feature_grad_mult=feature_grad_mult, **kw
+    )
 
-@register_method("wav2vec2", "wav2vec 2.0: masked contrastive prediction of quantised speech frames", "18_wav2vec2",
-                 "Baevski et al., NeurIPS 2020, arXiv:2006.11477", modality="audio", dataset="synth_words")
-def build_wav2vec2(encoder=None, data=None, total_steps: int | None = None, conv_dim: int | None = None,
-                   embed_dim: int | None = None, layers: int | None = None, **kw) -> Wav2Vec2:
+
+@register_method(
+    "wav2vec2",
+    "wav2vec 2.0: masked contrastive prediction of quantised speech frames",
+    "18_wav2vec2",
+    "Baevski et al., NeurIPS 2020, arXiv:2006.11477",
+    modality="audio",
+    dataset="synth_words",
+)
+def build_wav2vec2(
+    encoder=None,
+    data=None,
+    total_steps: int | None = None,
+    conv_dim: int | None = None,
+    embed_dim: int | None = None,
+    layers: int | None = None,
+    **kw,
+) -> Wav2Vec2:
     """Sizes and the knobs that differ between profiles from the `wav2vec2_*` settings (the full profile uses the paper's
     values); the Gumbel temperature reaches 0.5 at 69% of `total_steps` when given. Keyword arguments (the sizes
     `conv_dim`, `embed_dim`, `layers` included: the zoo pins them) override."""
     b = get_settings().budget
     if total_steps is None and data is not None:
-        steps = b.get("wav2vec2_steps", 0) or b.get("wav2vec2_epochs", 1) * max(1, len(data) // b.get("wav2vec2_batch_size", 32))
+        steps = b.get("wav2vec2_steps", 0) or b.get("wav2vec2_epochs", 1) * max(
+            1, len(data) // b.get("wav2vec2_batch_size", 32)
+        )
         total_steps = int(steps)
-    if total_steps: kw.setdefault("temp", (2.0, 0.5, gumbel_temperature_decay(total_steps)))
-    for key, default in (("num_negatives", 100), ("num_vars", 320), ("dropout", 0.1), ("feature_grad_mult", 0.1),
-                         ("feature_pen_weight", 10.0), ("crop_samples", 0)):
+    if total_steps:
+        kw.setdefault("temp", (2.0, 0.5, gumbel_temperature_decay(total_steps)))
+    for key, default in (
+        ("num_negatives", 100),
+        ("num_vars", 320),
+        ("dropout", 0.1),
+        ("feature_grad_mult", 0.1),
+        ("feature_pen_weight", 10.0),
+        ("crop_samples", 0),
+    ):
         kw.setdefault(key, b.get(f"wav2vec2_{key}", default))
     kw["crop_samples"] = kw["crop_samples"] or None
-    return wav2vec2_small(conv_dim or b.get("wav2vec2_conv_dim", 64), embed_dim or b.get("wav2vec2_embed_dim", 128),
-                          layers or b.get("wav2vec2_layers", 2), **kw)
+    return wav2vec2_small(
+        conv_dim or b.get("wav2vec2_conv_dim", 64),
+        embed_dim or b.get("wav2vec2_embed_dim", 128),
+        layers or b.get("wav2vec2_layers", 2),
+        **kw,
+    )
 
 # %% ../nbs/18_wav2vec2.ipynb #ef77bfce
-def mfcc_features(waves: torch.Tensor, n_mfcc: int = 20, segments: int = 4, sample_rate: int = SAMPLE_RATE) -> torch.Tensor:
+def mfcc_features(
+    waves: torch.Tensor, n_mfcc: int = 20, segments: int = 4, sample_rate: int = SAMPLE_RATE
+) -> torch.Tensor:
     "Per clip: MFCCs (25 ms windows, 10 ms hop, 40 mel bands) averaged over `segments` time segments, plus their std: (N, n_mfcc * (segments + 1))."
     import torchaudio.transforms as T
+
     mfcc = T.MFCC(sample_rate, n_mfcc, melkwargs={"n_fft": 400, "hop_length": 160, "n_mels": 40})
     out = []
     for chunk in torch.as_tensor(waves).float().split(256):
-        m = mfcc(chunk)                                                   # (B, n_mfcc, frames)
+        m = mfcc(chunk)  # (B, n_mfcc, frames)
         parts = [p.mean(-1) for p in m.chunk(segments, dim=-1)]
         out.append(torch.cat(parts + [m.std(-1)], 1))
     return torch.cat(out)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import importlib
 import json
 import math
@@ -27,10 +26,17 @@ import torch.nn as nn
 
 import ssl_course
 from .core import get_device, get_settings, hardware_summary, seed_everything
-from .data import DataError, load_dataset, sample_per_class, sha256_file
+from .data import load_dataset, sample_per_class, sha256_file
 from .backbones import build_backbone
 from .train import METHODS, build_method, fit
-from .evaluate import embed, knn_accuracy, linear_probe, random_shift, train_supervised, fine_tune
+from ssl_course.evaluate import (
+    embed,
+    knn_accuracy,
+    linear_probe,
+    random_shift,
+    train_supervised,
+    fine_tune,
+)
 
 # %% auto #0
 __all__ = ['ZOO_FORMAT', 'ZOO_ENV', 'MAX_FILE_BYTES', 'MAX_ZOO_BYTES', 'RECIPES', 'sha256_of', 'CARD_KEYS', 'PROTOCOL', 'PROBE_C',
@@ -50,20 +56,23 @@ __all__ = ['ZOO_FORMAT', 'ZOO_ENV', 'MAX_FILE_BYTES', 'MAX_ZOO_BYTES', 'RECIPES'
 class ZooError(RuntimeError):
     "A zoo file is missing, tampered with, truncated, too large, or its card is malformed; the message names the fix."
 
+
 ZOO_FORMAT = 1
 ZOO_ENV = "SSL_COURSE_ZOO"
-MAX_FILE_BYTES = 8 * 2**20          # each weights file
-MAX_ZOO_BYTES = 40 * 2**20          # the whole zoo/ folder
+MAX_FILE_BYTES = 8 * 2**20  # each weights file
+MAX_ZOO_BYTES = 40 * 2**20  # the whole zoo/ folder
+
 
 @dataclass(frozen=True)
 class Recipe:
     "How one zoo model is trained: method x dataset x encoder x settings x steps."
+
     name: str
-    method: str                      # a registered method (ssl-course list methods)
-    module: str                      # the ssl_course module that registers it
+    method: str  # a registered method (ssl-course list methods)
+    module: str  # the ssl_course module that registers it
     chapter: str
     dataset: str = "fashion_mnist"
-    backbone: str = "small_cnn"      # image recipes: the encoder (`build_backbone`)
+    backbone: str = "small_cnn"  # image recipes: the encoder (`build_backbone`)
     backbone_kwargs: dict = field(default_factory=dict)
     method_kwargs: dict = field(default_factory=dict)
     steps: int = 1000
@@ -73,183 +82,429 @@ class Recipe:
     warmup: float = 0.05
     optimizer: str = "adamw"
     seed: int = 0
-    train_images: int = 0            # 0 = every training image
+    train_images: int = 0  # 0 = every training image
     image_size: int = 28
-    data_kwargs: dict = field(default_factory=dict)   # text/audio recipes: sizes of the data (tokenizer vocabulary, length)
-    protocol: str = "image"          # image: the one image protocol below; text/audio/image-text: the chapter's own
-    finetune: bool = False           # the image protocol also fine-tunes (MAE's chapter is about it)
+    data_kwargs: dict = field(
+        default_factory=dict
+    )  # text/audio recipes: sizes of the data (tokenizer vocabulary, length)
+    protocol: str = (
+        "image"  # image: the one image protocol below; text/audio/image-text: the chapter's own
+    )
+    finetune: bool = False  # the image protocol also fine-tunes (MAE's chapter is about it)
     description: str = ""
 
     @property
-    def modality(self) -> str: return "image" if self.protocol == "image" else self.protocol
-    def command(self, device: str = "cpu") -> str: return f"ssl-course zoo train {self.name} --device {device}"
-    def to_dict(self) -> dict: return dataclasses.asdict(self)
+    def modality(self) -> str:
+        return "image" if self.protocol == "image" else self.protocol
+
+    def command(self, device: str = "cpu") -> str:
+        return f"ssl-course zoo train {self.name} --device {device}"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
 
 # %% ../nbs/24_zoo.ipynb #9a05c70f
-RECIPES: dict[str, Recipe] = {r.name: r for r in [
-    Recipe("autoencoder-fmnist-cnn", "autoencoder", "autoencoders", "10_autoencoders", steps=1500, batch_size=128,
-         description="plain autoencoder, Bernoulli (BCE) reconstruction"),
-    Recipe("dae-fmnist-cnn", "dae", "autoencoders", "10_autoencoders", steps=1500, batch_size=128,
-         method_kwargs={"noise": "gaussian"}, description="denoising autoencoder, Gaussian noise sigma 0.3"),
-    Recipe("vae-fmnist-cnn", "vae", "autoencoders", "10_autoencoders", steps=1500, batch_size=128,
-         description="VAE, 16-d Gaussian latent, beta 1"),
-    Recipe("rotation-fmnist-cnn", "rotation", "pretext", "11_pretext_tasks", steps=1500, batch_size=128,
-         description="RotNet: 4-way rotation prediction"),
-    Recipe("jigsaw-fmnist-cnn", "jigsaw", "pretext", "11_pretext_tasks", steps=1500, batch_size=128,
-         description="jigsaw: 3x3 tiles, 100 maximally different permutations"),
-    Recipe("inpainting-fmnist-cnn", "inpainting", "pretext", "11_pretext_tasks", steps=1500, batch_size=128,
-         description="context encoder: paint back an erased square"),
-    Recipe("simclr-fmnist-cnn", "simclr", "simclr", "12_simclr", steps=3000, batch_size=256, lr=3e-3,
-         method_kwargs={"temperature": 0.2}, description="SimCLR, NT-Xent at T 0.2, batch 256"),
-    Recipe("moco-fmnist-cnn", "moco", "moco", "13_moco", steps=3000, batch_size=256, lr=3e-3,
-         method_kwargs={"temperature": 0.2, "queue_size": 4096, "momentum": 0.99},
-         description="MoCo v2, queue 4096, key-encoder momentum 0.99, T 0.2"),
-    Recipe("byol-fmnist-cnn", "byol", "byol", "14_byol", steps=2000, batch_size=256, lr=3e-3,
-         description="BYOL, predictor + EMA target (tau 0.996 -> 1, cosine)"),
-    Recipe("dino-fmnist-vit", "dino", "dino", "15_dino", backbone="vit_tiny", backbone_kwargs={"pos_embed": "sincos"},
-           steps=1500, batch_size=64, lr=5e-4,
-         weight_decay=0.04, method_kwargs={"out_dim": 1024, "n_local": 4},
-         description="DINO with the course's ViT-tiny (patch 4, fixed sin-cos positions: the same ViT as MAE's, so "
-                     "both share one set of ViT baselines), 2 global + 4 local crops"),
-    Recipe("mae-fmnist-vit", "mae", "mae", "16_mae", backbone="vit_tiny", backbone_kwargs={"pos_embed": "sincos"},
-         steps=3000, batch_size=256, lr=1.5e-3, weight_decay=0.05, finetune=True,
-         description="MAE, mask ratio 0.75, normalised-pixel loss, ViT-tiny (patch 4)"),
-    Recipe("mlm-wordnet-bert", "mlm", "mlm", "17_bert_mlm", dataset="wordnet_glosses", backbone="", steps=3000,
-           batch_size=64, lr=1e-3, weight_decay=0.01, protocol="text", data_kwargs={"max_len": 64, "vocab_size": 8000},
-           method_kwargs={"dim": 128, "depth": 4, "heads": 4, "dropout": 0.1},
-           description="tiny BERT, masked language modelling on WordNet glosses"),
-    Recipe("wav2vec2-synth-words", "wav2vec2", "wav2vec2", "18_wav2vec2", dataset="synth_words", backbone="",
-           steps=3000, batch_size=16, lr=2e-3, weight_decay=0.01, warmup=0.08, protocol="audio", data_kwargs={"voices": 60},
-           method_kwargs={"conv_dim": 64, "embed_dim": 128, "layers": 2, "num_negatives": 100, "num_vars": 320,
-                          "dropout": 0.1, "feature_grad_mult": 0.1, "feature_pen_weight": 10.0, "crop_samples": 0},
-           description="small wav2vec 2.0 on synthetic spoken words (espeak-ng/flite voices)"),
-    Recipe("clip-fmnist-captions", "clip", "clip", "19_clip", dataset="fashion_captions", backbone="small_cnn", steps=1500,
-           batch_size=128, lr=2e-3, weight_decay=0.1, protocol="image-text",
-           method_kwargs={"embed_dim": 64, "text_dim": 64, "text_depth": 2},
-           description="CLIP-style alignment of the small CNN with a small text transformer"),
-]}
+RECIPES: dict[str, Recipe] = {
+    r.name: r
+    for r in [
+        Recipe(
+            "autoencoder-fmnist-cnn",
+            "autoencoder",
+            "autoencoders",
+            "10_autoencoders",
+            steps=1500,
+            batch_size=128,
+            description="plain autoencoder, Bernoulli (BCE) reconstruction",
+        ),
+        Recipe(
+            "dae-fmnist-cnn",
+            "dae",
+            "autoencoders",
+            "10_autoencoders",
+            steps=1500,
+            batch_size=128,
+            method_kwargs={"noise": "gaussian"},
+            description="denoising autoencoder, Gaussian noise sigma 0.3",
+        ),
+        Recipe(
+            "vae-fmnist-cnn",
+            "vae",
+            "autoencoders",
+            "10_autoencoders",
+            steps=1500,
+            batch_size=128,
+            description="VAE, 16-d Gaussian latent, beta 1",
+        ),
+        Recipe(
+            "rotation-fmnist-cnn",
+            "rotation",
+            "pretext",
+            "11_pretext_tasks",
+            steps=1500,
+            batch_size=128,
+            description="RotNet: 4-way rotation prediction",
+        ),
+        Recipe(
+            "jigsaw-fmnist-cnn",
+            "jigsaw",
+            "pretext",
+            "11_pretext_tasks",
+            steps=1500,
+            batch_size=128,
+            description="jigsaw: 3x3 tiles, 100 maximally different permutations",
+        ),
+        Recipe(
+            "inpainting-fmnist-cnn",
+            "inpainting",
+            "pretext",
+            "11_pretext_tasks",
+            steps=1500,
+            batch_size=128,
+            description="context encoder: paint back an erased square",
+        ),
+        Recipe(
+            "simclr-fmnist-cnn",
+            "simclr",
+            "simclr",
+            "12_simclr",
+            steps=3000,
+            batch_size=256,
+            lr=3e-3,
+            method_kwargs={"temperature": 0.2},
+            description="SimCLR, NT-Xent at T 0.2, batch 256",
+        ),
+        Recipe(
+            "moco-fmnist-cnn",
+            "moco",
+            "moco",
+            "13_moco",
+            steps=3000,
+            batch_size=256,
+            lr=3e-3,
+            method_kwargs={"temperature": 0.2, "queue_size": 4096, "momentum": 0.99},
+            description="MoCo v2, queue 4096, key-encoder momentum 0.99, T 0.2",
+        ),
+        Recipe(
+            "byol-fmnist-cnn",
+            "byol",
+            "byol",
+            "14_byol",
+            steps=2000,
+            batch_size=256,
+            lr=3e-3,
+            description="BYOL, predictor + EMA target (tau 0.996 -> 1, cosine)",
+        ),
+        Recipe(
+            "dino-fmnist-vit",
+            "dino",
+            "dino",
+            "15_dino",
+            backbone="vit_tiny",
+            backbone_kwargs={"pos_embed": "sincos"},
+            steps=1500,
+            batch_size=64,
+            lr=5e-4,
+            weight_decay=0.04,
+            method_kwargs={"out_dim": 1024, "n_local": 4},
+            description="DINO with the course's ViT-tiny (patch 4, fixed sin-cos positions: the same ViT as MAE's, so "
+            "both share one set of ViT baselines), 2 global + 4 local crops",
+        ),
+        Recipe(
+            "mae-fmnist-vit",
+            "mae",
+            "mae",
+            "16_mae",
+            backbone="vit_tiny",
+            backbone_kwargs={"pos_embed": "sincos"},
+            steps=3000,
+            batch_size=256,
+            lr=1.5e-3,
+            weight_decay=0.05,
+            finetune=True,
+            description="MAE, mask ratio 0.75, normalised-pixel loss, ViT-tiny (patch 4)",
+        ),
+        Recipe(
+            "mlm-wordnet-bert",
+            "mlm",
+            "mlm",
+            "17_bert_mlm",
+            dataset="wordnet_glosses",
+            backbone="",
+            steps=3000,
+            batch_size=64,
+            lr=1e-3,
+            weight_decay=0.01,
+            protocol="text",
+            data_kwargs={"max_len": 64, "vocab_size": 8000},
+            method_kwargs={"dim": 128, "depth": 4, "heads": 4, "dropout": 0.1},
+            description="tiny BERT, masked language modelling on WordNet glosses",
+        ),
+        Recipe(
+            "wav2vec2-synth-words",
+            "wav2vec2",
+            "wav2vec2",
+            "18_wav2vec2",
+            dataset="synth_words",
+            backbone="",
+            steps=3000,
+            batch_size=16,
+            lr=2e-3,
+            weight_decay=0.01,
+            warmup=0.08,
+            protocol="audio",
+            data_kwargs={"voices": 60},
+            method_kwargs={
+                "conv_dim": 64,
+                "embed_dim": 128,
+                "layers": 2,
+                "num_negatives": 100,
+                "num_vars": 320,
+                "dropout": 0.1,
+                "feature_grad_mult": 0.1,
+                "feature_pen_weight": 10.0,
+                "crop_samples": 0,
+            },
+            description="small wav2vec 2.0 on synthetic spoken words (espeak-ng/flite voices)",
+        ),
+        Recipe(
+            "clip-fmnist-captions",
+            "clip",
+            "clip",
+            "19_clip",
+            dataset="fashion_captions",
+            backbone="small_cnn",
+            steps=1500,
+            batch_size=128,
+            lr=2e-3,
+            weight_decay=0.1,
+            protocol="image-text",
+            method_kwargs={"embed_dim": 64, "text_dim": 64, "text_depth": 2},
+            description="CLIP-style alignment of the small CNN with a small text transformer",
+        ),
+    ]
+}
+
 
 def get_recipe(name: str) -> Recipe:
     if name not in RECIPES:
-        raise ZooError(f"unknown zoo recipe {name!r}; available: {', '.join(RECIPES)} (see `ssl-course zoo list`)")
+        raise ZooError(
+            f"unknown zoo recipe {name!r}; available: {', '.join(RECIPES)} (see `ssl-course zoo list`)"
+        )
     return RECIPES[name]
 
-def list_recipes() -> list[Recipe]: return list(RECIPES.values())
+
+def list_recipes() -> list[Recipe]:
+    return list(RECIPES.values())
 
 # %% ../nbs/24_zoo.ipynb #81563834
 def zoo_dir(path: str | Path | None = None) -> Path:
     "The zoo folder: `path`, else $SSL_COURSE_ZOO, else the repository's `zoo/`, else `<data_dir>/zoo`."
-    if path is not None: return Path(path)
-    if os.environ.get(ZOO_ENV): return Path(os.environ[ZOO_ENV]).expanduser()
+    if path is not None:
+        return Path(path)
+    if os.environ.get(ZOO_ENV):
+        return Path(os.environ[ZOO_ENV]).expanduser()
     repo = Path(ssl_course.__file__).resolve().parent.parent / "zoo"
-    if repo.is_dir(): return repo
+    if repo.is_dir():
+        return repo
     return Path(get_settings().data_dir) / "zoo"
 
-sha256_of = sha256_file                  # the data module's streaming SHA-256, under the name the zoo's API uses
+
+sha256_of = sha256_file  # the data module's streaming SHA-256, under the name the zoo's API uses
+
 
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     "Write through a temporary file in the same folder, fsync, then rename: a crash never leaves half a file."
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".tmp-", dir=path.parent); os.close(fd)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".tmp-", dir=path.parent)
+    os.close(fd)
     try:
         write(Path(tmp))
-        with open(tmp, "rb+") as f: os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)                                           # mkstemp makes 0600; zoo files are for everyone
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; zoo files are for everyone
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp): os.remove(tmp)
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
 
 def write_json_atomic(path: str | Path, obj) -> None:
-    _atomic_write(Path(path), lambda p: p.write_text(json.dumps(obj, indent=1, sort_keys=False) + "\n"))
+    _atomic_write(
+        Path(path), lambda p: p.write_text(json.dumps(obj, indent=1, sort_keys=False) + "\n")
+    )
 
-CARD_KEYS = ("format", "name", "recipe", "command", "git_commit", "seed", "steps", "data", "training", "hardware",
-             "device", "weights", "metrics")
 
-def card_path(name: str, zoo: str | Path | None = None) -> Path: return zoo_dir(zoo) / f"{name}.json"
-def weights_path(name: str, zoo: str | Path | None = None) -> Path: return zoo_dir(zoo) / f"{name}.safetensors"
+CARD_KEYS = (
+    "format",
+    "name",
+    "recipe",
+    "command",
+    "git_commit",
+    "seed",
+    "steps",
+    "data",
+    "training",
+    "hardware",
+    "device",
+    "weights",
+    "metrics",
+)
+
+
+def card_path(name: str, zoo: str | Path | None = None) -> Path:
+    return zoo_dir(zoo) / f"{name}.json"
+
+
+def weights_path(name: str, zoo: str | Path | None = None) -> Path:
+    return zoo_dir(zoo) / f"{name}.safetensors"
+
 
 def read_card(name: str, zoo: str | Path | None = None) -> dict:
     "The model card of `name`, checked against the card schema."
     get_recipe(name)
     p = card_path(name, zoo)
     if not p.is_file():
-        raise ZooError(f"no model card {p}: the zoo model {name!r} is not trained here. Train it with "
-                       f"`ssl-course zoo train {name}`, or set {ZOO_ENV} to a folder holding the repository's zoo/ files")
-    try: card = json.loads(p.read_text())
+        raise ZooError(
+            f"no model card {p}: the zoo model {name!r} is not trained here. Train it with "
+            f"`ssl-course zoo train {name}`, or set {ZOO_ENV} to a folder holding the repository's zoo/ files"
+        )
+    try:
+        card = json.loads(p.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise ZooError(f"{p} is not a readable model card ({e}); restore it (git checkout {p.name}) or retrain") from None
+        raise ZooError(
+            f"{p} is not a readable model card ({e}); restore it (git checkout {p.name}) or retrain"
+        ) from None
     missing = [k for k in CARD_KEYS if k not in card]
     if missing or card.get("format") != ZOO_FORMAT or card.get("name") != name:
-        raise ZooError(f"{p} is not a zoo model card of format {ZOO_FORMAT} for {name!r} (missing {missing}); "
-                       f"restore it from the repository or retrain with `ssl-course zoo train {name}`")
+        raise ZooError(
+            f"{p} is not a zoo model card of format {ZOO_FORMAT} for {name!r} (missing {missing}); "
+            f"restore it from the repository or retrain with `ssl-course zoo train {name}`"
+        )
     return card
 
 # %% ../nbs/24_zoo.ipynb #6db8a432
 def _training_data(recipe: Recipe, data_dir=None, max_items: int | None = None):
     items = max_items if max_items is not None else (recipe.train_images or None)
-    importlib.import_module(f"ssl_course.{recipe.module}")          # the module registers the recipe's dataset too
+    importlib.import_module(
+        f"ssl_course.{recipe.module}"
+    )  # the module registers the recipe's dataset too
     if recipe.protocol == "image":
-        return load_dataset(recipe.dataset, "train", data_dir=data_dir, max_items=items, image_size=recipe.image_size,
-                            seed=recipe.seed)
-    return load_dataset(recipe.dataset, "train", data_dir=data_dir, max_items=items, seed=recipe.seed, **recipe.data_kwargs)
+        return load_dataset(
+            recipe.dataset,
+            "train",
+            data_dir=data_dir,
+            max_items=items,
+            image_size=recipe.image_size,
+            seed=recipe.seed,
+        )
+    return load_dataset(
+        recipe.dataset,
+        "train",
+        data_dir=data_dir,
+        max_items=items,
+        seed=recipe.seed,
+        **recipe.data_kwargs,
+    )
+
 
 def build_encoder(recipe: Recipe, channels: int = 1) -> nn.Module:
     "A freshly initialised encoder of the recipe's architecture (image recipes)."
     kw = dict(recipe.backbone_kwargs)
-    if recipe.backbone.startswith("vit"): kw.setdefault("image_size", recipe.image_size)
+    if recipe.backbone.startswith("vit"):
+        kw.setdefault("image_size", recipe.image_size)
     return build_backbone(recipe.backbone, in_channels=channels, **kw)
 
-def build_model(recipe: Recipe, data=None, channels: int = 1, total_steps: int | None = None) -> nn.Module:
+
+def build_model(
+    recipe: Recipe, data=None, channels: int = 1, total_steps: int | None = None
+) -> nn.Module:
     "The recipe's method around a fresh encoder, initialised from the recipe's seed."
     importlib.import_module(f"ssl_course.{recipe.module}")
-    if recipe.method not in METHODS: raise ZooError(f"ssl_course.{recipe.module} does not register {recipe.method!r}")
+    if recipe.method not in METHODS:
+        raise ZooError(f"ssl_course.{recipe.module} does not register {recipe.method!r}")
     torch.manual_seed(recipe.seed)
     if recipe.protocol == "image":
-        return build_method(recipe.method, build_encoder(recipe, channels), image_size=recipe.image_size,
-                            channels=channels, **recipe.method_kwargs)
-    if data is None: raise ZooError(f"{recipe.name}: building a {recipe.protocol} model needs its training data")
+        return build_method(
+            recipe.method,
+            build_encoder(recipe, channels),
+            image_size=recipe.image_size,
+            channels=channels,
+            **recipe.method_kwargs,
+        )
+    if data is None:
+        raise ZooError(f"{recipe.name}: building a {recipe.protocol} model needs its training data")
     kw = dict(recipe.method_kwargs)
-    if recipe.method == "wav2vec2": kw["total_steps"] = total_steps or recipe.steps   # its Gumbel temperature schedule
-    enc = build_encoder(recipe, channels) if recipe.protocol == "image-text" and recipe.backbone else None
+    if recipe.method == "wav2vec2":
+        kw["total_steps"] = total_steps or recipe.steps  # its Gumbel temperature schedule
+    enc = (
+        build_encoder(recipe, channels)
+        if recipe.protocol == "image-text" and recipe.backbone
+        else None
+    )
     return METHODS[recipe.method].build(enc, data=data, **kw)
+
 
 def _tied_aliases(model: nn.Module) -> set[str]:
     "State-dict keys that name a tensor an earlier key already holds (tied weights, e.g. BERT's decoder = embedding)."
     seen, aliases = set(), set()
     for k, v in model.state_dict(keep_vars=True).items():
         ptr = (v.data_ptr(), v.shape, v.dtype)
-        if ptr in seen and v.numel(): aliases.add(k)
+        if ptr in seen and v.numel():
+            aliases.add(k)
         seen.add(ptr)
     return aliases
+
 
 def _saved_tensors(recipe: Recipe, model: nn.Module) -> dict[str, torch.Tensor]:
     "Image recipes keep the encoder (what transfer uses); the others keep the whole model, each tied tensor once."
     m = model.encoder if recipe.protocol == "image" else model
     skip = _tied_aliases(m)
-    return {k: v.detach().cpu().clone().contiguous() for k, v in m.state_dict().items() if k not in skip}
+    return {
+        k: v.detach().cpu().clone().contiguous() for k, v in m.state_dict().items() if k not in skip
+    }
+
 
 def _git_commit() -> str:
     try:
         root = Path(ssl_course.__file__).resolve().parent.parent
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "ssl_course"], cwd=root,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return out.stdout.strip() + ("+dirty" if dirty else "") if out.returncode == 0 else "unknown"
-    except (OSError, subprocess.SubprocessError): return "unknown"
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", "ssl_course"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+        return (
+            out.stdout.strip() + ("+dirty" if dirty else "") if out.returncode == 0 else "unknown"
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
 
 # %% ../nbs/24_zoo.ipynb #69d1fde5
-def train_recipe(name: str, device=None, zoo: str | Path | None = None, resume: bool = False, progress: bool = True,
-                 steps: int | None = None, max_items: int | None = None, run_dir: str | Path | None = None,
-                 verbose: bool = True) -> dict:
+def train_recipe(
+    name: str,
+    device=None,
+    zoo: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    steps: int | None = None,
+    max_items: int | None = None,
+    run_dir: str | Path | None = None,
+    verbose: bool = True,
+) -> dict:
     """Train recipe `name` and write `zoo/<name>.safetensors` and its card; returns the card.
 
     `steps`/`max_items` shorten the run (tests, smoke runs); the card then records what was really done."""
     from safetensors.torch import save_file
+
     recipe = get_recipe(name)
     settings = get_settings()
     dev = get_device(device)
     say = print if verbose else (lambda *a, **k: None)
-    commit = _git_commit()                    # the code this process runs: read before training, not after
+    commit = _git_commit()  # the code this process runs: read before training, not after
     seed_everything(recipe.seed)
     data = _training_data(recipe, settings.data_dir, max_items)
     channels = getattr(data, "channels", 1)
@@ -257,50 +512,108 @@ def train_recipe(name: str, device=None, zoo: str | Path | None = None, resume: 
     model = build_model(recipe, data, channels, total_steps=n_steps)
     work = Path(run_dir) if run_dir else Path(settings.data_dir) / "zoo-runs" / name
     if not resume and work.exists():
-        import shutil; shutil.rmtree(work)
+        import shutil
+
+        shutil.rmtree(work)
     unlabelled = data.without_labels() if hasattr(data, "without_labels") else data
-    say(f"ssl-course zoo train {name} | {recipe.method} on {recipe.dataset} ({len(data)} items) | {n_steps} steps, "
-        f"batch {recipe.batch_size}, lr {recipe.lr} | {dev} | checkpoints in {work}")
+    say(
+        f"ssl-course zoo train {name} | {recipe.method} on {recipe.dataset} ({len(data)} items) | {n_steps} steps, "
+        f"batch {recipe.batch_size}, lr {recipe.lr} | {dev} | checkpoints in {work}"
+    )
     t0 = time.perf_counter()
-    hist = fit(model, unlabelled, steps=n_steps, batch_size=recipe.batch_size, lr=recipe.lr,
-               weight_decay=recipe.weight_decay, warmup=recipe.warmup, optimizer=recipe.optimizer, device=dev,
-               seed=recipe.seed, num_workers=0, progress=progress, checkpoint_dir=work,
-               checkpoint_every=max(10, n_steps // 20), resume=resume, desc=name)
+    hist = fit(
+        model,
+        unlabelled,
+        steps=n_steps,
+        batch_size=recipe.batch_size,
+        lr=recipe.lr,
+        weight_decay=recipe.weight_decay,
+        warmup=recipe.warmup,
+        optimizer=recipe.optimizer,
+        device=dev,
+        seed=recipe.seed,
+        num_workers=0,
+        progress=progress,
+        checkpoint_dir=work,
+        checkpoint_every=max(10, n_steps // 20),
+        resume=resume,
+        desc=name,
+    )
     wall = time.perf_counter() - t0
-    zdir = zoo_dir(zoo); zdir.mkdir(parents=True, exist_ok=True)
+    zdir = zoo_dir(zoo)
+    zdir.mkdir(parents=True, exist_ok=True)
     wpath = weights_path(name, zdir)
     tensors = _saved_tensors(recipe, model)
     # One metadata key: safetensors writes a metadata map in an order that can change from process to process, and the
     # card's SHA-256 must be reproducible byte for byte.
-    _atomic_write(wpath, lambda p: save_file(tensors, str(p), metadata={"ssl-course-zoo": f"format {ZOO_FORMAT}, recipe {name}"}))
+    _atomic_write(
+        wpath,
+        lambda p: save_file(
+            tensors, str(p), metadata={"ssl-course-zoo": f"format {ZOO_FORMAT}, recipe {name}"}
+        ),
+    )
     size = wpath.stat().st_size
     if size > MAX_FILE_BYTES:
-        raise ZooError(f"{wpath} is {size / 2**20:.1f} MB, over the zoo's {MAX_FILE_BYTES // 2**20} MB per file; "
-                       "shrink the recipe's encoder")
+        raise ZooError(
+            f"{wpath} is {size / 2**20:.1f} MB, over the zoo's {MAX_FILE_BYTES // 2**20} MB per file; "
+            "shrink the recipe's encoder"
+        )
     extra = {}
-    if recipe.protocol == "text":             # a text model is only usable with its own tokenizer: it lives beside it
+    if (
+        recipe.protocol == "text"
+    ):  # a text model is only usable with its own tokenizer: it lives beside it
         tpath = tokenizer_path(name, zdir)
         _atomic_write(tpath, lambda p: data.tokenizer.save(str(p)))
-        extra["tokenizer"] = {"file": tpath.name, "sha256": sha256_of(tpath), "vocab_size": data.tokenizer.get_vocab_size(),
-                              "max_len": data.max_len}
+        extra["tokenizer"] = {
+            "file": tpath.name,
+            "sha256": sha256_of(tpath),
+            "vocab_size": data.tokenizer.get_vocab_size(),
+            "max_len": data.max_len,
+        }
     card = {
-        "format": ZOO_FORMAT, "name": name, "recipe": recipe.to_dict(), "command": recipe.command(dev.type),
-        "git_commit": commit, "ssl_course_version": ssl_course.__version__, "seed": recipe.seed,
+        "format": ZOO_FORMAT,
+        "name": name,
+        "recipe": recipe.to_dict(),
+        "command": recipe.command(dev.type),
+        "git_commit": commit,
+        "ssl_course_version": ssl_course.__version__,
+        "seed": recipe.seed,
         "steps": hist.rows[-1]["step"] if hist.rows else n_steps,
-        "data": {"dataset": recipe.dataset, "split": "train", "items": len(data),
-                 # the fashion captions are written from the class names: CLIP's text is weak supervision by the labels
-                 "labels_used": "through the captions (made from the class names)" if recipe.protocol == "image-text" else False},
-        "training": {"wall_time_s": round(wall, 1), "resumed": bool(resume), "first_loss": hist["loss"][0] if len(hist) else None,
-                     "last_loss": float(np.mean(hist["loss"][-20:])) if len(hist) else None,
-                     "loss_curve": [[r["step"], round(r["loss"], 5)] for r in hist.rows[:: max(1, len(hist) // 50)]]},
-        "hardware": hardware_summary(dev), "device": dev.type,
-        "weights": {"file": wpath.name, "sha256": sha256_of(wpath), "bytes": size, "tensors": len(tensors),
-                    "parameters": int(sum(v.numel() for v in tensors.values() if v.is_floating_point()))},
-        **extra, "metrics": {},
+        "data": {
+            "dataset": recipe.dataset,
+            "split": "train",
+            "items": len(data),
+            # the fashion captions are written from the class names: CLIP's text is weak supervision by the labels
+            "labels_used": "through the captions (made from the class names)"
+            if recipe.protocol == "image-text"
+            else False,
+        },
+        "training": {
+            "wall_time_s": round(wall, 1),
+            "resumed": bool(resume),
+            "first_loss": hist["loss"][0] if len(hist) else None,
+            "last_loss": float(np.mean(hist["loss"][-20:])) if len(hist) else None,
+            "loss_curve": [
+                [r["step"], round(r["loss"], 5)] for r in hist.rows[:: max(1, len(hist) // 50)]
+            ],
+        },
+        "hardware": hardware_summary(dev),
+        "device": dev.type,
+        "weights": {
+            "file": wpath.name,
+            "sha256": sha256_of(wpath),
+            "bytes": size,
+            "tensors": len(tensors),
+            "parameters": int(sum(v.numel() for v in tensors.values() if v.is_floating_point())),
+        },
+        **extra,
+        "metrics": {},
     }
     write_json_atomic(card_path(name, zdir), card)
-    say(f"{name}: {card['steps']} steps in {wall / 60:.1f} min, loss {card['training']['first_loss']:.3f} -> "
-        f"{card['training']['last_loss']:.3f}; wrote {wpath} ({size / 2**20:.2f} MB) and its card")
+    say(
+        f"{name}: {card['steps']} steps in {wall / 60:.1f} min, loss {card['training']['first_loss']:.3f} -> "
+        f"{card['training']['last_loss']:.3f}; wrote {wpath} ({size / 2**20:.2f} MB) and its card"
+    )
     return card
 
 # %% ../nbs/24_zoo.ipynb #06a3e874
@@ -309,23 +622,34 @@ def verify_weights(name: str, zoo: str | Path | None = None) -> dict:
     card = read_card(name, zoo)
     w = weights_path(name, zoo)
     if not w.is_file():
-        raise ZooError(f"{w} is missing although its card exists; restore it (git checkout zoo/{w.name}) "
-                       f"or retrain with `ssl-course zoo train {name}`")
+        raise ZooError(
+            f"{w} is missing although its card exists; restore it (git checkout zoo/{w.name}) "
+            f"or retrain with `ssl-course zoo train {name}`"
+        )
     size, rec = w.stat().st_size, card["weights"]
     if size != rec["bytes"] or sha256_of(w) != rec["sha256"]:
         what = "truncated" if size < rec["bytes"] else "tampered with or replaced"
-        raise ZooError(f"{w} does not match the SHA-256 in its card ({size} bytes, card says {rec['bytes']}): it was {what}. "
-                       f"Restore it (git checkout zoo/{w.name}) or retrain with `ssl-course zoo train {name}`; it is not loaded")
-    if size > MAX_FILE_BYTES: raise ZooError(f"{w} is over the {MAX_FILE_BYTES // 2**20} MB limit of a zoo file")
+        raise ZooError(
+            f"{w} does not match the SHA-256 in its card ({size} bytes, card says {rec['bytes']}): it was {what}. "
+            f"Restore it (git checkout zoo/{w.name}) or retrain with `ssl-course zoo train {name}`; it is not loaded"
+        )
+    if size > MAX_FILE_BYTES:
+        raise ZooError(f"{w} is over the {MAX_FILE_BYTES // 2**20} MB limit of a zoo file")
     return card
+
 
 def _load_verified_tensors(name: str, zoo=None) -> tuple[dict, dict]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
+
     card = verify_weights(name, zoo)
-    try: return load_file(str(weights_path(name, zoo))), card
+    try:
+        return load_file(str(weights_path(name, zoo))), card
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise ZooError(f"{weights_path(name, zoo)} is not a readable safetensors file ({e}); retrain {name}") from None
+        raise ZooError(
+            f"{weights_path(name, zoo)} is not a readable safetensors file ({e}); retrain {name}"
+        ) from None
+
 
 def load_pretrained(name: str, zoo: str | Path | None = None, device="cpu", data=None) -> nn.Module:
     """The trained model of zoo recipe `name`, verified by SHA-256, in eval mode.
@@ -339,17 +663,25 @@ def load_pretrained(name: str, zoo: str | Path | None = None, device="cpu", data
         model = build_encoder(recipe, channels)
     else:
         if data is None:
-            data = (text_data(name, recipe.dataset, "test", zoo) if recipe.protocol == "text"
-                    else _training_data(recipe, get_settings().data_dir, card["data"]["items"] or None))
+            data = (
+                text_data(name, recipe.dataset, "test", zoo)
+                if recipe.protocol == "text"
+                else _training_data(recipe, get_settings().data_dir, card["data"]["items"] or None)
+            )
         model = build_model(recipe, data)
     try:
         missing, unexpected = model.load_state_dict(tensors, strict=False)
         if unexpected or set(missing) - _tied_aliases(model):
-            raise RuntimeError(f"missing keys {sorted(set(missing) - _tied_aliases(model))[:5]}, unexpected {unexpected[:5]}")
+            raise RuntimeError(
+                f"missing keys {sorted(set(missing) - _tied_aliases(model))[:5]}, unexpected {unexpected[:5]}"
+            )
     except RuntimeError as e:
-        raise ZooError(f"{weights_path(name, zoo)} does not fit the recipe's architecture ({str(e)[:300]}); the recipe "
-                       f"changed since it was trained: retrain with `ssl-course zoo train {name}`") from None
+        raise ZooError(
+            f"{weights_path(name, zoo)} does not fit the recipe's architecture ({str(e)[:300]}); the recipe "
+            f"changed since it was trained: retrain with `ssl-course zoo train {name}`"
+        ) from None
     return model.to(get_device(device)).eval()
+
 
 def load_card(name: str, zoo=None) -> dict:
     "The verified card of `name` (weights checked too): read numbers for a chapter from here."
@@ -357,72 +689,120 @@ def load_card(name: str, zoo=None) -> dict:
 
 # %% ../nbs/24_zoo.ipynb #9e2bbc33
 PROTOCOL = {
-    "name": "ssl-course image protocol v1", "dataset": "fashion_mnist", "pool": "train split, all 60,000 images",
-    "test": "test split, all 10,000 images", "knn": {"k": 20, "temperature": 0.07, "labels": "all pool labels"},
-    "labels_per_class": [1, 5, 10, 100], "draws": [0, 1, 2],
+    "name": "ssl-course image protocol v1",
+    "dataset": "fashion_mnist",
+    "pool": "train split, all 60,000 images",
+    "test": "test split, all 10,000 images",
+    "knn": {"k": 20, "temperature": 0.07, "labels": "all pool labels"},
+    "labels_per_class": [1, 5, 10, 100],
+    "draws": [0, 1, 2],
     "probe": "StandardScaler + LogisticRegression(C=0.1, lbfgs, max_iter 2000) on frozen features",
     "supervised": "same architecture from random init, AdamW, random shift +-2 px and horizontal flip, batch <= 64, "
-                  "steps = max(min_steps, epochs x batches per epoch); lr and min_steps chosen on a 5,000-image "
-                  "validation split of the pool at 10 labels/class",
+    "steps = max(min_steps, epochs x batches per epoch); lr and min_steps chosen on a 5,000-image "
+    "validation split of the pool at 10 labels/class",
     "subset_check": "2,000 pool and 500 test images (stratified, seed 0): kNN with all 2,000 labels, probe at 10/class draw 0",
 }
 PROBE_C = 0.1
 SUP_GRID = {"lr": (1e-3, 3e-3), "min_steps": (300, 1000)}
 SUP_EPOCHS = 30
 
-def supervised_steps(n_labelled: int, min_steps: int, batch: int = 64, epochs: int = SUP_EPOCHS) -> int:
+
+def supervised_steps(
+    n_labelled: int, min_steps: int, batch: int = 64, epochs: int = SUP_EPOCHS
+) -> int:
     "Steps for a supervised run on `n_labelled` images: enough for `epochs` passes, never fewer than `min_steps`."
     return max(int(min_steps), epochs * math.ceil(n_labelled / min(batch, n_labelled)))
 
-def _augment(x): return random_shift(x, pad=2, flip=True)
+
+def _augment(x):
+    return random_shift(x, pad=2, flip=True)
+
 
 def _eval_data(dataset: str, pool_items: int | None, test_items: int | None, data_dir=None):
-    pool = load_dataset(dataset, "train", data_dir=data_dir, max_items=pool_items, image_size=28, seed=0)
-    test = load_dataset(dataset, "test", data_dir=data_dir, max_items=test_items, image_size=28, seed=0)
+    pool = load_dataset(
+        dataset, "train", data_dir=data_dir, max_items=pool_items, image_size=28, seed=0
+    )
+    test = load_dataset(
+        dataset, "test", data_dir=data_dir, max_items=test_items, image_size=28, seed=0
+    )
     return pool, test
 
-def _pixels(ds) -> torch.Tensor: return ds.images.flatten(1).float() / 255
 
-def _mean_std(v): return {"mean": float(np.mean(v)), "std": float(np.std(v)), "values": [float(x) for x in v]}
+def _pixels(ds) -> torch.Tensor:
+    return ds.images.flatten(1).float() / 255
+
+
+def _mean_std(v):
+    return {"mean": float(np.mean(v)), "std": float(np.std(v)), "values": [float(x) for x in v]}
+
 
 def probe_curve(ftr, ytr, fte, yte, labels_per_class=(1, 5, 10, 100), draws=(0, 1, 2)) -> dict:
     "Linear-probe accuracy at each label count, mean +- std over the labelled draws (`sample_per_class(k, seed)`)."
     out = {}
     for k in labels_per_class:
-        accs = [linear_probe(ftr[idx], ytr[idx], fte, yte, C=PROBE_C).accuracy
-                for idx in (sample_per_class(ytr, k, seed=s) for s in draws)]
+        accs = [
+            linear_probe(ftr[idx], ytr[idx], fte, yte, C=PROBE_C).accuracy
+            for idx in (sample_per_class(ytr, k, seed=s) for s in draws)
+        ]
         out[str(k)] = _mean_std(accs)
     return out
 
+
 def feature_metrics(ftr, ytr, fte, yte, labels_per_class=(1, 5, 10, 100), draws=(0, 1, 2)) -> dict:
-    return {"knn_all_labels": knn_accuracy(ftr, ytr, fte, yte, k=20, temperature=0.07),
-            "probe": probe_curve(ftr, ytr, fte, yte, labels_per_class, draws)}
+    return {
+        "knn_all_labels": knn_accuracy(ftr, ytr, fte, yte, k=20, temperature=0.07),
+        "probe": probe_curve(ftr, ytr, fte, yte, labels_per_class, draws),
+    }
 
 # %% ../nbs/24_zoo.ipynb #84ae1c2d
 def _sup_run(make_encoder, train, test, steps, lr, seed, device):
     torch.manual_seed(seed)
-    return train_supervised(make_encoder(), train, test, steps=steps, batch_size=min(64, len(train)), lr=lr,
-                            weight_decay=5e-4, augment=_augment, device=device, seed=seed).accuracy
+    return train_supervised(
+        make_encoder(),
+        train,
+        test,
+        steps=steps,
+        batch_size=min(64, len(train)),
+        lr=lr,
+        weight_decay=5e-4,
+        augment=_augment,
+        device=device,
+        seed=seed,
+    ).accuracy
+
 
 def choose_supervised_hparams(make_encoder, pool, device=None, verbose=True) -> dict:
     "Pick lr and min_steps from `SUP_GRID` by accuracy on 5,000 validation images of the pool (10 labels/class, drawn from the rest)."
     g = torch.Generator().manual_seed(1234)
     perm = torch.randperm(len(pool), generator=g)
-    n_val = min(5000, len(pool) // 4)                     # small pools (e.g. digits) keep three quarters for training
+    n_val = min(5000, len(pool) // 4)  # small pools (e.g. digits) keep three quarters for training
     val, rest = perm[:n_val], perm[n_val:]
     lab = rest[sample_per_class(pool.labels[rest], 10, seed=1234)]
     train, val_ds = pool.subset(lab), pool.subset(val)
     scores = []
     for lr in SUP_GRID["lr"]:
         for ms in SUP_GRID["min_steps"]:
-            acc = _sup_run(make_encoder, train, val_ds, supervised_steps(len(train), ms), lr, 1234, device)
+            acc = _sup_run(
+                make_encoder, train, val_ds, supervised_steps(len(train), ms), lr, 1234, device
+            )
             scores.append({"lr": lr, "min_steps": ms, "val_accuracy": acc})
-            if verbose: print(f"  supervised grid: lr {lr:g} min_steps {ms}: validation accuracy {acc:.4f}")
+            if verbose:
+                print(f"  supervised grid: lr {lr:g} min_steps {ms}: validation accuracy {acc:.4f}")
     best = max(scores, key=lambda s: s["val_accuracy"])
     return {"lr": best["lr"], "min_steps": best["min_steps"], "grid": scores}
 
-def supervised_curve(make_encoder, pool, test, hp, labels_per_class=(1, 5, 10, 100), draws=(0, 1, 2), device=None,
-                     init: nn.Module | None = None, verbose=True) -> dict:
+
+def supervised_curve(
+    make_encoder,
+    pool,
+    test,
+    hp,
+    labels_per_class=(1, 5, 10, 100),
+    draws=(0, 1, 2),
+    device=None,
+    init: nn.Module | None = None,
+    verbose=True,
+) -> dict:
     "The same network trained with labels only (`init=None`) or fine-tuned from `init`, on the protocol's draws."
     out = {}
     for k in labels_per_class:
@@ -430,21 +810,35 @@ def supervised_curve(make_encoder, pool, test, hp, labels_per_class=(1, 5, 10, 1
         for s in draws:
             idx = sample_per_class(pool.labels, k, seed=s)
             make = make_encoder if init is None else (lambda: copy.deepcopy(init))
-            accs.append(_sup_run(make, pool.subset(idx), test, supervised_steps(len(idx), hp["min_steps"]), hp["lr"],
-                                 s, device))
+            accs.append(
+                _sup_run(
+                    make,
+                    pool.subset(idx),
+                    test,
+                    supervised_steps(len(idx), hp["min_steps"]),
+                    hp["lr"],
+                    s,
+                    device,
+                )
+            )
         out[str(k)] = _mean_std(accs)
-        if verbose: print(f"  {'fine-tuned' if init is not None else 'supervised'} k={k}: {out[str(k)]['mean']:.4f} "
-                          f"+- {out[str(k)]['std']:.4f}")
+        if verbose:
+            print(
+                f"  {'fine-tuned' if init is not None else 'supervised'} k={k}: {out[str(k)]['mean']:.4f} "
+                f"+- {out[str(k)]['std']:.4f}"
+            )
     return out
 
 # %% ../nbs/24_zoo.ipynb #7aad2c5e
 @torch.no_grad()
 def object_attention_ratio(vit: nn.Module, images: torch.Tensor, threshold: float = 0.1) -> float:
     "Mean over images of (attention mass on object patches / object area share), [CLS] row of the last block."
-    att = vit.last_self_attention(images)[:, :, 0, 1:].mean(1)            # (N, L): heads averaged
+    att = vit.last_self_attention(images)[:, :, 0, 1:].mean(1)  # (N, L): heads averaged
     att = att / att.sum(1, keepdim=True)
     p = vit.patch_size
-    patches = images.unfold(2, p, p).unfold(3, p, p).mean((1, 4, 5)).flatten(1)   # (N, L) mean intensity per patch
+    patches = (
+        images.unfold(2, p, p).unfold(3, p, p).mean((1, 4, 5)).flatten(1)
+    )  # (N, L) mean intensity per patch
     obj = (patches > threshold).float()
     area = obj.mean(1).clamp(min=1e-6)
     return float(((att * obj).sum(1) / area).mean())
@@ -453,8 +847,16 @@ def object_attention_ratio(vit: nn.Module, images: torch.Tensor, threshold: floa
 def baselines_path(dataset: str, backbone: str, zoo=None) -> Path:
     return zoo_dir(zoo) / f"baselines-{dataset}-{backbone}.json"
 
-def compute_baselines(recipe: Recipe, device=None, zoo=None, verbose=True, pool_items=None, test_items=None,
-                      write: bool = True) -> dict:
+
+def compute_baselines(
+    recipe: Recipe,
+    device=None,
+    zoo=None,
+    verbose=True,
+    pool_items=None,
+    test_items=None,
+    write: bool = True,
+) -> dict:
     "Raw pixels, the random-init encoder and the network trained from scratch, on the protocol's labelled draws."
     dev = get_device(device)
     commit = _git_commit()
@@ -471,195 +873,387 @@ def compute_baselines(recipe: Recipe, device=None, zoo=None, verbose=True, pool_
     say("supervised from scratch: choosing lr and length on a validation split of the pool")
     hp = choose_supervised_hparams(make, pool, dev, verbose)
     sup = supervised_curve(make, pool, test, hp, device=dev, verbose=verbose)
-    out = {"format": ZOO_FORMAT, "dataset": recipe.dataset, "backbone": recipe.backbone,
-           "backbone_kwargs": recipe.backbone_kwargs, "protocol": PROTOCOL, "pixels": px, "random_init": rnd,
-           "supervised": {"hparams": hp, "accuracy": sup}, "hardware": hardware_summary(dev),
-           "wall_time_s": round(time.perf_counter() - t0, 1), "git_commit": commit}
+    out = {
+        "format": ZOO_FORMAT,
+        "dataset": recipe.dataset,
+        "backbone": recipe.backbone,
+        "backbone_kwargs": recipe.backbone_kwargs,
+        "protocol": PROTOCOL,
+        "pixels": px,
+        "random_init": rnd,
+        "supervised": {"hparams": hp, "accuracy": sup},
+        "hardware": hardware_summary(dev),
+        "wall_time_s": round(time.perf_counter() - t0, 1),
+        "git_commit": commit,
+    }
     if recipe.backbone.startswith("vit"):
-        out["random_init"]["object_attention_ratio"] = object_attention_ratio(rand.to(dev), test.as_tensors(dev)[0][:1000])
-    if write: write_json_atomic(baselines_path(recipe.dataset, recipe.backbone, zoo), out)
+        out["random_init"]["object_attention_ratio"] = object_attention_ratio(
+            rand.to(dev), test.as_tensors(dev)[0][:1000]
+        )
+    if write:
+        write_json_atomic(baselines_path(recipe.dataset, recipe.backbone, zoo), out)
     return out
+
 
 def load_baselines(recipe: Recipe, zoo=None) -> dict | None:
     p = baselines_path(recipe.dataset, recipe.backbone, zoo)
-    if not p.is_file(): return None
+    if not p.is_file():
+        return None
     b = json.loads(p.read_text())
     return b if b.get("backbone_kwargs", {}) == recipe.backbone_kwargs else None
 
 # %% ../nbs/24_zoo.ipynb #04f46e79
 def best_baseline(b: dict, k: int | str) -> float:
     k = str(k)
-    return max(b["pixels"]["probe"][k]["mean"], b["random_init"]["probe"][k]["mean"], b["supervised"]["accuracy"][k]["mean"])
+    return max(
+        b["pixels"]["probe"][k]["mean"],
+        b["random_init"]["probe"][k]["mean"],
+        b["supervised"]["accuracy"][k]["mean"],
+    )
+
 
 def _check(claim: str, value: float, required: float, at_most: bool = False) -> dict:
     "One target: `value >= required` (or `value <= required` when `at_most`)."
     met = value <= required if at_most else value >= required
-    return {"claim": claim, "value": round(float(value), 4), "required": round(float(required), 4),
-            "met": bool(met), **({"at_most": True} if at_most else {})}
+    return {
+        "claim": claim,
+        "value": round(float(value), 4),
+        "required": round(float(required), 4),
+        "met": bool(met),
+        **({"at_most": True} if at_most else {}),
+    }
+
 
 def image_targets(recipe: Recipe, m: dict, b: dict) -> list[dict]:
     "The issue's targets for the image recipes, as (claim, value, required, met)."
     probe = lambda d, k: d["probe"][str(k)]["mean"]
     out = []
     if recipe.method in ("simclr", "moco", "byol"):
-        out += [_check("probe at 10 labels/class >= best baseline + 5 points", probe(m, 10), best_baseline(b, 10) + 0.05),
-                _check("probe at 1 label/class >= best baseline + 8 points", probe(m, 1), best_baseline(b, 1) + 0.08),
-                _check("kNN with all labels >= raw-pixel kNN + 2 points", m["knn_all_labels"], b["pixels"]["knn_all_labels"] + 0.02)]
+        out += [
+            _check(
+                "probe at 10 labels/class >= best baseline + 5 points",
+                probe(m, 10),
+                best_baseline(b, 10) + 0.05,
+            ),
+            _check(
+                "probe at 1 label/class >= best baseline + 8 points",
+                probe(m, 1),
+                best_baseline(b, 1) + 0.08,
+            ),
+            _check(
+                "kNN with all labels >= raw-pixel kNN + 2 points",
+                m["knn_all_labels"],
+                b["pixels"]["knn_all_labels"] + 0.02,
+            ),
+        ]
     elif recipe.method == "dino":
-        out += [_check("kNN >= random-init ViT kNN + 8 points", m["knn_all_labels"], b["random_init"]["knn_all_labels"] + 0.08),
-                _check("probe at 10 labels/class >= best baseline + 3 points", probe(m, 10), best_baseline(b, 10) + 0.03)]
+        out += [
+            _check(
+                "kNN >= random-init ViT kNN + 8 points",
+                m["knn_all_labels"],
+                b["random_init"]["knn_all_labels"] + 0.08,
+            ),
+            _check(
+                "probe at 10 labels/class >= best baseline + 3 points",
+                probe(m, 10),
+                best_baseline(b, 10) + 0.03,
+            ),
+        ]
         if "object_attention_ratio" in m and "object_attention_ratio" in b["random_init"]:
-            out.append(_check("[CLS] attention on object pixels per area >= 1.5x the random ViT's",
-                              m["object_attention_ratio"], 1.5 * b["random_init"]["object_attention_ratio"]))
+            out.append(
+                _check(
+                    "[CLS] attention on object pixels per area >= 1.5x the random ViT's",
+                    m["object_attention_ratio"],
+                    1.5 * b["random_init"]["object_attention_ratio"],
+                )
+            )
     elif recipe.method == "mae":
-        out += [_check("fine-tuned at 10 labels/class >= ViT from scratch + 5 points", m["finetune"]["10"]["mean"],
-                       b["supervised"]["accuracy"]["10"]["mean"] + 0.05),
-                _check("probe at 10 labels/class >= random-init ViT + 5 points", probe(m, 10), probe(b["random_init"], 10) + 0.05)]
+        out += [
+            _check(
+                "fine-tuned at 10 labels/class >= ViT from scratch + 5 points",
+                m["finetune"]["10"]["mean"],
+                b["supervised"]["accuracy"]["10"]["mean"] + 0.05,
+            ),
+            _check(
+                "probe at 10 labels/class >= random-init ViT + 5 points",
+                probe(m, 10),
+                probe(b["random_init"], 10) + 0.05,
+            ),
+        ]
     else:
-        out.append(_check("probe at 10 labels/class >= random-init probe + 3 points", probe(m, 10),
-                          probe(b["random_init"], 10) + 0.03))
+        out.append(
+            _check(
+                "probe at 10 labels/class >= random-init probe + 3 points",
+                probe(m, 10),
+                probe(b["random_init"], 10) + 0.03,
+            )
+        )
     return out
 
 # %% ../nbs/24_zoo.ipynb #eecc5583
 def subset_figures(encoder: nn.Module, dataset: str = "fashion_mnist", device="cpu") -> dict:
     "The card's fixed small check: 2,000 pool / 500 test images; a test recomputes these exactly from the weights."
     pool, test = _eval_data(dataset, 2000, 500, get_settings().data_dir)
-    ftr, ytr = embed(encoder, pool, device=device); fte, yte = embed(encoder, test, device=device)
+    ftr, ytr = embed(encoder, pool, device=device)
+    fte, yte = embed(encoder, test, device=device)
     idx = sample_per_class(ytr, 10, seed=0)
-    return {"knn_all_labels": knn_accuracy(ftr, ytr, fte, yte, k=20, temperature=0.07),
-            "probe_10": linear_probe(ftr[idx], ytr[idx], fte, yte, C=PROBE_C).accuracy}
+    return {
+        "knn_all_labels": knn_accuracy(ftr, ytr, fte, yte, k=20, temperature=0.07),
+        "probe_10": linear_probe(ftr[idx], ytr[idx], fte, yte, C=PROBE_C).accuracy,
+    }
 
-def evaluate_recipe(name: str, device=None, zoo=None, recompute_baselines: bool = False, verbose: bool = True) -> dict:
+
+def evaluate_recipe(
+    name: str, device=None, zoo=None, recompute_baselines: bool = False, verbose: bool = True
+) -> dict:
     "Run the protocol on zoo model `name` (and its baselines when missing); write the metrics into its card; return it."
     recipe = get_recipe(name)
-    if recipe.protocol == "text": return evaluate_text_recipe(name, device, zoo, verbose)
-    if recipe.protocol == "audio": return evaluate_audio_recipe(name, device, zoo, verbose)
-    if recipe.protocol == "image-text": return evaluate_clip_recipe(name, device, zoo, verbose)
+    if recipe.protocol == "text":
+        return evaluate_text_recipe(name, device, zoo, verbose)
+    if recipe.protocol == "audio":
+        return evaluate_audio_recipe(name, device, zoo, verbose)
+    if recipe.protocol == "image-text":
+        return evaluate_clip_recipe(name, device, zoo, verbose)
     if recipe.protocol != "image":
-        raise ZooError(f"{name} is a {recipe.protocol} recipe; its evaluation lives in chapter {recipe.chapter} "
-                       "(the zoo has image, text, speech and image-text protocols)")
+        raise ZooError(
+            f"{name} is a {recipe.protocol} recipe; its evaluation lives in chapter {recipe.chapter} "
+            "(the zoo has image, text, speech and image-text protocols)"
+        )
     dev = get_device(device)
     t0 = time.perf_counter()
-    enc = load_pretrained(name, zoo, device=dev)             # checks the weights against the card first
+    enc = load_pretrained(name, zoo, device=dev)  # checks the weights against the card first
     b = None if recompute_baselines else load_baselines(recipe, zoo)
-    if b is None: b = compute_baselines(recipe, dev, zoo, verbose)
+    if b is None:
+        b = compute_baselines(recipe, dev, zoo, verbose)
     pool, test = _eval_data(recipe.dataset, None, None, get_settings().data_dir)
-    ftr, ytr = embed(enc, pool, device=dev); fte, yte = embed(enc, test, device=dev)
+    ftr, ytr = embed(enc, pool, device=dev)
+    fte, yte = embed(enc, test, device=dev)
     m = feature_metrics(ftr, ytr, fte, yte)
     if recipe.finetune:
         hp = b["supervised"]["hparams"]
-        m["finetune"] = supervised_curve(lambda: build_encoder(recipe, pool.channels), pool, test, hp, device=dev,
-                                         init=enc, verbose=verbose)
+        m["finetune"] = supervised_curve(
+            lambda: build_encoder(recipe, pool.channels),
+            pool,
+            test,
+            hp,
+            device=dev,
+            init=enc,
+            verbose=verbose,
+        )
     if recipe.backbone.startswith("vit"):
         m["object_attention_ratio"] = object_attention_ratio(enc, test.as_tensors(dev)[0][:1000])
     card = read_card(name, zoo)
-    card["metrics"] = {"protocol": PROTOCOL, **m, "baselines_file": baselines_path(recipe.dataset, recipe.backbone).name,
-                       "baselines": {"pixels": b["pixels"], "random_init": b["random_init"],
-                                     "supervised": b["supervised"]["accuracy"]},
-                       "targets": image_targets(recipe, m, b), "subset_check": subset_figures(enc.cpu(), recipe.dataset),
-                       "eval_wall_time_s": round(time.perf_counter() - t0, 1), "eval_hardware": hardware_summary(dev)}
+    card["metrics"] = {
+        "protocol": PROTOCOL,
+        **m,
+        "baselines_file": baselines_path(recipe.dataset, recipe.backbone).name,
+        "baselines": {
+            "pixels": b["pixels"],
+            "random_init": b["random_init"],
+            "supervised": b["supervised"]["accuracy"],
+        },
+        "targets": image_targets(recipe, m, b),
+        "subset_check": subset_figures(enc.cpu(), recipe.dataset),
+        "eval_wall_time_s": round(time.perf_counter() - t0, 1),
+        "eval_hardware": hardware_summary(dev),
+    }
     write_json_atomic(card_path(name, zoo), card)
     if verbose:
         print(format_comparison(card))
     return card
+
 
 def comparison_rows(card: dict) -> list[dict]:
     "Rows (labels/class, the model's probe, each baseline) of a card's metrics: the table a chapter shows."
     m = card["metrics"]
     if m["protocol"]["name"].startswith("ssl-course text"):
         f = lambda d, k: f"{d[str(k)]['mean']:.3f} +- {d[str(k)]['std']:.3f}"
-        return [{"labels/class": k, "BERT fine-tuned": f(m["finetune"], k), "BERT probe (mean)": f(m["probe"], k),
-                 "same net from scratch": f(m["scratch"], k), "bag of words + logistic": f(m["bow"], k)}
-                for k in m["protocol"]["labels_per_class"]]
+        return [
+            {
+                "labels/class": k,
+                "BERT fine-tuned": f(m["finetune"], k),
+                "BERT probe (mean)": f(m["probe"], k),
+                "same net from scratch": f(m["scratch"], k),
+                "bag of words + logistic": f(m["bow"], k),
+            }
+            for k in m["protocol"]["labels_per_class"]
+        ]
     if m["protocol"]["name"].startswith("ssl-course speech"):
         f = lambda d, k: f"{d[str(k)]['mean']:.3f} +- {d[str(k)]['std']:.3f}"
-        g = lambda d, k: f"{d['heldout_voices'][str(k)]['mean']:.3f} / {d['real'][str(k)]['mean']:.3f}"
-        return [{"labels/word (held-out voices / real digits)": k, **{lab: g(m[c], k) for c, lab in AUDIO_LABELS.items()}}
-                for k in m["protocol"]["labels_per_class"]]
+        g = lambda d, k: (
+            f"{d['heldout_voices'][str(k)]['mean']:.3f} / {d['real'][str(k)]['mean']:.3f}"
+        )
+        return [
+            {
+                "labels/word (held-out voices / real digits)": k,
+                **{lab: g(m[c], k) for c, lab in AUDIO_LABELS.items()},
+            }
+            for k in m["protocol"]["labels_per_class"]
+        ]
     bl = m["baselines"]
     rows = []
     for k in PROTOCOL["labels_per_class"]:
         k = str(k)
         f = lambda d: f"{d[k]['mean']:.3f} +- {d[k]['std']:.3f}"
         row = {"labels/class": int(k), card["recipe"]["method"] + " probe": f(m["probe"])}
-        if "finetune" in m: row[card["recipe"]["method"] + " fine-tuned"] = f(m["finetune"])
-        row.update({"raw pixels probe": f(bl["pixels"]["probe"]), "random-init probe": f(bl["random_init"]["probe"]),
-                    "supervised from scratch": f(bl["supervised"])})
+        if "finetune" in m:
+            row[card["recipe"]["method"] + " fine-tuned"] = f(m["finetune"])
+        row.update(
+            {
+                "raw pixels probe": f(bl["pixels"]["probe"]),
+                "random-init probe": f(bl["random_init"]["probe"]),
+                "supervised from scratch": f(bl["supervised"]),
+            }
+        )
         rows.append(row)
     return rows
 
-AUDIO_LABELS = {"probe": "wav2vec 2.0 probe", "finetune": "wav2vec 2.0 fine-tuned", "scratch": "same net from scratch",
-                "random_init": "random-init probe", "mfcc": "MFCC + logistic"}
+
+AUDIO_LABELS = {
+    "probe": "wav2vec 2.0 probe",
+    "finetune": "wav2vec 2.0 fine-tuned",
+    "scratch": "same net from scratch",
+    "random_init": "random-init probe",
+    "mfcc": "MFCC + logistic",
+}
+
 
 def card_curves(card: dict) -> tuple[list[int], dict[str, dict]]:
     "Label counts and the accuracy curves (the model's first) that a card's metrics hold."
-    m = card["metrics"]; method = card["recipe"]["method"]
+    m = card["metrics"]
+    method = card["recipe"]["method"]
     if m["protocol"]["name"].startswith("ssl-course text"):
-        return m["protocol"]["labels_per_class"], {"BERT fine-tuned": m["finetune"], "BERT probe (mean)": m["probe"],
-                                                   "same network from scratch": m["scratch"], "bag of words + logistic": m["bow"]}
+        return m["protocol"]["labels_per_class"], {
+            "BERT fine-tuned": m["finetune"],
+            "BERT probe (mean)": m["probe"],
+            "same network from scratch": m["scratch"],
+            "bag of words + logistic": m["bow"],
+        }
     if m["protocol"]["name"].startswith("ssl-course speech"):
-        return m["protocol"]["labels_per_class"], {lab: m[c]["heldout_voices"] for c, lab in AUDIO_LABELS.items()}
+        return m["protocol"]["labels_per_class"], {
+            lab: m[c]["heldout_voices"] for c, lab in AUDIO_LABELS.items()
+        }
     bl = m["baselines"]
     curves = {f"{method} + linear probe": m["probe"]}
-    if "finetune" in m: curves[f"{method} fine-tuned"] = m["finetune"]
-    curves.update({"raw pixels + linear probe": bl["pixels"]["probe"], "random-init encoder + probe": bl["random_init"]["probe"],
-                   "same network from scratch": bl["supervised"]})
+    if "finetune" in m:
+        curves[f"{method} fine-tuned"] = m["finetune"]
+    curves.update(
+        {
+            "raw pixels + linear probe": bl["pixels"]["probe"],
+            "random-init encoder + probe": bl["random_init"]["probe"],
+            "same network from scratch": bl["supervised"],
+        }
+    )
     return PROTOCOL["labels_per_class"], curves
+
 
 def plot_card(card: dict, ax=None, title: str | None = None):
     "Label-efficiency plot of a card: the model's probe (and fine-tuning) against each baseline, mean +- std over draws."
     import matplotlib.pyplot as plt
+
     ax = ax or plt.subplots(figsize=(5.5, 3.5))[1]
     ks, curves = card_curves(card)
     for i, (label, d) in enumerate(curves.items()):
-        mean = np.array([d[str(k)]["mean"] for k in ks]); std = np.array([d[str(k)]["std"] for k in ks])
+        mean = np.array([d[str(k)]["mean"] for k in ks])
+        std = np.array([d[str(k)]["std"] for k in ks])
         ax.plot(ks, mean, marker="o", lw=2.2 if i == 0 else 1.3, label=label)
         ax.fill_between(ks, mean - std, mean + std, alpha=0.15)
-    ax.set_xscale("log"); ax.set_xticks(ks, [str(k) for k in ks])
-    kind = card["metrics"]["protocol"]["name"].split()[1]            # image, text or speech
-    ax.set_xlabel({"text": "labelled texts per class", "speech": "labelled clips per word"}.get(kind, "labelled images per class"))
-    ax.set_ylabel({"text": "test accuracy (2,000 texts)", "speech": "accuracy, held-out voices"}.get(kind, "test accuracy (10,000 images)"))
-    ax.set_title(title or f"{card['name']}: mean +- std over {len(card['metrics']['protocol']['draws'])} labelled draws", fontsize=9)
-    ax.legend(fontsize=7); ax.grid(alpha=0.3)
+    ax.set_xscale("log")
+    ax.set_xticks(ks, [str(k) for k in ks])
+    kind = card["metrics"]["protocol"]["name"].split()[1]  # image, text or speech
+    ax.set_xlabel(
+        {"text": "labelled texts per class", "speech": "labelled clips per word"}.get(
+            kind, "labelled images per class"
+        )
+    )
+    ax.set_ylabel(
+        {"text": "test accuracy (2,000 texts)", "speech": "accuracy, held-out voices"}.get(
+            kind, "test accuracy (10,000 images)"
+        )
+    )
+    ax.set_title(
+        title
+        or f"{card['name']}: mean +- std over {len(card['metrics']['protocol']['draws'])} labelled draws",
+        fontsize=9,
+    )
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
     return ax
+
 
 def compare_cards(names: Sequence[str], zoo=None, metric: str = "probe") -> list[dict]:
     """One row per label count: each image card's `metric` ('probe' or 'finetune') as mean +- std, then the baselines
     (from the first card; every card must share its baselines file, i.e. the same labelled images and architecture)."""
     cards = [load_card(n, zoo) for n in names]
     files = {c["metrics"].get("baselines_file") for c in cards}
-    if len(files) != 1: raise ZooError(f"{', '.join(names)} were not evaluated against the same baselines ({files})")
+    if len(files) != 1:
+        raise ZooError(
+            f"{', '.join(names)} were not evaluated against the same baselines ({files})"
+        )
     f = lambda d, k: f"{d[str(k)]['mean']:.3f} +- {d[str(k)]['std']:.3f}"
     bl = cards[0]["metrics"]["baselines"]
     rows = []
     for k in PROTOCOL["labels_per_class"]:
         row = {"labels/class": k, **{c["name"]: f(c["metrics"][metric], k) for c in cards}}
-        row.update({"raw pixels": f(bl["pixels"]["probe"], k), "random init": f(bl["random_init"]["probe"], k),
-                    "supervised from scratch": f(bl["supervised"], k)})
+        row.update(
+            {
+                "raw pixels": f(bl["pixels"]["probe"], k),
+                "random init": f(bl["random_init"]["probe"], k),
+                "supervised from scratch": f(bl["supervised"], k),
+            }
+        )
         rows.append(row)
-    rows.append({"labels/class": "kNN, all", **{c["name"]: f"{c['metrics']['knn_all_labels']:.3f}" for c in cards},
-                 "raw pixels": f"{bl['pixels']['knn_all_labels']:.3f}", "random init": f"{bl['random_init']['knn_all_labels']:.3f}",
-                 "supervised from scratch": ""})
+    rows.append(
+        {
+            "labels/class": "kNN, all",
+            **{c["name"]: f"{c['metrics']['knn_all_labels']:.3f}" for c in cards},
+            "raw pixels": f"{bl['pixels']['knn_all_labels']:.3f}",
+            "random init": f"{bl['random_init']['knn_all_labels']:.3f}",
+            "supervised from scratch": "",
+        }
+    )
     return rows
+
 
 def plot_cards(names: Sequence[str], zoo=None, ax=None, title: str = ""):
     "Label-efficiency plot of several image cards (their probes) against the baselines they share."
     import matplotlib.pyplot as plt
+
     ax = ax or plt.subplots(figsize=(6, 3.8))[1]
     cards = [load_card(n, zoo) for n in names]
-    ks = PROTOCOL["labels_per_class"]; bl = cards[0]["metrics"]["baselines"]
+    ks = PROTOCOL["labels_per_class"]
+    bl = cards[0]["metrics"]["baselines"]
     curves = {c["name"]: c["metrics"]["probe"] for c in cards}
-    base = {"raw pixels + probe": bl["pixels"]["probe"], "random init + probe": bl["random_init"]["probe"],
-            "supervised from scratch": bl["supervised"]}
+    base = {
+        "raw pixels + probe": bl["pixels"]["probe"],
+        "random init + probe": bl["random_init"]["probe"],
+        "supervised from scratch": bl["supervised"],
+    }
     for i, (label, d) in enumerate({**curves, **base}.items()):
-        mean = np.array([d[str(k)]["mean"] for k in ks]); std = np.array([d[str(k)]["std"] for k in ks])
-        ax.plot(ks, mean, marker="o", lw=2 if label in curves else 1.2, ls="-" if label in curves else "--", label=label)
+        mean = np.array([d[str(k)]["mean"] for k in ks])
+        std = np.array([d[str(k)]["std"] for k in ks])
+        ax.plot(
+            ks,
+            mean,
+            marker="o",
+            lw=2 if label in curves else 1.2,
+            ls="-" if label in curves else "--",
+            label=label,
+        )
         ax.fill_between(ks, mean - std, mean + std, alpha=0.12)
-    ax.set_xscale("log"); ax.set_xticks(ks, [str(k) for k in ks])
-    ax.set_xlabel("labelled images per class"); ax.set_ylabel("test accuracy (10,000 images)")
-    ax.set_title(title or f"zoo models vs baselines, mean +- std over {len(PROTOCOL['draws'])} labelled draws", fontsize=9)
-    ax.legend(fontsize=7); ax.grid(alpha=0.3)
+    ax.set_xscale("log")
+    ax.set_xticks(ks, [str(k) for k in ks])
+    ax.set_xlabel("labelled images per class")
+    ax.set_ylabel("test accuracy (10,000 images)")
+    ax.set_title(
+        title
+        or f"zoo models vs baselines, mean +- std over {len(PROTOCOL['draws'])} labelled draws",
+        fontsize=9,
+    )
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
     return ax
+
 
 def format_comparison(card: dict) -> str:
     "The card's comparison table, kNN line and targets, as text."
@@ -669,74 +1263,122 @@ def format_comparison(card: dict) -> str:
     lines = ["  ".join(c.ljust(x) for c, x in zip(cols, w)), "  ".join("-" * x for x in w)]
     lines += ["  ".join(str(r[c]).ljust(x) for c, x in zip(cols, w)) for r in rows]
     m = card["metrics"]
-    if "knn_all_labels" in m: lines.append(f"kNN with all labels: {m['knn_all_labels']:.3f} (raw pixels {m['baselines']['pixels']['knn_all_labels']:.3f}, "
-                 f"random init {m['baselines']['random_init']['knn_all_labels']:.3f})")
+    if "knn_all_labels" in m:
+        lines.append(
+            f"kNN with all labels: {m['knn_all_labels']:.3f} (raw pixels {m['baselines']['pixels']['knn_all_labels']:.3f}, "
+            f"random init {m['baselines']['random_init']['knn_all_labels']:.3f})"
+        )
     if "zero_shot_ensemble" in m:
         q = m["quick_run"]
-        lines.append(f"zero-shot: {m['zero_shot_ensemble']:.3f} with the prompt ensemble, {m['zero_shot_one_prompt']:.3f} with "
-                     f"one prompt (the chapter's quick recipe, rerun by zoo evaluate on the full data: {q['zero_shot_ensemble']:.3f}, "
-                     f"{q['zero_shot_one_prompt']:.3f})")
+        lines.append(
+            f"zero-shot: {m['zero_shot_ensemble']:.3f} with the prompt ensemble, {m['zero_shot_one_prompt']:.3f} with "
+            f"one prompt (the chapter's quick recipe, rerun by zoo evaluate on the full data: {q['zero_shot_ensemble']:.3f}, "
+            f"{q['zero_shot_one_prompt']:.3f})"
+        )
         for d in ("text_to_image", "image_to_text"):
-            lines.append(f"{d.replace('_', ' ')} Recall@1/5/10: " + "/".join(f"{m[d][k]:.3f}" for k in ("1", "5", "10")) +
-                         " (quick run " + "/".join(f"{q[d][k]:.3f}" for k in ("1", "5", "10")) + ")")
+            lines.append(
+                f"{d.replace('_', ' ')} Recall@1/5/10: "
+                + "/".join(f"{m[d][k]:.3f}" for k in ("1", "5", "10"))
+                + " (quick run "
+                + "/".join(f"{q[d][k]:.3f}" for k in ("1", "5", "10"))
+                + ")"
+            )
     if "code_perplexity" in m:
-        lines.append(f"code perplexity on held-out voices: {m['code_perplexity']:.1f} of G*V = {m['codebook_size']}")
+        lines.append(
+            f"code perplexity on held-out voices: {m['code_perplexity']:.1f} of G*V = {m['codebook_size']}"
+        )
     if "perplexity" in m:
-        lines.append(f"held-out perplexity: {m['perplexity']['trained']['perplexity']:.1f} "
-                     f"(at initialisation {m['perplexity']['init']['perplexity']:.1f})")
+        lines.append(
+            f"held-out perplexity: {m['perplexity']['trained']['perplexity']:.1f} "
+            f"(at initialisation {m['perplexity']['init']['perplexity']:.1f})"
+        )
     for t in m["targets"]:
         need = ("<= " if t.get("at_most") else "") + f"{t['required']:.3f}"
-        lines.append(f"[{'met' if t['met'] else 'MISSED'}] {t['claim']}: {t['value']:.3f} (needs {need})")
+        lines.append(
+            f"[{'met' if t['met'] else 'MISSED'}] {t['claim']}: {t['value']:.3f} (needs {need})"
+        )
     return "\n".join(lines)
 
 # %% ../nbs/24_zoo.ipynb #75d73d10
 TEXT_PROTOCOL = {
-    "name": "ssl-course text protocol v1", "pretraining": "wordnet_glosses train split",
+    "name": "ssl-course text protocol v1",
+    "pretraining": "wordnet_glosses train split",
     "perplexity": "masked-LM perplexity on the wordnet_glosses test split (held-out synsets), 15% masking 80/10/10, "
-                  "masks from seed 0; trained network vs the same network at initialisation",
+    "masks from seed 0; trained network vs the same network at initialisation",
     "task": "wordnet_categories (10 noun categories): pool = train split, test = 200 per class of the test split (seed 0)",
-    "labels_per_class": [5, 20, 100], "draws": [0, 1, 2],
+    "labels_per_class": [5, 20, 100],
+    "draws": [0, 1, 2],
     "bow": "TF-IDF (sublinear tf) + LogisticRegression; C from (1, 10, 100) chosen on validation",
     "probe": "mean-pooled frozen features, StandardScaler + LogisticRegression(C=0.1)",
     "finetune": "whole network + linear head, AdamW (weight decay 0.01), batch <= 32, steps = max(min_steps, 30 epochs); "
-                "lr and min_steps chosen on 2,000 validation texts of the pool at 20 labels/class, separately for the "
-                "pretrained network and the network from scratch",
+    "lr and min_steps chosen on 2,000 validation texts of the pool at 20 labels/class, separately for the "
+    "pretrained network and the network from scratch",
     "subset_check": "perplexity on the first 500 test glosses; probe at 20/class (draw 0) on 500 test definitions",
 }
 TEXT_GRID = {"lr": (1e-4, 3e-4, 1e-3), "min_steps": (200, 600)}
 BOW_GRID = (1.0, 10.0, 100.0)
 
-def tokenizer_path(name: str, zoo=None) -> Path: return zoo_dir(zoo) / f"{name}.tokenizer.json"
+
+def tokenizer_path(name: str, zoo=None) -> Path:
+    return zoo_dir(zoo) / f"{name}.tokenizer.json"
+
 
 def load_tokenizer(name: str, zoo=None):
     "The tokenizer text recipe `name` was trained with (a `tokenizers.Tokenizer`), checked against the SHA-256 in its card."
     from tokenizers import Tokenizer
-    if get_recipe(name).protocol != "text": raise ZooError(f"{name} is not a text recipe: only text models have a tokenizer")
+
+    if get_recipe(name).protocol != "text":
+        raise ZooError(f"{name} is not a text recipe: only text models have a tokenizer")
     card, p = read_card(name, zoo), tokenizer_path(name, zoo)
     if not p.is_file() or "tokenizer" not in card:
-        raise ZooError(f"{p} is missing: a text model is only usable with its own tokenizer. Restore it "
-                       f"(git checkout zoo/{p.name}) or retrain with `ssl-course zoo train {name}`")
+        raise ZooError(
+            f"{p} is missing: a text model is only usable with its own tokenizer. Restore it "
+            f"(git checkout zoo/{p.name}) or retrain with `ssl-course zoo train {name}`"
+        )
     if sha256_of(p) != card["tokenizer"]["sha256"]:
-        raise ZooError(f"{p} does not match the SHA-256 in its card: it was changed. Restore it (git checkout zoo/{p.name}) "
-                       f"or retrain with `ssl-course zoo train {name}`")
+        raise ZooError(
+            f"{p} does not match the SHA-256 in its card: it was changed. Restore it (git checkout zoo/{p.name}) "
+            f"or retrain with `ssl-course zoo train {name}`"
+        )
     return Tokenizer.from_file(str(p))
+
 
 def text_data(name: str, dataset: str, split: str, zoo=None, tokenizer=None):
     "A text dataset encoded with recipe `name`'s tokenizer and sequence length."
     recipe = get_recipe(name)
     importlib.import_module(f"ssl_course.{recipe.module}")
     tok = tokenizer or load_tokenizer(name, zoo)
-    return load_dataset(dataset, split, data_dir=get_settings().data_dir, tokenizer=tok,
-                        max_len=recipe.data_kwargs.get("max_len", 64))
+    return load_dataset(
+        dataset,
+        split,
+        data_dir=get_settings().data_dir,
+        tokenizer=tok,
+        max_len=recipe.data_kwargs.get("max_len", 64),
+    )
 
-def _trim(ids): 
+
+def _trim(ids):
     from .mlm import trim_padding
+
     return trim_padding(ids, 0)
+
 
 def _text_sup_run(make, train, test, steps, lr, seed, device) -> float:
     torch.manual_seed(seed)
-    return fine_tune(make(), train, test, steps=steps, batch_size=min(32, len(train)), lr=lr, weight_decay=0.01,
-                     augment=_trim, backbone_lr_scale=1.0, device=device, seed=seed).accuracy
+    return fine_tune(
+        make(),
+        train,
+        test,
+        steps=steps,
+        batch_size=min(32, len(train)),
+        lr=lr,
+        weight_decay=0.01,
+        augment=_trim,
+        backbone_lr_scale=1.0,
+        device=device,
+        seed=seed,
+    ).accuracy
+
 
 def _choose_text_hparams(make, pool, device, verbose, label: str) -> dict:
     g = torch.Generator().manual_seed(1234)
@@ -747,26 +1389,40 @@ def _choose_text_hparams(make, pool, device, verbose, label: str) -> dict:
     scores = []
     for lr in TEXT_GRID["lr"]:
         for ms in TEXT_GRID["min_steps"]:
-            acc = _text_sup_run(make, train, val_ds, supervised_steps(len(train), ms, batch=32), lr, 1234, device)
+            acc = _text_sup_run(
+                make, train, val_ds, supervised_steps(len(train), ms, batch=32), lr, 1234, device
+            )
             scores.append({"lr": lr, "min_steps": ms, "val_accuracy": acc})
-            if verbose: print(f"  {label} grid: lr {lr:g} min_steps {ms}: validation accuracy {acc:.4f}")
+            if verbose:
+                print(f"  {label} grid: lr {lr:g} min_steps {ms}: validation accuracy {acc:.4f}")
     bow = {}
     for C in BOW_GRID:
         from .mlm import bow_logistic_regression
+
         bow[C] = bow_logistic_regression(train, val_ds, C=C)
     best = max(scores, key=lambda s: s["val_accuracy"])
-    return {"lr": best["lr"], "min_steps": best["min_steps"], "grid": scores,
-            "bow_C": max(bow, key=bow.get), "bow_grid": {str(k): v for k, v in bow.items()}}
+    return {
+        "lr": best["lr"],
+        "min_steps": best["min_steps"],
+        "grid": scores,
+        "bow_C": max(bow, key=bow.get),
+        "bow_grid": {str(k): v for k, v in bow.items()},
+    }
+
 
 def _text_curve(evaluate, pool, ks, draws) -> dict:
     out = {}
     for k in ks:
-        out[str(k)] = _mean_std([evaluate(sample_per_class(pool.labels, k, seed=s), s) for s in draws])
+        out[str(k)] = _mean_std(
+            [evaluate(sample_per_class(pool.labels, k, seed=s), s) for s in draws]
+        )
     return out
+
 
 def evaluate_text_recipe(name: str, device=None, zoo=None, verbose: bool = True) -> dict:
     "Run the text protocol on zoo recipe `name` (BERT MLM); write the metrics into its card; return it."
     from .mlm import evaluate_mlm, text_features, bow_logistic_regression
+
     recipe = get_recipe(name)
     dev = get_device(device)
     say = print if verbose else (lambda *a, **k: None)
@@ -774,9 +1430,13 @@ def evaluate_text_recipe(name: str, device=None, zoo=None, verbose: bool = True)
     tok = load_tokenizer(name, zoo)
     corpus_test = text_data(name, "wordnet_glosses", "test", zoo, tok)
     model = load_pretrained(name, zoo, device=dev, data=corpus_test)
-    init = build_model(recipe, corpus_test).to(dev)              # the same network at initialisation (same seed)
+    init = build_model(recipe, corpus_test).to(
+        dev
+    )  # the same network at initialisation (same seed)
     ppl = {"trained": evaluate_mlm(model, corpus_test), "init": evaluate_mlm(init, corpus_test)}
-    say(f"held-out perplexity: trained {ppl['trained']['perplexity']:.1f}, at initialisation {ppl['init']['perplexity']:.1f}")
+    say(
+        f"held-out perplexity: trained {ppl['trained']['perplexity']:.1f}, at initialisation {ppl['init']['perplexity']:.1f}"
+    )
     pool = text_data(name, "wordnet_categories", "train", zoo, tok)
     test_all = text_data(name, "wordnet_categories", "test", zoo, tok)
     test = test_all.subset(sample_per_class(test_all.labels, 200, seed=0))
@@ -788,92 +1448,176 @@ def evaluate_text_recipe(name: str, device=None, zoo=None, verbose: bool = True)
     hp_sc = _choose_text_hparams(make_scratch, pool, dev, verbose, "scratch")
     fte, yte = text_features(enc, test, "mean")
     ftr_all, ytr_all = text_features(enc, pool, "mean")
-    run = lambda make, hp: (lambda idx, s: _text_sup_run(make, pool.subset(idx), test,
-                                                         supervised_steps(len(idx), hp["min_steps"], batch=32), hp["lr"], s, dev))
+    run = lambda make, hp: (
+        lambda idx, s: _text_sup_run(
+            make,
+            pool.subset(idx),
+            test,
+            supervised_steps(len(idx), hp["min_steps"], batch=32),
+            hp["lr"],
+            s,
+            dev,
+        )
+    )
     curves = {
-        "bow": _text_curve(lambda idx, s: bow_logistic_regression(pool.subset(idx), test, C=hp_sc["bow_C"]), pool, ks, draws),
-        "probe": _text_curve(lambda idx, s: linear_probe(ftr_all[idx], ytr_all[idx], fte, yte, C=PROBE_C).accuracy, pool, ks, draws),
+        "bow": _text_curve(
+            lambda idx, s: bow_logistic_regression(pool.subset(idx), test, C=hp_sc["bow_C"]),
+            pool,
+            ks,
+            draws,
+        ),
+        "probe": _text_curve(
+            lambda idx, s: linear_probe(ftr_all[idx], ytr_all[idx], fte, yte, C=PROBE_C).accuracy,
+            pool,
+            ks,
+            draws,
+        ),
         "finetune": _text_curve(run(lambda: copy.deepcopy(enc), hp_ft), pool, ks, draws),
         "scratch": _text_curve(run(make_scratch, hp_sc), pool, ks, draws),
     }
-    for n, c in curves.items(): say(f"  {n:>9s}: " + "  ".join(f"{k}/class {c[str(k)]['mean']:.3f}" for k in ks))
+    for n, c in curves.items():
+        say(f"  {n:>9s}: " + "  ".join(f"{k}/class {c[str(k)]['mean']:.3f}" for k in ks))
     f20 = lambda c: curves[c]["20"]["mean"]
-    targets = [_check("held-out perplexity <= 1/4 of its value at initialisation", ppl["trained"]["perplexity"],
-                      ppl["init"]["perplexity"] / 4, at_most=True),
-               _check("fine-tuned at 20 labels/class >= same net from scratch + 5 points", f20("finetune"), f20("scratch") + 0.05),
-               _check("fine-tuned at 20 labels/class >= bag of words + logistic regression", f20("finetune"), f20("bow"))]
+    targets = [
+        _check(
+            "held-out perplexity <= 1/4 of its value at initialisation",
+            ppl["trained"]["perplexity"],
+            ppl["init"]["perplexity"] / 4,
+            at_most=True,
+        ),
+        _check(
+            "fine-tuned at 20 labels/class >= same net from scratch + 5 points",
+            f20("finetune"),
+            f20("scratch") + 0.05,
+        ),
+        _check(
+            "fine-tuned at 20 labels/class >= bag of words + logistic regression",
+            f20("finetune"),
+            f20("bow"),
+        ),
+    ]
     card = read_card(name, zoo)
-    card["metrics"] = {"protocol": TEXT_PROTOCOL, "perplexity": ppl, **curves,
-                       "hparams": {"finetune": hp_ft, "scratch": hp_sc}, "targets": targets,
-                       "subset_check": text_subset_figures(model, corpus_test, pool, test_all),
-                       "eval_wall_time_s": round(time.perf_counter() - t0, 1), "eval_hardware": hardware_summary(dev)}
+    card["metrics"] = {
+        "protocol": TEXT_PROTOCOL,
+        "perplexity": ppl,
+        **curves,
+        "hparams": {"finetune": hp_ft, "scratch": hp_sc},
+        "targets": targets,
+        "subset_check": text_subset_figures(model, corpus_test, pool, test_all),
+        "eval_wall_time_s": round(time.perf_counter() - t0, 1),
+        "eval_hardware": hardware_summary(dev),
+    }
     write_json_atomic(card_path(name, zoo), card)
-    if verbose: print(format_comparison(card))
+    if verbose:
+        print(format_comparison(card))
     return card
+
 
 def text_subset_figures(model, corpus_test, pool, test_all) -> dict:
     "The text card's fixed small check, recomputed exactly by a test: perplexity on 500 glosses, a probe on 500 texts."
     from .mlm import evaluate_mlm, text_features
+
     model = model.cpu()
     small = test_all.subset(torch.arange(500))
     idx = sample_per_class(pool.labels, 20, seed=0)
     ftr, ytr = text_features(model.encoder, pool.subset(idx), "mean")
-    return {"perplexity_500": evaluate_mlm(model, corpus_test.subset(torch.arange(500)))["perplexity"],
-            "probe_20": linear_probe(ftr, ytr, *text_features(model.encoder, small, "mean"), C=PROBE_C).accuracy}
+    return {
+        "perplexity_500": evaluate_mlm(model, corpus_test.subset(torch.arange(500)))["perplexity"],
+        "probe_20": linear_probe(
+            ftr, ytr, *text_features(model.encoder, small, "mean"), C=PROBE_C
+        ).accuracy,
+    }
 
 # %% ../nbs/24_zoo.ipynb #a92b37e8
 AUDIO_PROTOCOL = {
-    "name": "ssl-course speech protocol v1", "pretraining": "synth_words train split (no labels)",
+    "name": "ssl-course speech protocol v1",
+    "pretraining": "synth_words train split (no labels)",
     "code_perplexity": "perplexity of the argmax codes over all frames of the held-out voices, summed over groups; ceiling G*V",
-    "pool": "synth_digits train (the training voices)", "test": "synth_digits test (held-out voices)",
-    "real": "asterisk_digits (10 real recorded digits, one speaker)", "labels_per_class": [1, 5, 20], "draws": [0, 1, 2],
+    "pool": "synth_digits train (the training voices)",
+    "test": "synth_digits test (held-out voices)",
+    "real": "asterisk_digits (10 real recorded digits, one speaker)",
+    "labels_per_class": [1, 5, 20],
+    "draws": [0, 1, 2],
     "probe": "mean over frames of the context network's output, StandardScaler + LogisticRegression(C=0.1)",
     "mfcc": "20 MFCCs averaged over 4 segments + their std, StandardScaler + LogisticRegression(C=0.1)",
     "supervised": "same encoder + linear head, AdamW, batch <= 16, steps = max(min_steps, 30 epochs); lr and min_steps "
-                  "chosen at 5 labels/word on the digits of 10 validation voices (voice seed 2, disjoint from train and test)",
+    "chosen at 5 labels/word on the digits of 10 validation voices (voice seed 2, disjoint from train and test)",
     "subset_check": "probe at 5/word (draw 0) on the held-out voices, and the code perplexity of the first 50 test clips",
 }
 AUDIO_GRID = {"lr": (3e-4, 1e-3), "min_steps": (200, 600)}
+
 
 def hard_code_perplexity(codes: torch.Tensor, num_vars: int) -> float:
     "exp(entropy) of the empirical distribution of hard codes (N..., G), summed over the G groups; between G and G*V."
     c = codes.reshape(-1, codes.shape[-1])
     total = 0.0
     for g in range(c.shape[1]):
-        p = torch.bincount(c[:, g], minlength=num_vars).double(); p = p / p.sum()
+        p = torch.bincount(c[:, g], minlength=num_vars).double()
+        p = p / p.sum()
         total += float(torch.exp(-(p[p > 0] * p[p > 0].log()).sum()))
     return total
+
 
 @torch.no_grad()
 def _codes(model, waves, batch: int = 64) -> torch.Tensor:
     model.eval()
-    return torch.cat([model.codes(w.to(next(model.parameters()).device)).cpu() for w in waves.split(batch)])
+    return torch.cat(
+        [model.codes(w.to(next(model.parameters()).device)).cpu() for w in waves.split(batch)]
+    )
+
 
 def _audio_sets(recipe: Recipe):
     from .wav2vec2 import DIGIT_WORDS, AudioDataset, synthesize_corpus, voice_configs
+
     dd = get_settings().data_dir
     voices = recipe.data_kwargs.get("voices")
     pool = load_dataset("synth_digits", "train", data_dir=dd, voices=voices)
     test = load_dataset("synth_digits", "test", data_dir=dd, voices=voices)
     real = load_dataset("asterisk_digits", "test", data_dir=dd)
     if set(pool.speakers) & set(test.speakers):
-        raise ZooError("the held-out test voices overlap the training voices; choose another voice count for the recipe")
-    vs = [v for v in voice_configs(40, seed=2) if v.key not in set(pool.speakers) | set(test.speakers)][:10]
-    val = AudioDataset(synthesize_corpus(DIGIT_WORDS, vs, dd), torch.arange(10).repeat(len(vs)), DIGIT_WORDS,
-                       "synth_digits", "validation", [v.key for v in vs for _ in DIGIT_WORDS])
+        raise ZooError(
+            "the held-out test voices overlap the training voices; choose another voice count for the recipe"
+        )
+    vs = [
+        v for v in voice_configs(40, seed=2) if v.key not in set(pool.speakers) | set(test.speakers)
+    ][:10]
+    val = AudioDataset(
+        synthesize_corpus(DIGIT_WORDS, vs, dd),
+        torch.arange(10).repeat(len(vs)),
+        DIGIT_WORDS,
+        "synth_digits",
+        "validation",
+        [v.key for v in vs for _ in DIGIT_WORDS],
+    )
     return pool, test, real, val
+
 
 def _audio_sup_run(make, train, test, steps, lr, seed, device, freeze_cnn: bool) -> nn.Module:
     torch.manual_seed(seed)
     enc = make()
-    if freeze_cnn: enc.feature_extractor.requires_grad_(False)        # the paper fine-tunes with the CNN frozen
-    return fine_tune(enc, train, test, steps=steps, batch_size=min(16, len(train)), lr=lr, weight_decay=0.01, augment=None,
-                     backbone_lr_scale=1.0, num_classes=10, device=device, seed=seed)
+    if freeze_cnn:
+        enc.feature_extractor.requires_grad_(False)  # the paper fine-tunes with the CNN frozen
+    return fine_tune(
+        enc,
+        train,
+        test,
+        steps=steps,
+        batch_size=min(16, len(train)),
+        lr=lr,
+        weight_decay=0.01,
+        augment=None,
+        backbone_lr_scale=1.0,
+        num_classes=10,
+        device=device,
+        seed=seed,
+    )
+
 
 def evaluate_audio_recipe(name: str, device=None, zoo=None, verbose: bool = True) -> dict:
     "Run the speech protocol on zoo recipe `name` (wav2vec 2.0); write the metrics into its card; return it."
     from .wav2vec2 import mfcc_features
     from .evaluate import accuracy
+
     recipe = get_recipe(name)
     dev = get_device(device)
     say = print if verbose else (lambda *a, **k: None)
@@ -892,9 +1636,13 @@ def evaluate_audio_recipe(name: str, device=None, zoo=None, verbose: bool = True
     for label, e in (("pretrained", enc), ("random", rand)):
         feats[label] = [embed(e, d, device=dev)[0] for d in (pool, test, real)]
     mf = [mfcc_features(d.waves) for d in (pool, test, real)]
+
     def probe(F):
-        return lambda idx: [linear_probe(F[0][idx], pool.labels[idx], F[j], d.labels, C=PROBE_C).accuracy
-                            for j, d in ((1, test), (2, real))]
+        return lambda idx: [
+            linear_probe(F[0][idx], pool.labels[idx], F[j], d.labels, C=PROBE_C).accuracy
+            for j, d in ((1, test), (2, real))
+        ]
+
     make_scratch = lambda: build_model(recipe, pool).encoder
     make_pre = lambda: copy.deepcopy(enc)
     hps = {}
@@ -904,78 +1652,151 @@ def evaluate_audio_recipe(name: str, device=None, zoo=None, verbose: bool = True
         grid = []
         for lr in AUDIO_GRID["lr"]:
             for ms in AUDIO_GRID["min_steps"]:
-                r = _audio_sup_run(make, val.subset(lab), val.subset(rest), supervised_steps(len(lab), ms, batch=16), lr,
-                                   1234, dev, freeze)
+                r = _audio_sup_run(
+                    make,
+                    val.subset(lab),
+                    val.subset(rest),
+                    supervised_steps(len(lab), ms, batch=16),
+                    lr,
+                    1234,
+                    dev,
+                    freeze,
+                )
                 grid.append({"lr": lr, "min_steps": ms, "val_accuracy": r.accuracy})
-                say(f"  {label} grid: lr {lr:g} min_steps {ms}: validation accuracy {r.accuracy:.4f}")
+                say(
+                    f"  {label} grid: lr {lr:g} min_steps {ms}: validation accuracy {r.accuracy:.4f}"
+                )
         best = max(grid, key=lambda s: s["val_accuracy"])
         hps[label] = {"lr": best["lr"], "min_steps": best["min_steps"], "grid": grid}
+
     def trained(label, make, freeze):
         def ev(idx, s):
-            r = _audio_sup_run(make, pool.subset(idx), test, supervised_steps(len(idx), hps[label]["min_steps"], batch=16),
-                               hps[label]["lr"], s, dev, freeze)
+            r = _audio_sup_run(
+                make,
+                pool.subset(idx),
+                test,
+                supervised_steps(len(idx), hps[label]["min_steps"], batch=16),
+                hps[label]["lr"],
+                s,
+                dev,
+                freeze,
+            )
             return [r.accuracy, accuracy(r.model, real)]
+
         return ev
-    evaluators = {"probe": lambda idx, s: probe(feats["pretrained"])(idx), "random_init": lambda idx, s: probe(feats["random"])(idx),
-                  "mfcc": lambda idx, s: probe(mf)(idx), "finetune": trained("finetune", make_pre, True),
-                  "scratch": trained("scratch", make_scratch, False)}
+
+    evaluators = {
+        "probe": lambda idx, s: probe(feats["pretrained"])(idx),
+        "random_init": lambda idx, s: probe(feats["random"])(idx),
+        "mfcc": lambda idx, s: probe(mf)(idx),
+        "finetune": trained("finetune", make_pre, True),
+        "scratch": trained("scratch", make_scratch, False),
+    }
     curves = {n: {"heldout_voices": {}, "real": {}} for n in evaluators}
     for k in ks:
         for n, ev in evaluators.items():
             accs = [ev(sample_per_class(pool.labels, k, seed=s), s) for s in draws]
             curves[n]["heldout_voices"][str(k)] = _mean_std([a[0] for a in accs])
             curves[n]["real"][str(k)] = _mean_std([a[1] for a in accs])
-        say(f"  {k}/word: " + "  ".join(f"{n} {curves[n]['heldout_voices'][str(k)]['mean']:.3f}" for n in evaluators))
+        say(
+            f"  {k}/word: "
+            + "  ".join(
+                f"{n} {curves[n]['heldout_voices'][str(k)]['mean']:.3f}" for n in evaluators
+            )
+        )
     h5 = lambda n, where="heldout_voices": curves[n][where]["5"]["mean"]
-    targets = [_check("code perplexity >= 25% of G*V (no collapse)", ppl, 0.25 * gv),
-               _check("probe at 5 labels/word on held-out voices >= from scratch + 10 points", h5("probe"), h5("scratch") + 0.10),
-               _check("probe at 5 labels/word on held-out voices >= 0.6", h5("probe"), 0.6),
-               _check("probe at 5 labels/word on the real recorded digits >= 0.3 (chance 0.1)", h5("probe", "real"), 0.3)]
+    targets = [
+        _check("code perplexity >= 25% of G*V (no collapse)", ppl, 0.25 * gv),
+        _check(
+            "probe at 5 labels/word on held-out voices >= from scratch + 10 points",
+            h5("probe"),
+            h5("scratch") + 0.10,
+        ),
+        _check("probe at 5 labels/word on held-out voices >= 0.6", h5("probe"), 0.6),
+        _check(
+            "probe at 5 labels/word on the real recorded digits >= 0.3 (chance 0.1)",
+            h5("probe", "real"),
+            0.3,
+        ),
+    ]
     card = read_card(name, zoo)
-    card["metrics"] = {"protocol": AUDIO_PROTOCOL, "code_perplexity": ppl, "codebook_size": gv, **curves,
-                       "hparams": hps, "targets": targets, "subset_check": audio_subset_figures(model.cpu(), pool, test),
-                       "eval_wall_time_s": round(time.perf_counter() - t0, 1), "eval_hardware": hardware_summary(dev)}
+    card["metrics"] = {
+        "protocol": AUDIO_PROTOCOL,
+        "code_perplexity": ppl,
+        "codebook_size": gv,
+        **curves,
+        "hparams": hps,
+        "targets": targets,
+        "subset_check": audio_subset_figures(model.cpu(), pool, test),
+        "eval_wall_time_s": round(time.perf_counter() - t0, 1),
+        "eval_hardware": hardware_summary(dev),
+    }
     write_json_atomic(card_path(name, zoo), card)
-    if verbose: print(format_comparison(card))
+    if verbose:
+        print(format_comparison(card))
     return card
+
 
 def audio_subset_figures(model, pool, test) -> dict:
     "The speech card's fixed small check, recomputed exactly by a test."
     idx = sample_per_class(pool.labels, 5, seed=0)
     ftr = embed(model.encoder, pool.subset(idx))[0]
-    return {"probe_5": linear_probe(ftr, pool.labels[idx], embed(model.encoder, test)[0], test.labels, C=PROBE_C).accuracy,
-            "code_perplexity_50": hard_code_perplexity(_codes(model, test.waves[:50]), model.quantizer.num_vars)}
+    return {
+        "probe_5": linear_probe(
+            ftr, pool.labels[idx], embed(model.encoder, test)[0], test.labels, C=PROBE_C
+        ).accuracy,
+        "code_perplexity_50": hard_code_perplexity(
+            _codes(model, test.waves[:50]), model.quantizer.num_vars
+        ),
+    }
 
 # %% ../nbs/24_zoo.ipynb #2a3b8ca2
 CLIP_PROTOCOL = {
-    "name": "ssl-course image-text protocol v1", "pretraining": "fashion_captions train split (60,000 images, template captions)",
+    "name": "ssl-course image-text protocol v1",
+    "pretraining": "fashion_captions train split (60,000 images, template captions)",
     "zero_shot": "10,000 test images; one prompt ('a photo of the {}.') and the ensemble of the held-out prompts",
     "retrieval": "class-level Recall@1/5/10: text -> image (held-out prompts x class names vs 1,000 test images, 100 "
-                 "per class, seed 0) and image -> text (those images vs the 200 training captions)",
+    "per class, seed 0) and image -> text (those images vs the 200 training captions)",
     "probe": "image tower + the image protocol's probe at 1/5/10/100 labels per class, 3 draws, vs its baselines file",
-    "labels_per_class": [1, 5, 10, 100], "draws": [0, 1, 2],
+    "labels_per_class": [1, 5, 10, 100],
+    "draws": [0, 1, 2],
     "reference": "the chapter's quick run (clip_steps, clip_batch_size, clip_lr of the quick profile), same code",
     "subset_check": "zero-shot (prompt ensemble) on the first 500 test images",
 }
 
+
 @torch.no_grad()
 def clip_metrics(model, train, test, ks=(1, 5, 10)) -> dict:
     "Zero-shot accuracy and class-level retrieval of a CLIP model on the fashion captions."
-    from .clip import FASHION_CLASSNAMES, FASHION_PROMPTS, encode_images, recall_at_k, zero_shot_accuracy
+    from .clip import (
+        FASHION_CLASSNAMES,
+        FASHION_PROMPTS,
+        encode_images,
+        recall_at_k,
+        zero_shot_accuracy,
+    )
+
     model.eval()
     zs1 = zero_shot_accuracy(model, test, FASHION_CLASSNAMES, "a photo of the {}.")
     zse = zero_shot_accuracy(model, test, FASHION_CLASSNAMES, FASHION_PROMPTS)
     gal = sample_per_class(test.labels, 100, seed=0)
-    img = encode_images(model, test.images[gal]); ids = test.labels[gal]
+    img = encode_images(model, test.images[gal])
+    ids = test.labels[gal]
     q_text = [p.format(c) for c in FASHION_CLASSNAMES for p in FASHION_PROMPTS]
     q_ids = torch.arange(len(FASHION_CLASSNAMES)).repeat_interleave(len(FASHION_PROMPTS))
     caps = [c for s in train.caption_sets for c in s]
     cap_ids = torch.cat([torch.full((len(s),), i) for i, s in enumerate(train.caption_sets)])
-    txt = model.encode_text(q_text).float().cpu(); cap = model.encode_text(caps).float().cpu()
+    txt = model.encode_text(q_text).float().cpu()
+    cap = model.encode_text(caps).float().cpu()
     t2i = recall_at_k(txt @ img.T, ks, query_ids=q_ids, gallery_ids=ids)
     i2t = recall_at_k(img @ cap.T, ks, query_ids=ids, gallery_ids=cap_ids)
-    return {"zero_shot_one_prompt": zs1, "zero_shot_ensemble": zse,
-            "text_to_image": {str(k): v for k, v in t2i.items()}, "image_to_text": {str(k): v for k, v in i2t.items()}}
+    return {
+        "zero_shot_one_prompt": zs1,
+        "zero_shot_ensemble": zse,
+        "text_to_image": {str(k): v for k, v in t2i.items()},
+        "image_to_text": {str(k): v for k, v in i2t.items()},
+    }
+
 
 def evaluate_clip_recipe(name: str, device=None, zoo=None, verbose: bool = True) -> dict:
     "Run the image-text protocol on zoo recipe `name` (CLIP); write the metrics into its card; return it."
@@ -985,48 +1806,92 @@ def evaluate_clip_recipe(name: str, device=None, zoo=None, verbose: bool = True)
     t0 = time.perf_counter()
     importlib.import_module(f"ssl_course.{recipe.module}")
     dd = get_settings().data_dir
-    train = load_dataset(recipe.dataset, "train", data_dir=dd); test = load_dataset(recipe.dataset, "test", data_dir=dd)
+    train = load_dataset(recipe.dataset, "train", data_dir=dd)
+    test = load_dataset(recipe.dataset, "test", data_dir=dd)
     model = load_pretrained(name, zoo, device=dev, data=train)
     m = clip_metrics(model, train, test)
-    say(f"zoo model: zero-shot {m['zero_shot_ensemble']:.3f} (one prompt {m['zero_shot_one_prompt']:.3f}), "
-        f"R@1 text->image {m['text_to_image']['1']:.3f}, image->text {m['image_to_text']['1']:.3f}")
+    say(
+        f"zoo model: zero-shot {m['zero_shot_ensemble']:.3f} (one prompt {m['zero_shot_one_prompt']:.3f}), "
+        f"R@1 text->image {m['text_to_image']['1']:.3f}, image->text {m['image_to_text']['1']:.3f}"
+    )
     quick = get_settings(profile="quick").budget
     q_steps, q_bs, q_lr = int(quick.clip_steps), int(quick.clip_batch_size), float(quick.clip_lr)
     say(f"reference: the chapter's quick run ({q_steps} steps, batch {q_bs}, lr {q_lr:g})")
     seed_everything(recipe.seed)
     ref = build_model(recipe, train).to(dev)
-    fit(ref, train, steps=q_steps, batch_size=q_bs, lr=q_lr, weight_decay=recipe.weight_decay, device=dev, seed=recipe.seed,
-        progress=False)
+    fit(
+        ref,
+        train,
+        steps=q_steps,
+        batch_size=q_bs,
+        lr=q_lr,
+        weight_decay=recipe.weight_decay,
+        device=dev,
+        seed=recipe.seed,
+        progress=False,
+    )
     r = clip_metrics(ref, train, test)
-    say(f"quick run: zero-shot {r['zero_shot_ensemble']:.3f}, R@1 text->image {r['text_to_image']['1']:.3f}, "
-        f"image->text {r['image_to_text']['1']:.3f}")
+    say(
+        f"quick run: zero-shot {r['zero_shot_ensemble']:.3f}, R@1 text->image {r['text_to_image']['1']:.3f}, "
+        f"image->text {r['image_to_text']['1']:.3f}"
+    )
     img_tr, img_te = _eval_data("fashion_mnist", None, None, dd)
-    ftr, ytr = embed(model.encoder, img_tr, device=dev); fte, yte = embed(model.encoder, img_te, device=dev)
+    ftr, ytr = embed(model.encoder, img_tr, device=dev)
+    fte, yte = embed(model.encoder, img_te, device=dev)
     probe = feature_metrics(ftr, ytr, fte, yte)
     b = load_baselines(build_recipe_like(recipe))
-    targets = [_check("zero-shot (prompt ensemble) >= the chapter's quick run", m["zero_shot_ensemble"], r["zero_shot_ensemble"]),
-               _check("text -> image Recall@1 >= the chapter's quick run", m["text_to_image"]["1"], r["text_to_image"]["1"]),
-               _check("image -> text Recall@1 >= the chapter's quick run", m["image_to_text"]["1"], r["image_to_text"]["1"])]
+    targets = [
+        _check(
+            "zero-shot (prompt ensemble) >= the chapter's quick run",
+            m["zero_shot_ensemble"],
+            r["zero_shot_ensemble"],
+        ),
+        _check(
+            "text -> image Recall@1 >= the chapter's quick run",
+            m["text_to_image"]["1"],
+            r["text_to_image"]["1"],
+        ),
+        _check(
+            "image -> text Recall@1 >= the chapter's quick run",
+            m["image_to_text"]["1"],
+            r["image_to_text"]["1"],
+        ),
+    ]
     card = read_card(name, zoo)
-    card["metrics"] = {"protocol": CLIP_PROTOCOL, **m, "quick_run": {**r, "steps": q_steps, "batch_size": q_bs, "lr": q_lr},
-                       **probe, "targets": targets,
-                       "subset_check": {"zero_shot_500": clip_subset_figure(model.cpu(), test)},
-                       "eval_wall_time_s": round(time.perf_counter() - t0, 1), "eval_hardware": hardware_summary(dev)}
+    card["metrics"] = {
+        "protocol": CLIP_PROTOCOL,
+        **m,
+        "quick_run": {**r, "steps": q_steps, "batch_size": q_bs, "lr": q_lr},
+        **probe,
+        "targets": targets,
+        "subset_check": {"zero_shot_500": clip_subset_figure(model.cpu(), test)},
+        "eval_wall_time_s": round(time.perf_counter() - t0, 1),
+        "eval_hardware": hardware_summary(dev),
+    }
     if b is not None:
         card["metrics"]["baselines_file"] = baselines_path(b["dataset"], b["backbone"]).name
-        card["metrics"]["baselines"] = {"pixels": b["pixels"], "random_init": b["random_init"],
-                                        "supervised": b["supervised"]["accuracy"]}
+        card["metrics"]["baselines"] = {
+            "pixels": b["pixels"],
+            "random_init": b["random_init"],
+            "supervised": b["supervised"]["accuracy"],
+        }
     write_json_atomic(card_path(name, zoo), card)
-    if verbose: print(format_comparison(card))
+    if verbose:
+        print(format_comparison(card))
     return card
+
 
 def build_recipe_like(recipe: Recipe) -> Recipe:
     "The image recipe whose baselines apply to `recipe`'s image tower (same dataset and architecture)."
     return dataclasses.replace(recipe, protocol="image", dataset="fashion_mnist")
 
+
 def clip_subset_figure(model, test) -> float:
     from .clip import FASHION_CLASSNAMES, FASHION_PROMPTS, zero_shot_accuracy
-    return zero_shot_accuracy(model, test.subset(torch.arange(500)), FASHION_CLASSNAMES, FASHION_PROMPTS)
+
+    return zero_shot_accuracy(
+        model, test.subset(torch.arange(500)), FASHION_CLASSNAMES, FASHION_PROMPTS
+    )
 
 # %% ../nbs/24_zoo.ipynb #3e37b0c6
 def recompute_subset_check(name: str, zoo=None) -> dict:
@@ -1036,9 +1901,12 @@ def recompute_subset_check(name: str, zoo=None) -> dict:
     if recipe.protocol == "text":
         tok = load_tokenizer(name, zoo)
         corpus = text_data(name, "wordnet_glosses", "test", zoo, tok)
-        return text_subset_figures(load_pretrained(name, zoo, data=corpus), corpus,
-                                   text_data(name, "wordnet_categories", "train", zoo, tok),
-                                   text_data(name, "wordnet_categories", "test", zoo, tok))
+        return text_subset_figures(
+            load_pretrained(name, zoo, data=corpus),
+            corpus,
+            text_data(name, "wordnet_categories", "train", zoo, tok),
+            text_data(name, "wordnet_categories", "test", zoo, tok),
+        )
     if recipe.protocol == "audio":
         pool, test, _, _ = _audio_sets(recipe)
         return audio_subset_figures(load_pretrained(name, zoo, data=pool), pool, test)
@@ -1056,28 +1924,51 @@ def verify_zoo(zoo=None, names: Sequence[str] | None = None, load: bool = True) 
     rows = []
     for n in present:
         card = verify_weights(n, zdir)
-        if load: load_pretrained(n, zdir)                # text recipes check their tokenizer's hash here too
-        rows.append({"name": n, "MB": round(card["weights"]["bytes"] / 2**20, 2), "sha256": card["weights"]["sha256"][:12],
-                     "evaluated": bool(card["metrics"])})
+        if load:
+            load_pretrained(n, zdir)  # text recipes check their tokenizer's hash here too
+        rows.append(
+            {
+                "name": n,
+                "MB": round(card["weights"]["bytes"] / 2**20, 2),
+                "sha256": card["weights"]["sha256"][:12],
+                "evaluated": bool(card["metrics"]),
+            }
+        )
     total = sum(p.stat().st_size for p in zdir.glob("*") if p.is_file()) if zdir.is_dir() else 0
     if total > MAX_ZOO_BYTES:
-        raise ZooError(f"{zdir} holds {total / 2**20:.1f} MB, over the {MAX_ZOO_BYTES // 2**20} MB the zoo may take")
+        raise ZooError(
+            f"{zdir} holds {total / 2**20:.1f} MB, over the {MAX_ZOO_BYTES // 2**20} MB the zoo may take"
+        )
     return rows
+
 
 def headline(card: dict) -> str:
     "The one number a card is best summarised by, named."
-    m = card["metrics"]; kind = m["protocol"]["name"].split()[1]
-    if kind == "text": return f"fine-tuned@20 {m['finetune']['20']['mean']:.3f}, ppl {m['perplexity']['trained']['perplexity']:.0f}"
-    if kind == "speech": return f"probe@5 {m['probe']['heldout_voices']['5']['mean']:.3f} (real {m['probe']['real']['5']['mean']:.2f})"
-    if kind == "image-text": return f"zero-shot {m['zero_shot_ensemble']:.3f}, probe@10 {m['probe']['10']['mean']:.3f}"
+    m = card["metrics"]
+    kind = m["protocol"]["name"].split()[1]
+    if kind == "text":
+        return f"fine-tuned@20 {m['finetune']['20']['mean']:.3f}, ppl {m['perplexity']['trained']['perplexity']:.0f}"
+    if kind == "speech":
+        return f"probe@5 {m['probe']['heldout_voices']['5']['mean']:.3f} (real {m['probe']['real']['5']['mean']:.2f})"
+    if kind == "image-text":
+        return f"zero-shot {m['zero_shot_ensemble']:.3f}, probe@10 {m['probe']['10']['mean']:.3f}"
     return f"probe@10 {m['probe']['10']['mean']:.3f}, kNN {m['knn_all_labels']:.3f}"
+
 
 def zoo_table(zoo=None) -> list[dict]:
     "One row per recipe: trained or not, its headline numbers when evaluated."
     rows = []
     for r in RECIPES.values():
-        row = {"name": r.name, "method": r.method, "chapter": r.chapter, "steps": r.steps, "status": "not trained",
-               "trained": "", "headline": "", "targets met": ""}
+        row = {
+            "name": r.name,
+            "method": r.method,
+            "chapter": r.chapter,
+            "steps": r.steps,
+            "status": "not trained",
+            "trained": "",
+            "headline": "",
+            "targets met": "",
+        }
         p = card_path(r.name, zoo)
         if p.is_file():
             card = json.loads(p.read_text())

@@ -1,4 +1,5 @@
 "Tiny deterministic methods shared by the DDP and resume tests (no batch norm: DDP must match one process)."
+
 import torch
 import torch.nn as nn
 from torch.utils.data import TensorDataset
@@ -11,6 +12,7 @@ class Regression(SSLMethod):
     def __init__(self):
         super().__init__()
         self.encoder = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+
     def training_step(self, batch):
         x, y = batch
         return ((self.encoder(x) - y) ** 2).mean()
@@ -18,9 +20,11 @@ class Regression(SSLMethod):
 
 class PairContrast(SSLMethod):
     "NT-Xent over two fixed views: under DDP the negatives come from every process (all_gather_with_grad)."
+
     def __init__(self):
         super().__init__()
         self.encoder = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 8))
+
     def training_step(self, batch):
         v1, v2 = batch
         return nt_xent_loss(self.encoder(v1), self.encoder(v2), temperature=0.5)
@@ -28,6 +32,7 @@ class PairContrast(SSLMethod):
 
 class NoisyRegression(Regression):
     "Uses the RNG inside the step, so an exact resume must restore RNG state too."
+
     def training_step(self, batch):
         x, y = batch
         return ((self.encoder(x + 0.1 * torch.randn_like(x)) - y) ** 2).mean()
@@ -36,8 +41,11 @@ class NoisyRegression(Regression):
 def make_data(kind: str):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(64, 6, generator=g)
-    if kind == "ntxent": return TensorDataset(x, x + 0.1 * torch.randn(64, 6, generator=g))
-    return TensorDataset(x, torch.tanh(2 * x[:, :3]) + 0.05 * torch.randn(64, 3, generator=g))  # learnable target
+    if kind == "ntxent":
+        return TensorDataset(x, x + 0.1 * torch.randn(64, 6, generator=g))
+    return TensorDataset(
+        x, torch.tanh(2 * x[:, :3]) + 0.05 * torch.randn(64, 3, generator=g)
+    )  # learnable target
 
 
 def make_method(kind: str):

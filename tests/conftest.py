@@ -1,5 +1,4 @@
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,10 @@ def _isolated_env(monkeypatch, tmp_path):
 
 def fashion_available() -> bool:
     from ssl_course.data import FASHION_SYSTEM_DIRS
+
     return any((d / "train-images-idx3-ubyte.gz").is_file() for d in FASHION_SYSTEM_DIRS)
 
 
-needs_fashion = pytest.mark.skipif(not fashion_available(), reason="Debian package dataset-fashion-mnist not installed")
+needs_fashion = pytest.mark.skipif(
+    not fashion_available(), reason="Debian package dataset-fashion-mnist not installed"
+)

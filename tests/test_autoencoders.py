@@ -1,4 +1,5 @@
 "Autoencoders (ssl_course.autoencoders): closed-form KL, reparameterisation, noise models, learning on real data, bad input."
+
 import math
 
 import pytest
@@ -6,8 +7,19 @@ import torch
 import torch.nn.functional as F
 from torch.distributions import Independent, Normal, kl_divergence
 
-from ssl_course.autoencoders import (VAE, Autoencoder, ConvDecoder, build_autoencoder, build_dae, build_vae, gaussian_kl,
-                                     gaussian_noise, masking_noise, reconstruction_loss, reparameterize)
+from ssl_course.autoencoders import (
+    VAE,
+    Autoencoder,
+    ConvDecoder,
+    build_autoencoder,
+    build_dae,
+    build_vae,
+    gaussian_kl,
+    gaussian_noise,
+    masking_noise,
+    reconstruction_loss,
+    reparameterize,
+)
 from ssl_course.backbones import SmallConvNet
 from ssl_course.data import load_dataset
 from ssl_course.train import build_method, fit, list_methods
@@ -25,7 +37,9 @@ def test_kl_matches_torch_distributions(dim):
     p = Independent(Normal(torch.zeros(dim), torch.ones(dim)), 1)
     assert torch.allclose(gaussian_kl(mu, logvar), kl_divergence(q, p), rtol=1e-5, atol=1e-6)
     # a unit-variance Gaussian shifted by mu costs |mu|^2 / 2
-    assert gaussian_kl(torch.full((1, dim), 2.0), torch.zeros(1, dim)).item() == pytest.approx(2.0 * dim)
+    assert gaussian_kl(torch.full((1, dim), 2.0), torch.zeros(1, dim)).item() == pytest.approx(
+        2.0 * dim
+    )
 
 
 def test_reparameterize_moments_and_gradients():
@@ -35,9 +49,9 @@ def test_reparameterize_moments_and_gradients():
     z = reparameterize(mu.expand(50000, 2), logvar.expand(50000, 2))
     assert torch.allclose(z.mean(0), torch.tensor([-1.0, 3.0]), atol=0.03)
     assert torch.allclose(z.std(0), torch.tensor([2.0, 0.5]), atol=0.03)
-    (z ** 2).mean().backward()
+    (z**2).mean().backward()
     assert mu.grad.abs().min() > 0 and logvar.grad.abs().min() > 0
-    eps = torch.randn(3, 2)                                   # with a given eps it is exactly mu + sigma * eps
+    eps = torch.randn(3, 2)  # with a given eps it is exactly mu + sigma * eps
     assert torch.allclose(reparameterize(torch.ones(3, 2), torch.zeros(3, 2), eps), 1 + eps)
 
 
@@ -56,10 +70,10 @@ def test_reconstruction_loss_is_the_bernoulli_nll():
 
 def test_noise_models():
     torch.manual_seed(0)
-    x = torch.rand(64, 3, 8, 8) * 0.9 + 0.05                  # no exact zeros in the clean images
+    x = torch.rand(64, 3, 8, 8) * 0.9 + 0.05  # no exact zeros in the clean images
     m = masking_noise(x, 0.3)
     dropped = m == 0
-    assert torch.equal(dropped[:, 0], dropped[:, 2])          # a masked pixel is zero in every channel
+    assert torch.equal(dropped[:, 0], dropped[:, 2])  # a masked pixel is zero in every channel
     assert 0.25 < dropped[:, 0].float().mean() < 0.35
     assert torch.equal(m[~dropped], x[~dropped])
     g = gaussian_noise(x, 0.5)
@@ -104,7 +118,9 @@ def test_methods_are_registered_and_build():
 @pytest.fixture(scope="module")
 def digits16():
     "Real images, small and fast: the bundled handwritten digits at 16 px."
-    return load_dataset("digits", "train", image_size=16), load_dataset("digits", "test", image_size=16)
+    return load_dataset("digits", "train", image_size=16), load_dataset(
+        "digits", "test", image_size=16
+    )
 
 
 def test_reconstruction_loss_falls_on_real_images(digits16):
@@ -113,16 +129,34 @@ def test_reconstruction_loss_falls_on_real_images(digits16):
     ae = build_autoencoder(SmallConvNet(1), image_size=16, channels=1)
     x = test.images[:256].float() / 255
     before = F.mse_loss(ae.reconstruct(x), x).item()
-    h = fit(ae, train.without_labels(), steps=60, batch_size=64, lr=3e-3, progress=False, device="cpu", seed=0)
+    h = fit(
+        ae,
+        train.without_labels(),
+        steps=60,
+        batch_size=64,
+        lr=3e-3,
+        progress=False,
+        device="cpu",
+        seed=0,
+    )
     assert sum(h["loss"][-5:]) / 5 < 0.85 * h["loss"][0]
-    assert F.mse_loss(ae.reconstruct(x), x).item() < 0.6 * before         # held-out images too
+    assert F.mse_loss(ae.reconstruct(x), x).item() < 0.6 * before  # held-out images too
 
 
 def test_denoised_output_is_closer_to_clean_than_the_noisy_input(digits16):
     train, test = digits16
     torch.manual_seed(0)
     dae = build_dae(SmallConvNet(1), image_size=16, channels=1, noise="gaussian", noise_level=0.3)
-    fit(dae, train.without_labels(), steps=80, batch_size=64, lr=3e-3, progress=False, device="cpu", seed=0)
+    fit(
+        dae,
+        train.without_labels(),
+        steps=80,
+        batch_size=64,
+        lr=3e-3,
+        progress=False,
+        device="cpu",
+        seed=0,
+    )
     x = test.images[:256].float() / 255
     torch.manual_seed(1)
     noisy = gaussian_noise(x, 0.3)
@@ -133,8 +167,19 @@ def test_vae_learns_and_samples_images(digits16):
     train, _ = digits16
     torch.manual_seed(0)
     vae = build_vae(SmallConvNet(1), image_size=16, channels=1, latent_dim=4)
-    h = fit(vae, train.without_labels(), steps=40, batch_size=64, lr=3e-3, progress=False, device="cpu", seed=0)
+    h = fit(
+        vae,
+        train.without_labels(),
+        steps=40,
+        batch_size=64,
+        lr=3e-3,
+        progress=False,
+        device="cpu",
+        seed=0,
+    )
     assert sum(h["loss"][-5:]) / 5 < h["loss"][0] and min(h["kl"]) >= 0
-    assert all(abs(r["loss"] - r["recon"] - r["kl"] / 256) < 1e-4 for r in h.rows)   # loss = (recon + beta KL) / D
+    assert all(
+        abs(r["loss"] - r["recon"] - r["kl"] / 256) < 1e-4 for r in h.rows
+    )  # loss = (recon + beta KL) / D
     s = vae.sample(6, generator=torch.Generator().manual_seed(0))
     assert s.shape == (6, 1, 16, 16) and s.min() >= 0 and s.max() <= 1

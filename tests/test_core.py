@@ -1,13 +1,21 @@
 "Settings, profiles, devices and seeding (ssl_course.core)."
+
 import configparser
-import os
 
 import pytest
 import torch
 
 from conftest import REPO
-from ssl_course.core import (DEFAULT_SETTINGS, Budget, SettingsError, find_settings_file, get_device, load_settings,
-                             parse_value, seed_everything)
+from ssl_course.core import (
+    DEFAULT_SETTINGS,
+    Budget,
+    SettingsError,
+    find_settings_file,
+    get_device,
+    load_settings,
+    parse_value,
+    seed_everything,
+)
 
 
 def _sections(cp):
@@ -17,7 +25,8 @@ def _sections(cp):
 def test_built_in_defaults_match_settings_ini():
     "The package's fallback settings (used outside the repo) must not drift from settings.ini."
     a, b = configparser.ConfigParser(), configparser.ConfigParser()
-    a.read(REPO / "settings.ini"); b.read_string(DEFAULT_SETTINGS)
+    a.read(REPO / "settings.ini")
+    b.read_string(DEFAULT_SETTINGS)
     assert _sections(a) == _sections(b)
 
 
@@ -27,12 +36,15 @@ def test_repo_settings_found_from_anywhere(tmp_path):
     assert s.profile == "quick" and s.budget.image_size == 28 and s.source == REPO / "settings.ini"
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"profile": "fastest"}, "choose one of"),
-    ({"device": "tpu"}, "use one of auto, cpu"),
-    ({"device": "cuda:x"}, "cuda:x"),
-    ({"steps_per_galaxy": 3}, "unknown budget key"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"profile": "fastest"}, "choose one of"),
+        ({"device": "tpu"}, "use one of auto, cpu"),
+        ({"device": "cuda:x"}, "cuda:x"),
+        ({"steps_per_galaxy": 3}, "unknown budget key"),
+    ],
+)
 def test_invalid_settings_raise_clear_errors(kwargs, message):
     with pytest.raises(SettingsError, match=message):
         load_settings(**kwargs)
@@ -60,7 +72,9 @@ def test_broken_settings_files(tmp_path):
 
 
 def test_parse_value_and_budget_length():
-    assert parse_value("2e-3") == 0.002 and parse_value("off") is False and parse_value("x y") == "x y"
+    assert (
+        parse_value("2e-3") == 0.002 and parse_value("off") is False and parse_value("x y") == "x y"
+    )
     assert Budget(simclr_steps=7, steps=300).length("simclr") == {"steps": 7}
     assert Budget(simclr_steps=0, steps=0, epochs=200).length("simclr") == {"epochs": 200}
     with pytest.raises(SettingsError, match="neither"):
@@ -78,7 +92,10 @@ def test_device_selection():
 
 
 def test_seed_everything_is_reproducible():
-    seed_everything(3); a = torch.randn(5)
-    seed_everything(3); b = torch.randn(5)
-    seed_everything(4); c = torch.randn(5)
+    seed_everything(3)
+    a = torch.randn(5)
+    seed_everything(3)
+    b = torch.randn(5)
+    seed_everything(4)
+    c = torch.randn(5)
     assert torch.equal(a, b) and not torch.equal(a, c)

@@ -1,4 +1,5 @@
 "Datasets, offline fallbacks, downloads and few-label splits (ssl_course.data)."
+
 import gzip
 import hashlib
 import shutil
@@ -9,8 +10,19 @@ import torch
 
 import ssl_course.data as data
 from conftest import needs_fashion
-from ssl_course.data import (ChecksumError, DataError, DatasetUnavailableError, ImageDataset, MultiViewDataset,
-                             download_url, find_or_download, list_datasets, load_dataset, sample_per_class, ssl_split)
+from ssl_course.data import (
+    ChecksumError,
+    DataError,
+    DatasetUnavailableError,
+    ImageDataset,
+    MultiViewDataset,
+    download_url,
+    find_or_download,
+    list_datasets,
+    load_dataset,
+    sample_per_class,
+    ssl_split,
+)
 
 
 def test_registry_lists_the_image_sets():
@@ -31,7 +43,9 @@ def test_digits_is_bundled_and_split_is_fixed():
     assert torch.equal(te.images, te2.images)
     train_rows = {bytes(x.numpy()) for x in tr.images}
     dup = sum(bytes(x.numpy()) in train_rows for x in te.images)
-    assert dup < 0.05 * len(te)  # digits has a few pixel-identical images; the split itself is disjoint by index
+    assert dup < 0.05 * len(
+        te
+    )  # digits has a few pixel-identical images; the split itself is disjoint by index
 
 
 def test_sample_per_class_is_stratified_seeded_and_checked():
@@ -79,11 +93,14 @@ def test_multiview_dataset_makes_independent_views():
     views, y = mv[0]
     assert len(views) == 3 and y == ds.labels[0]
     assert not torch.equal(views[0], views[1])
-    assert torch.allclose(views[0] - views[0].min(), ds.images[0].float() - ds.images[0].float().min())
+    assert torch.allclose(
+        views[0] - views[0].min(), ds.images[0].float() - ds.images[0].float().min()
+    )
 
 
 def _serve(tmp_path, payload: bytes, name="f.bin"):
-    src = tmp_path / "server"; src.mkdir(exist_ok=True)
+    src = tmp_path / "server"
+    src.mkdir(exist_ok=True)
     (src / name).write_bytes(payload)
     return src.as_uri() + "/" + name, hashlib.sha256(payload).hexdigest()
 
@@ -100,13 +117,22 @@ def test_download_verifies_and_never_keeps_partial_files(tmp_path):
 def test_interrupted_download_leaves_nothing(tmp_path, monkeypatch):
     class Broken:
         headers = {"Content-Length": "100"}
-        def __init__(self): self.calls = 0
+
+        def __init__(self):
+            self.calls = 0
+
         def read(self, n):
             self.calls += 1
-            if self.calls > 1: raise ConnectionResetError("connection lost")
+            if self.calls > 1:
+                raise ConnectionResetError("connection lost")
             return b"x" * 10
-        def __enter__(self): return self
-        def __exit__(self, *a): return False
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            return False
+
     monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: Broken())
     cache = tmp_path / "cache"
     with pytest.raises(ConnectionResetError):
@@ -126,7 +152,12 @@ def test_find_or_download_prefers_cache_then_downloads_then_explains(tmp_path, m
         find_or_download("toy", {"a.bin": sha}, [], base, tmp_path / "data", None, fix="do X")
     # online again: the corrupt copy is replaced by a verified download
     monkeypatch.delenv("SSL_COURSE_OFFLINE")
-    assert find_or_download("toy", {"a.bin": sha}, [], base, tmp_path / "data", None, fix="do X")["a.bin"].read_bytes() == b"abc"
+    assert (
+        find_or_download("toy", {"a.bin": sha}, [], base, tmp_path / "data", None, fix="do X")[
+            "a.bin"
+        ].read_bytes()
+        == b"abc"
+    )
     with pytest.raises(DatasetUnavailableError, match="download=False"):
         find_or_download("toy", {"a.bin": "1" * 64}, [], base, tmp_path / "data", False, fix="do X")
 
@@ -146,9 +177,12 @@ def test_fashion_mnist_unavailable_names_the_debian_package(tmp_path, monkeypatc
 @needs_fashion
 def test_fashion_mnist_from_system_copy_and_from_cache(tmp_path, monkeypatch):
     te = load_dataset("fashion_mnist", "test", data_dir=tmp_path, download=False)
-    assert te.images.shape == (10000, 1, 28, 28) and torch.bincount(te.labels).tolist() == [1000] * 10
+    assert (
+        te.images.shape == (10000, 1, 28, 28) and torch.bincount(te.labels).tolist() == [1000] * 10
+    )
     # copy the files into the course cache, remove the system folder: the cache copy is used
-    cache = tmp_path / "fashion_mnist"; cache.mkdir()
+    cache = tmp_path / "fashion_mnist"
+    cache.mkdir()
     for f in data.FASHION_GZ_SHA256:
         shutil.copy(data.FASHION_SYSTEM_DIRS[0] / f, cache / f)
     monkeypatch.setattr(data, "FASHION_SYSTEM_DIRS", [])

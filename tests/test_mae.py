@@ -1,4 +1,5 @@
 "MAE: patchify round trip, exact masking, order restoration, loss on masked patches only, bad input."
+
 import pytest
 import torch
 
@@ -8,7 +9,9 @@ from ssl_course.mae import MAE, build_mae, mae_loss, random_masking
 from ssl_course.train import fit
 
 
-@pytest.mark.parametrize("shape, p", [((2, 1, 28, 28), 4), ((3, 3, 32, 32), 4), ((1, 3, 32, 16), 8)])
+@pytest.mark.parametrize(
+    "shape, p", [((2, 1, 28, 28), 4), ((3, 3, 32, 32), 4), ((1, 3, 32, 16), 8)]
+)
 def test_unpatchify_inverts_patchify(shape, p):
     x = torch.rand(shape)
     grid = (shape[2] // p, shape[3] // p)
@@ -25,7 +28,7 @@ def test_kept_count_is_exact(length, ratio):
         return
     kept, mask, ids = random_masking(torch.randn(2, length, 3), ratio)
     assert kept.shape == (2, keep, 3) and (mask.sum(1) == length - keep).all()
-    assert torch.equal(ids.sort(1).values, torch.arange(length).expand(2, -1))   # a permutation
+    assert torch.equal(ids.sort(1).values, torch.arange(length).expand(2, -1))  # a permutation
 
 
 def test_ids_restore_puts_tokens_back_and_noise_fixes_the_mask():
@@ -45,9 +48,13 @@ def test_loss_ignores_visible_patches():
     pred, target = torch.randn(2, 9, 12), torch.randn(2, 9, 12)
     mask = torch.tensor([[1, 1, 0, 0, 1, 0, 1, 0, 0]] * 2, dtype=torch.float)
     for norm in (True, False):
-        t2 = target.clone(); t2[mask == 0] = torch.randn_like(t2[mask == 0])
-        p2 = pred.clone(); p2[mask == 0] = 100.0
-        assert mae_loss(pred, target, mask, norm).item() == pytest.approx(mae_loss(p2, t2, mask, norm).item(), rel=1e-6)
+        t2 = target.clone()
+        t2[mask == 0] = torch.randn_like(t2[mask == 0])
+        p2 = pred.clone()
+        p2[mask == 0] = 100.0
+        assert mae_loss(pred, target, mask, norm).item() == pytest.approx(
+            mae_loss(p2, t2, mask, norm).item(), rel=1e-6
+        )
     assert mae_loss(target, target, mask, False).item() == 0.0
 
 
@@ -57,8 +64,10 @@ def _reference_loss(pred, imgs, mask, norm_pix_loss, p=4):
     total, count = 0.0, 0
     for i, j in torch.nonzero(mask).tolist():
         t = target[i, j]
-        if norm_pix_loss: t = (t - t.mean()) / (t.var(unbiased=True) + 1e-6).sqrt()
-        total += ((pred[i, j].double() - t) ** 2).mean().item(); count += 1
+        if norm_pix_loss:
+            t = (t - t.mean()) / (t.var(unbiased=True) + 1e-6).sqrt()
+        total += ((pred[i, j].double() - t) ** 2).mean().item()
+        count += 1
     return total / count
 
 
@@ -72,11 +81,17 @@ def test_model_loss_ignores_visible_patches(norm_pix_loss):
 
     def run(edit=None):
         "The model's (loss, pred, mask), with `edit` applied to the decoder's output (positions 1.. are the patches)."
-        hook = m.decoder_pred.register_forward_hook(lambda mod, inp, out: edit(out.clone())) if edit else None
+        hook = (
+            m.decoder_pred.register_forward_hook(lambda mod, inp, out: edit(out.clone()))
+            if edit
+            else None
+        )
         try:
-            with torch.no_grad(): return m(x, noise=noise)
+            with torch.no_grad():
+                return m(x, noise=noise)
         finally:
-            if hook: hook.remove()
+            if hook:
+                hook.remove()
 
     loss, pred, mask = run()
     assert mask.sum().item() == 2 * (49 - 12)
@@ -84,20 +99,28 @@ def test_model_loss_ignores_visible_patches(norm_pix_loss):
     visible = mask == 0
 
     def scramble_visible(out):
-        out[:, 1:][visible] = 50 * torch.randn_like(out[:, 1:][visible]); return out
+        out[:, 1:][visible] = 50 * torch.randn_like(out[:, 1:][visible])
+        return out
+
     loss_v, pred_v, _ = run(scramble_visible)
-    assert (pred_v[visible] - pred[visible]).abs().mean() > 10                     # the visible predictions did change
+    assert (pred_v[visible] - pred[visible]).abs().mean() > 10  # the visible predictions did change
     assert torch.equal(pred_v[~visible], pred[~visible])
-    assert loss_v.item() == loss.item()                                            # exactly: they never enter the loss
+    assert loss_v.item() == loss.item()  # exactly: they never enter the loss
 
     i, j = torch.nonzero(mask)[0].tolist()
+
     def nudge_one_masked(out):
-        out[i, 1 + j] += 0.5; return out
+        out[i, 1 + j] += 0.5
+        return out
+
     loss_m, pred_m, _ = run(nudge_one_masked)
     assert loss_m.item() != loss.item()
     assert loss_m.item() == pytest.approx(_reference_loss(pred_m, x, mask, norm_pix_loss), rel=1e-5)
     assert loss_m.item() - loss.item() == pytest.approx(
-        _reference_loss(pred_m, x, mask, norm_pix_loss) - _reference_loss(pred, x, mask, norm_pix_loss), rel=1e-3)
+        _reference_loss(pred_m, x, mask, norm_pix_loss)
+        - _reference_loss(pred, x, mask, norm_pix_loss),
+        rel=1e-3,
+    )
     enc_tokens = m.encode(x, 0.75, noise)[0]
     assert enc_tokens.shape == (2, 13, 96)
 

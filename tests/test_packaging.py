@@ -1,4 +1,5 @@
 "Packaging: the pins in environment.yml repeat pyproject.toml; the console script and nbdev config exist."
+
 import re
 import tomllib
 
@@ -19,5 +20,10 @@ def test_environment_yml_repeats_pyproject_pins():
 def test_project_configuration():
     cfg = tomllib.loads((REPO / "pyproject.toml").read_text())
     assert cfg["project"]["scripts"]["ssl-course"] == "ssl_course.cli:main"
-    assert cfg["tool"]["nbdev"]["lib_path"] == "ssl_course" and cfg["tool"]["nbdev"]["nbs_path"] == "nbs"
-    assert "defaults" not in (REPO / "environment.yml").read_text().split("channels:")[1].split("dependencies:")[0].replace("nodefaults", "")
+    assert (
+        cfg["tool"]["nbdev"]["lib_path"] == "ssl_course"
+        and cfg["tool"]["nbdev"]["nbs_path"] == "nbs"
+    )
+    assert "defaults" not in (REPO / "environment.yml").read_text().split("channels:")[1].split(
+        "dependencies:"
+    )[0].replace("nodefaults", "")

@@ -1,4 +1,5 @@
 "Pretext tasks (ssl_course.pretext): exact pseudo-labels, Hamming-distance permutation sets, masked-only losses, chance at init, colour, bad input."
+
 import math
 
 import pytest
@@ -7,29 +8,57 @@ import torch.nn.functional as F
 
 from ssl_course.backbones import SmallConvNet
 from ssl_course.data import DATASETS, load_dataset
-from ssl_course.pretext import (SHAPE_CLASSES, Colorization, ContextEncoder, Jigsaw, LightnessInput, ab_bins,
-                                annealed_mean, build_colorization, build_inpainting, build_jigsaw, build_rotation,
-                                colorization_loss, hamming_distances, inpainting_loss, jigsaw_permutations, jigsaw_tiles,
-                                lab_to_rgb, lightness, region_mask, render_colour_shapes, rgb_to_lab, rotate_batch,
-                                shuffle_tiles, soft_encode_ab, tiles_to_image)
+from ssl_course.pretext import (
+    SHAPE_CLASSES,
+    Colorization,
+    ContextEncoder,
+    Jigsaw,
+    LightnessInput,
+    ab_bins,
+    annealed_mean,
+    build_colorization,
+    build_inpainting,
+    build_jigsaw,
+    build_rotation,
+    colorization_loss,
+    hamming_distances,
+    inpainting_loss,
+    jigsaw_permutations,
+    jigsaw_tiles,
+    lab_to_rgb,
+    lightness,
+    region_mask,
+    render_colour_shapes,
+    rgb_to_lab,
+    rotate_batch,
+    shuffle_tiles,
+    soft_encode_ab,
+    tiles_to_image,
+)
 from ssl_course.train import build_method, fit, list_methods
 
 
 # --- rotation ---------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("shape", [(3, 1, 28, 28), (2, 3, 32, 32), (1, 2, 5, 5)])
 def test_four_quarter_turns_are_the_identity_and_labels_match(shape):
     x = torch.rand(shape)
     y = x
-    for _ in range(4): y = torch.rot90(y, 1, (2, 3))
+    for _ in range(4):
+        y = torch.rot90(y, 1, (2, 3))
     assert torch.equal(y, x)
     xr, labels = rotate_batch(x)
     n = shape[0]
-    assert xr.shape == (4 * n, *shape[1:]) and labels.tolist() == [k for k in range(4) for _ in range(n)]
+    assert xr.shape == (4 * n, *shape[1:]) and labels.tolist() == [
+        k for k in range(4) for _ in range(n)
+    ]
     for k in range(4):
         block = xr[labels == k]
         assert torch.equal(block, torch.rot90(x, k, (2, 3)))
-        assert torch.equal(torch.rot90(block, -k, (2, 3)), x)     # undoing the labelled rotation gives the image back
+        assert torch.equal(
+            torch.rot90(block, -k, (2, 3)), x
+        )  # undoing the labelled rotation gives the image back
     # 90 degrees counter-clockwise: the top row becomes the left column, read bottom to top
     assert torch.equal(xr[labels == 1][0, 0, :, 0], x[0, 0, 0, :].flip(0))
 
@@ -41,17 +70,21 @@ def test_rotation_refuses_non_square_images():
 
 # --- jigsaw -----------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("k, promised", [(4, 9), (10, 8), (30, 7), (100, 6)])
 def test_permutation_set_has_the_promised_minimum_hamming_distance(k, promised):
     perms, d_min = jigsaw_permutations(k, min_distance=promised)
     assert perms.shape == (k, 9) and d_min >= promised
-    assert torch.equal(perms.sort(1).values, torch.arange(9).expand(k, 9))         # rows are permutations
+    assert torch.equal(perms.sort(1).values, torch.arange(9).expand(k, 9))  # rows are permutations
     D = hamming_distances(perms)
     off = D[~torch.eye(k, dtype=torch.bool)]
-    assert int(off.min()) == d_min                                                   # the reported value is the true one
-    slow = min(sum(int(a != b) for a, b in zip(perms[i].tolist(), perms[j].tolist()))
-               for i in range(k) for j in range(i + 1, k))
-    assert slow == d_min                                                             # and agrees with a plain loop
+    assert int(off.min()) == d_min  # the reported value is the true one
+    slow = min(
+        sum(int(a != b) for a, b in zip(perms[i].tolist(), perms[j].tolist()))
+        for i in range(k)
+        for j in range(i + 1, k)
+    )
+    assert slow == d_min  # and agrees with a plain loop
 
 
 def test_permutation_set_refuses_an_impossible_promise():
@@ -60,30 +93,34 @@ def test_permutation_set_refuses_an_impossible_promise():
         jigsaw_permutations(10, min_distance=9)
     with pytest.raises(ValueError, match="at least 2"):
         jigsaw_permutations(1)
-    perms, d = jigsaw_permutations(24, grid=2)                                       # all 4! permutations of a 2x2 grid
+    perms, d = jigsaw_permutations(24, grid=2)  # all 4! permutations of a 2x2 grid
     assert len(torch.unique(perms, dim=0)) == 24 and d == 2
 
 
 def test_inverse_permutation_restores_the_image():
     torch.manual_seed(0)
     x = torch.rand(5, 3, 27, 27)
-    tiles = jigsaw_tiles(x, 3, tile=9, jitter=False)                                 # no gaps: tiles cover the image
+    tiles = jigsaw_tiles(x, 3, tile=9, jitter=False)  # no gaps: tiles cover the image
     assert torch.equal(tiles_to_image(tiles), x)
     perms, _ = jigsaw_permutations(30)
     p = perms[torch.randint(0, 30, (5,))]
     shuffled = shuffle_tiles(tiles, p)
     assert not torch.equal(shuffled, tiles)
     for n in range(5):
-        for i in range(9): assert torch.equal(shuffled[n, i], tiles[n, p[n, i]])     # slot i holds tile p[i]
+        for i in range(9):
+            assert torch.equal(shuffled[n, i], tiles[n, p[n, i]])  # slot i holds tile p[i]
     assert torch.equal(tiles_to_image(shuffle_tiles(shuffled, torch.argsort(p, dim=1))), x)
 
 
 def test_jittered_tiles_stay_inside_their_cells():
-    cell_id = torch.arange(9).reshape(3, 3).repeat_interleave(10, 0).repeat_interleave(10, 1).float()
+    cell_id = (
+        torch.arange(9).reshape(3, 3).repeat_interleave(10, 0).repeat_interleave(10, 1).float()
+    )
     x = cell_id.expand(8, 1, 30, 30).clone()
-    tiles = jigsaw_tiles(x, 3)                                                       # 10 px cells, 8 px tiles
+    tiles = jigsaw_tiles(x, 3)  # 10 px cells, 8 px tiles
     assert tiles.shape == (8, 9, 1, 8, 8)
-    for i in range(9): assert (tiles[:, i] == i).all()
+    for i in range(9):
+        assert (tiles[:, i] == i).all()
 
 
 def test_images_too_small_for_the_grid_get_a_clear_error():
@@ -91,10 +128,17 @@ def test_images_too_small_for_the_grid_get_a_clear_error():
         jigsaw_tiles(torch.rand(2, 1, 8, 8))
     with pytest.raises(ValueError, match="too small"):
         build_jigsaw(SmallConvNet(1), image_size=12)
-    assert jigsaw_tiles(torch.rand(2, 1, 15, 15)).shape == (2, 9, 1, 4, 4)          # the smallest size that works
+    assert jigsaw_tiles(torch.rand(2, 1, 15, 15)).shape == (
+        2,
+        9,
+        1,
+        4,
+        4,
+    )  # the smallest size that works
 
 
 # --- inpainting -------------------------------------------------------------------------------------------------
+
 
 def test_inpainting_loss_counts_only_the_masked_region():
     torch.manual_seed(0)
@@ -104,9 +148,11 @@ def test_inpainting_loss_counts_only_the_masked_region():
     ref = ((pred - target)[inside] ** 2).mean()
     assert inpainting_loss(pred, target, mask).item() == pytest.approx(ref.item(), rel=1e-6)
     p2, t2 = pred.clone(), target.clone()
-    p2[~inside] = 5.0; t2[~inside] = -5.0                                            # anything outside the hole
+    p2[~inside] = 5.0
+    t2[~inside] = -5.0  # anything outside the hole
     assert inpainting_loss(p2, t2, mask).item() == pytest.approx(ref.item(), rel=1e-6)
-    p3 = pred.clone(); p3[inside] += 0.3
+    p3 = pred.clone()
+    p3[inside] += 0.3
     assert inpainting_loss(p3, target, mask) > inpainting_loss(pred, target, mask) - 1e-3
     assert not torch.isclose(inpainting_loss(p3, target, mask), inpainting_loss(pred, target, mask))
 
@@ -132,12 +178,17 @@ def test_context_encoder_output_and_gradient_come_from_the_hole():
 
 # --- chance level at initialisation -----------------------------------------------------------------------------
 
+
 def test_uniform_predictions_cost_exactly_log_k():
     for k in (4, 100, 1000):
-        assert F.cross_entropy(torch.zeros(7, k), torch.randint(0, k, (7,))).item() == pytest.approx(math.log(k), rel=1e-6)
+        assert F.cross_entropy(
+            torch.zeros(7, k), torch.randint(0, k, (7,))
+        ).item() == pytest.approx(math.log(k), rel=1e-6)
     bins = ab_bins()
     z = soft_encode_ab(torch.randn(2, 2, 3, 3) * 30, bins)
-    assert colorization_loss(torch.zeros(2, len(bins), 3, 3), z).item() == pytest.approx(math.log(len(bins)), rel=1e-5)
+    assert colorization_loss(torch.zeros(2, len(bins), 3, 3), z).item() == pytest.approx(
+        math.log(len(bins)), rel=1e-5
+    )
 
 
 @pytest.mark.parametrize("task, k", [("rotation", 4), ("jigsaw", 100), ("colorization", None)])
@@ -148,7 +199,10 @@ def test_untrained_models_start_near_chance(task, k):
     elif task == "jigsaw":
         m, x = build_jigsaw(SmallConvNet(1), image_size=28, n_perms=100), torch.rand(64, 1, 28, 28)
     else:
-        m, x = build_colorization(SmallConvNet(1), image_size=28, rebalance=0.0), torch.rand(32, 3, 28, 28)
+        m, x = (
+            build_colorization(SmallConvNet(1), image_size=28, rebalance=0.0),
+            torch.rand(32, 3, 28, 28),
+        )
         k = len(m.bins)
     out = m.training_step((x, None))
     loss = out["loss"] if isinstance(out, dict) else out
@@ -157,9 +211,15 @@ def test_untrained_models_start_near_chance(task, k):
 
 # --- colorization -----------------------------------------------------------------------------------------------
 
+
 def test_lab_conversion_reference_values_and_round_trip():
-    ref = {(1.0, 1.0, 1.0): (100.0, 0.0, 0.0), (0.0, 0.0, 0.0): (0.0, 0.0, 0.0), (1.0, 0.0, 0.0): (53.24, 80.09, 67.20),
-           (0.0, 1.0, 0.0): (87.73, -86.18, 83.18), (0.0, 0.0, 1.0): (32.30, 79.19, -107.86)}
+    ref = {
+        (1.0, 1.0, 1.0): (100.0, 0.0, 0.0),
+        (0.0, 0.0, 0.0): (0.0, 0.0, 0.0),
+        (1.0, 0.0, 0.0): (53.24, 80.09, 67.20),
+        (0.0, 1.0, 0.0): (87.73, -86.18, 83.18),
+        (0.0, 0.0, 1.0): (32.30, 79.19, -107.86),
+    }
     for rgb, lab in ref.items():
         got = rgb_to_lab(torch.tensor(rgb).view(1, 3, 1, 1)).flatten()
         assert torch.allclose(got, torch.tensor(lab), atol=0.05), (rgb, got)
@@ -167,7 +227,9 @@ def test_lab_conversion_reference_values_and_round_trip():
     x = torch.rand(4, 3, 6, 6)
     assert torch.allclose(lab_to_rgb(rgb_to_lab(x)), x, atol=1e-4)
     grey = torch.rand(2, 1, 5, 5)
-    assert torch.allclose(lightness(grey), lightness(grey.expand(-1, 3, -1, -1)))  # grey input = R=G=B
+    assert torch.allclose(
+        lightness(grey), lightness(grey.expand(-1, 3, -1, -1))
+    )  # grey input = R=G=B
 
 
 def test_bins_soft_targets_and_annealed_mean():
@@ -177,8 +239,11 @@ def test_bins_soft_targets_and_annealed_mean():
     z = soft_encode_ab(ab, bins)
     assert torch.allclose(z.sum(1), torch.ones(3, 4, 4), atol=1e-5) and ((z > 0).sum(1) == 5).all()
     nearest = torch.cdist(ab.permute(0, 2, 3, 1).reshape(-1, 2), bins).argmin(1)
-    assert torch.equal(z.permute(0, 2, 3, 1).reshape(-1, len(bins)).argmax(1), nearest)   # most weight on the nearest bin
-    one_hot_logits = torch.full((1, len(bins), 1, 1), -1e4); one_hot_logits[0, 7] = 0
+    assert torch.equal(
+        z.permute(0, 2, 3, 1).reshape(-1, len(bins)).argmax(1), nearest
+    )  # most weight on the nearest bin
+    one_hot_logits = torch.full((1, len(bins), 1, 1), -1e4)
+    one_hot_logits[0, 7] = 0
     assert torch.allclose(annealed_mean(one_hot_logits, bins).flatten(), bins[7])
 
 
@@ -200,7 +265,11 @@ def test_colour_shapes_dataset():
     assert "colour_shapes" in DATASETS
     a, b = render_colour_shapes(50, 16, seed=3), render_colour_shapes(50, 16, seed=3)
     assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
-    assert a.images.shape == (50, 3, 16, 16) and a.images.dtype == torch.uint8 and a.classes == SHAPE_CLASSES
+    assert (
+        a.images.shape == (50, 3, 16, 16)
+        and a.images.dtype == torch.uint8
+        and a.classes == SHAPE_CLASSES
+    )
     assert torch.bincount(a.labels, minlength=10).tolist() == [5] * 10
     # colour carries class information: the mean hue direction differs between classes
     d = render_colour_shapes(400, 16, seed=0)
@@ -213,6 +282,7 @@ def test_colour_shapes_dataset():
 
 # --- learning and registration ----------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def digits16():
     return load_dataset("digits", "train", image_size=16)
@@ -221,8 +291,23 @@ def digits16():
 @pytest.mark.parametrize("name", ["rotation", "jigsaw", "inpainting"])
 def test_pretext_losses_fall_on_real_images(name, digits16):
     torch.manual_seed(0)
-    m = build_method(name, SmallConvNet(1), image_size=16, channels=1, **({"n_perms": 10} if name == "jigsaw" else {}))
-    h = fit(m, digits16.without_labels(), steps=40, batch_size=32, lr=3e-3, progress=False, device="cpu", seed=0)
+    m = build_method(
+        name,
+        SmallConvNet(1),
+        image_size=16,
+        channels=1,
+        **({"n_perms": 10} if name == "jigsaw" else {}),
+    )
+    h = fit(
+        m,
+        digits16.without_labels(),
+        steps=40,
+        batch_size=32,
+        lr=3e-3,
+        progress=False,
+        device="cpu",
+        seed=0,
+    )
     assert sum(h["loss"][-5:]) / 5 < 0.8 * h["loss"][0]
 
 
@@ -230,7 +315,16 @@ def test_colorization_loss_falls_on_rendered_colour_images():
     torch.manual_seed(0)
     data = render_colour_shapes(640, 16, seed=0)
     m = build_colorization(SmallConvNet(1), image_size=16)
-    h = fit(m, data.without_labels(), steps=25, batch_size=64, lr=3e-3, progress=False, device="cpu", seed=0)
+    h = fit(
+        m,
+        data.without_labels(),
+        steps=25,
+        batch_size=64,
+        lr=3e-3,
+        progress=False,
+        device="cpu",
+        seed=0,
+    )
     assert sum(h["loss"][-5:]) / 5 < 0.8 * h["loss"][0]
     assert m.colorize(data.images[:4].float() / 255).shape == (4, 3, 16, 16)
 
@@ -238,4 +332,6 @@ def test_colorization_loss_falls_on_rendered_colour_images():
 def test_methods_are_registered():
     assert {"rotation", "jigsaw", "inpainting", "colorization"} <= {m.name for m in list_methods()}
     assert isinstance(build_method("jigsaw", SmallConvNet(1), image_size=28, channels=1), Jigsaw)
-    assert isinstance(build_method("inpainting", SmallConvNet(3), image_size=32, channels=3), ContextEncoder)
+    assert isinstance(
+        build_method("inpainting", SmallConvNet(3), image_size=32, channels=3), ContextEncoder
+    )

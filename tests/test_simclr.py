@@ -1,4 +1,5 @@
 "SimCLR's NT-Xent against closed forms and an independent formula; a short real training run."
+
 import math
 
 import pytest
@@ -19,7 +20,7 @@ def nt_xent_reference(z1, z2, t):
     total = 0.0
     for i in range(2 * n):
         j = (i + n) % (2 * n)
-        others = torch.cat([sim[i, :i], sim[i, i + 1:]])
+        others = torch.cat([sim[i, :i], sim[i, i + 1 :]])
         total += -(sim[i, j] - torch.logsumexp(others, 0))
     return total / (2 * n)
 
@@ -34,10 +35,14 @@ def test_collapse_costs_exactly_log_2n_minus_1(n):
 def test_matches_independent_formula_and_is_symmetric(t):
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(9, 4, generator=g), torch.randn(9, 4, generator=g)
-    assert nt_xent_loss(a, b, t).item() == pytest.approx(nt_xent_reference(a, b, t).item(), rel=1e-4)
+    assert nt_xent_loss(a, b, t).item() == pytest.approx(
+        nt_xent_reference(a, b, t).item(), rel=1e-4
+    )
     assert nt_xent_loss(a, b, t).item() == pytest.approx(nt_xent_loss(b, a, t).item(), rel=1e-5)
     # invariant to the scale of each embedding (cosine similarity)
-    assert nt_xent_loss(3 * a, 0.5 * b, t).item() == pytest.approx(nt_xent_loss(a, b, t).item(), rel=1e-5)
+    assert nt_xent_loss(3 * a, 0.5 * b, t).item() == pytest.approx(
+        nt_xent_loss(a, b, t).item(), rel=1e-5
+    )
 
 
 def test_bad_inputs():
@@ -51,6 +56,8 @@ def test_short_simclr_run_lowers_the_loss_on_real_images():
     torch.manual_seed(0)
     tr = load_dataset("digits", "train", image_size=28)
     model = build_simclr(SmallConvNet(1), image_size=28, channels=1, temperature=0.2)
-    hist = fit(model, tr.without_labels(), steps=40, batch_size=64, lr=3e-3, progress=False, device="cpu")
+    hist = fit(
+        model, tr.without_labels(), steps=40, batch_size=64, lr=3e-3, progress=False, device="cpu"
+    )
     first, last = sum(hist["loss"][:5]) / 5, sum(hist["loss"][-5:]) / 5
     assert last < first - 0.3

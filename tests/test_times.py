@@ -1,5 +1,6 @@
 """The times the chapters state come from the run of record (CI's timing file, reports/notebook_times.json): a number
 typed by hand, or a notebook over the quick budget, fails here."""
+
 import json
 import re
 from pathlib import Path
@@ -13,8 +14,10 @@ NOTEBOOKS = sorted(p.stem for p in (ROOT / "nbs").glob("[0-9][0-9]*.ipynb"))
 
 def stated_time(name: str) -> int | None:
     cells = json.loads((ROOT / "nbs" / f"{name}.ipynb").read_text())["cells"][:4]
-    m = re.search(r"Time: (under 1|\d+) s \(quick profile, 2 CPU cores; run of record in `reports/notebook_times.json`\)",
-                  "".join("".join(c["source"]) for c in cells))
+    m = re.search(
+        r"Time: (under 1|\d+) s \(quick profile, 2 CPU cores; run of record in `reports/notebook_times.json`\)",
+        "".join("".join(c["source"]) for c in cells),
+    )
     return None if m is None else 0 if m.group(1) == "under 1" else int(m.group(1))
 
 
@@ -29,5 +32,7 @@ def test_the_run_of_record_covers_every_notebook_within_budget():
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_a_chapter_states_the_time_of_the_run_of_record(name):
     secs = json.loads(RECORD.read_text())["seconds"][name]
-    assert stated_time(name) == secs, (f"{name} must say 'Time: {secs} s ...' as measured; run "
-                                       "`python scripts/update_times.py build/notebook_times.json` after scripts/test.sh")
+    assert stated_time(name) == secs, (
+        f"{name} must say 'Time: {secs} s ...' as measured; run "
+        "`python scripts/update_times.py build/notebook_times.json` after scripts/test.sh"
+    )

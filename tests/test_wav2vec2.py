@@ -1,4 +1,5 @@
 "wav2vec 2.0: frame counts, span masks, negatives, quantiser, losses (closed forms), learning, audio I/O and bad input."
+
 import math
 import shutil
 from pathlib import Path
@@ -9,20 +10,46 @@ import torch
 import torch.nn.functional as F
 
 from ssl_course.data import DATASETS, DatasetUnavailableError, load_dataset
-from ssl_course.wav2vec2 import (AudioError, ConvFeatureEncoder, GumbelVectorQuantizer, VoiceConfig, Wav2Vec2, Wav2Vec2Encoder,
-                                 codebook_diversity_loss, codebook_perplexity, compute_span_mask, contrastive_logits,
-                                 contrastive_logits_by_index, conv_output_length, find_binary, gumbel_temperature_decay,
-                                 load_audio, prepare_waveform, receptive_field, sample_negatives, synthesize,
-                                 synthesize_corpus, voice_configs, wav2vec2_contrastive_loss, wav2vec2_small)
+from ssl_course.wav2vec2 import (
+    AudioError,
+    ConvFeatureEncoder,
+    GumbelVectorQuantizer,
+    VoiceConfig,
+    Wav2Vec2,
+    Wav2Vec2Encoder,
+    codebook_diversity_loss,
+    codebook_perplexity,
+    compute_span_mask,
+    contrastive_logits,
+    contrastive_logits_by_index,
+    conv_output_length,
+    find_binary,
+    gumbel_temperature_decay,
+    load_audio,
+    prepare_waveform,
+    receptive_field,
+    sample_negatives,
+    synthesize,
+    synthesize_corpus,
+    voice_configs,
+    wav2vec2_contrastive_loss,
+    wav2vec2_small,
+)
 
-needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="Debian package espeak-ng not installed")
-needs_asterisk = pytest.mark.skipif(not Path("/usr/share/asterisk/sounds/en_US_f_Allison/digits/0.wav").is_file()
-                                    and not Path("/usr/share/asterisk/sounds/en/digits/0.wav").is_file(),
-                                    reason="Debian package asterisk-core-sounds-en-wav not installed")
+needs_espeak = pytest.mark.skipif(
+    shutil.which("espeak-ng") is None, reason="Debian package espeak-ng not installed"
+)
+needs_asterisk = pytest.mark.skipif(
+    not Path("/usr/share/asterisk/sounds/en_US_f_Allison/digits/0.wav").is_file()
+    and not Path("/usr/share/asterisk/sounds/en/digits/0.wav").is_file(),
+    reason="Debian package asterisk-core-sounds-en-wav not installed",
+)
 
 
 # ---------------------------------------------------------------- feature encoder
-@pytest.mark.parametrize("n, frames", [(16_000, 49), (8_000, 24), (400, 1), (719, 1), (720, 2), (32_000, 99)])
+@pytest.mark.parametrize(
+    "n, frames", [(16_000, 49), (8_000, 24), (400, 1), (719, 1), (720, 2), (32_000, 99)]
+)
 def test_frame_count_matches_formula_and_module(n, frames):
     assert conv_output_length(n) == frames
     assert ConvFeatureEncoder(conv_dim=8)(torch.randn(1, n)).shape == (1, frames, 8)
@@ -32,7 +59,7 @@ def test_receptive_field_and_hop():
     assert receptive_field() == (400, 320)
     # independent check: the first output frame depends on exactly the first 400 input samples
     fe = ConvFeatureEncoder(conv_dim=4, normalize=False).double()
-    fe.layers[0][1] = torch.nn.Identity()                     # group norm mixes time; drop it for this check
+    fe.layers[0][1] = torch.nn.Identity()  # group norm mixes time; drop it for this check
     x = torch.randn(1, 1200, dtype=torch.double, requires_grad=True)
     fe(x)[0, 0].sum().backward()
     nz = torch.nonzero(x.grad[0]).flatten()
@@ -47,20 +74,23 @@ def test_short_stereo_and_wrong_shapes_are_refused():
         fe(torch.randn(2, 2, 16_000))
     with pytest.raises(AudioError, match="receptive field"):
         prepare_waveform(torch.randn(300), 16_000)
-    with pytest.raises(AudioError, match="receptive field"):   # 300 samples at 8 kHz are 600 at 16 kHz, 190 at 8 -> 380
+    with pytest.raises(
+        AudioError, match="receptive field"
+    ):  # 300 samples at 8 kHz are 600 at 16 kHz, 190 at 8 -> 380
         prepare_waveform(torch.randn(190), 8_000)
 
 
 # ---------------------------------------------------------------- audio I/O
 def test_stereo_and_other_rates_are_resampled_to_mono_16k(tmp_path):
     import soundfile as sf
+
     t = np.arange(44_100) / 44_100
     left, right = np.sin(2 * np.pi * 300 * t), 0.5 * np.sin(2 * np.pi * 300 * t)
     path = tmp_path / "stereo.wav"
     sf.write(path, np.stack([left, right], 1).astype(np.float32), 44_100)
     w = load_audio(path)
     assert w.shape == (16_000,) and w.dtype == torch.float32
-    assert abs(w.abs().max().item() - 0.75) < 0.02            # the channel mean
+    assert abs(w.abs().max().item() - 0.75) < 0.02  # the channel mean
     # the 300 Hz tone survives resampling: its spectral peak stays at 300 Hz
     spec = torch.fft.rfft(w).abs()
     assert abs(int(spec.argmax()) - 300) <= 1
@@ -86,8 +116,11 @@ def _runs(row):
     "Lengths of the maximal runs of True in a 1-D bool tensor."
     out, n = [], 0
     for v in row.tolist() + [False]:
-        if v: n += 1
-        elif n: out.append(n); n = 0
+        if v:
+            n += 1
+        elif n:
+            out.append(n)
+            n = 0
     return out
 
 
@@ -99,15 +132,15 @@ def test_span_mask_respects_min_masks_and_span_length(t, p):
     assert m.shape == (16, t) and m.dtype == torch.bool
     for row in m:
         runs = _runs(row)
-        assert runs and min(runs) >= 10                        # every masked run is at least one whole span
-        assert row.sum() >= min(t, 10)                         # min_masks = 2 spans (possibly overlapping)
-    if p == 0.0:                                               # exactly min_masks spans: at most 2 * 10 frames
+        assert runs and min(runs) >= 10  # every masked run is at least one whole span
+        assert row.sum() >= min(t, 10)  # min_masks = 2 spans (possibly overlapping)
+    if p == 0.0:  # exactly min_masks spans: at most 2 * 10 frames
         assert (m.sum(1) <= 20).all()
 
 
 def test_span_mask_fraction_matches_paper_on_long_utterances():
     m = compute_span_mask((64, 1000), 0.65, 10, generator=torch.Generator().manual_seed(0))
-    assert 0.44 < m.float().mean().item() < 0.54               # the paper: about 49% of frames masked
+    assert 0.44 < m.float().mean().item() < 0.54  # the paper: about 49% of frames masked
 
 
 def test_span_mask_short_rows_and_bad_arguments():
@@ -121,7 +154,8 @@ def test_negatives_never_the_positive_and_same_utterance():
     g = torch.Generator().manual_seed(0)
     for _ in range(20):
         mask = compute_span_mask((8, 49), generator=g)
-        mask[0] = False; mask[0, :2] = True                      # an utterance with only 2 masked frames
+        mask[0] = False
+        mask[0, :2] = True  # an utterance with only 2 masked frames
         neg = sample_negatives(mask, 100, generator=g)
         n = int(mask.sum())
         assert neg.shape == (n, 100)
@@ -136,11 +170,14 @@ def test_negatives_are_uniform_over_the_others():
     mask = torch.ones(1, 5, dtype=torch.bool)
     neg = sample_negatives(mask, 20_000, generator=torch.Generator().manual_seed(0))
     counts = torch.bincount(neg[2], minlength=5).float() / 20_000
-    assert counts[2] == 0 and torch.allclose(counts[[0, 1, 3, 4]], torch.full((4,), 0.25), atol=0.02)
+    assert counts[2] == 0 and torch.allclose(
+        counts[[0, 1, 3, 4]], torch.full((4,), 0.25), atol=0.02
+    )
 
 
 def test_negatives_need_two_masked_frames():
-    mask = torch.zeros(2, 10, dtype=torch.bool); mask[:, 3] = True
+    mask = torch.zeros(2, 10, dtype=torch.bool)
+    mask[:, 3] = True
     with pytest.raises(ValueError, match="at least 2 masked"):
         sample_negatives(mask, 10)
 
@@ -160,20 +197,25 @@ def test_quantizer_forward_is_one_hot_per_group_and_differentiable():
     expect = torch.cat([cv[0][chosen[..., 0]], cv[1][chosen[..., 1]]], -1)
     assert torch.allclose(out["x"].detach(), expect, atol=1e-6)
     (out["x"] * torch.randn_like(out["x"])).sum().backward()
-    assert x.grad is not None and x.grad.abs().sum() > 0                     # straight-through reaches the input
+    assert x.grad is not None and x.grad.abs().sum() > 0  # straight-through reaches the input
     assert vq.weight_proj.weight.grad.abs().sum() > 0 and vq.codevectors.grad.abs().sum() > 0
     vq.eval()
     e = vq(x.detach())
-    assert torch.equal(e["codes"], vq.weight_proj(x.detach()).view(4, 7, 2, 16).argmax(-1))   # eval: argmax, no noise
+    assert torch.equal(
+        e["codes"], vq.weight_proj(x.detach()).view(4, 7, 2, 16).argmax(-1)
+    )  # eval: argmax, no noise
 
 
 def test_temperature_schedule():
     vq = GumbelVectorQuantizer(8, temp=(2.0, 0.5, 0.999995))
-    vq.set_num_updates(0); assert vq.curr_temp == 2.0
-    vq.set_num_updates(100_000); assert vq.curr_temp == pytest.approx(2.0 * 0.999995 ** 100_000)
-    vq.set_num_updates(400_000); assert vq.curr_temp == 0.5
+    vq.set_num_updates(0)
+    assert vq.curr_temp == 2.0
+    vq.set_num_updates(100_000)
+    assert vq.curr_temp == pytest.approx(2.0 * 0.999995**100_000)
+    vq.set_num_updates(400_000)
+    assert vq.curr_temp == 0.5
     d = gumbel_temperature_decay(200)
-    assert 2.0 * d ** 138 == pytest.approx(0.5, rel=1e-6)
+    assert 2.0 * d**138 == pytest.approx(0.5, rel=1e-6)
 
 
 def test_diversity_loss_closed_forms():
@@ -184,7 +226,8 @@ def test_diversity_loss_closed_forms():
     assert codebook_diversity_loss(collapse).item() == pytest.approx(1 - 1 / v, abs=1e-4)
     assert codebook_diversity_loss(collapse).item() > 0.99
     # half the codewords used uniformly: perplexity V/2 per group
-    half = torch.zeros(50, g, v); half[..., : v // 2] = 2 / v
+    half = torch.zeros(50, g, v)
+    half[..., : v // 2] = 2 / v
     assert codebook_perplexity(half).item() == pytest.approx(g * v / 2, rel=1e-3)
     assert codebook_diversity_loss(half).item() == pytest.approx(0.5, abs=1e-3)
 
@@ -203,19 +246,32 @@ def _slow_loss(c, t, n, temp=0.1):
 def test_contrastive_loss_matches_slow_version_and_ignores_copies_of_the_positive():
     torch.manual_seed(0)
     c, t, n = torch.randn(6, 5), torch.randn(6, 5), torch.randn(6, 9, 5)
-    n[0, 3] = t[0]; n[2, :4] = t[2]
-    assert wav2vec2_contrastive_loss(c, t, n).item() == pytest.approx(_slow_loss(c, t, n).item(), rel=1e-5)
-    y = torch.randn(30, 5); idx = sample_negatives(torch.ones(2, 15, dtype=torch.bool), 11)
-    assert torch.allclose(contrastive_logits_by_index(c.repeat(5, 1), y, idx), contrastive_logits(c.repeat(5, 1), y, y[idx]), atol=1e-5)
+    n[0, 3] = t[0]
+    n[2, :4] = t[2]
+    assert wav2vec2_contrastive_loss(c, t, n).item() == pytest.approx(
+        _slow_loss(c, t, n).item(), rel=1e-5
+    )
+    y = torch.randn(30, 5)
+    idx = sample_negatives(torch.ones(2, 15, dtype=torch.bool), 11)
+    assert torch.allclose(
+        contrastive_logits_by_index(c.repeat(5, 1), y, idx),
+        contrastive_logits(c.repeat(5, 1), y, y[idx]),
+        atol=1e-5,
+    )
 
 
 def test_contrastive_loss_closed_forms():
-    c = torch.zeros(4, 3); c[:, 0] = 1
-    t = torch.zeros(4, 3); t[:, 1] = 1
-    n = torch.zeros(4, 100, 3); n[..., 2] = 1                  # all orthogonal to c: equal logits
+    c = torch.zeros(4, 3)
+    c[:, 0] = 1
+    t = torch.zeros(4, 3)
+    t[:, 1] = 1
+    n = torch.zeros(4, 100, 3)
+    n[..., 2] = 1  # all orthogonal to c: equal logits
     assert wav2vec2_contrastive_loss(c, t, n).item() == pytest.approx(math.log(101), abs=1e-5)
     # perfect prediction: logits 10 for the positive, 0 for 100 distractors
-    assert wav2vec2_contrastive_loss(t, t, n).item() == pytest.approx(math.log(1 + 100 * math.exp(-10)), rel=1e-4)
+    assert wav2vec2_contrastive_loss(t, t, n).item() == pytest.approx(
+        math.log(1 + 100 * math.exp(-10)), rel=1e-4
+    )
     with pytest.raises(ValueError, match="shapes"):
         wav2vec2_contrastive_loss(c, t, n[:3])
 
@@ -243,8 +299,15 @@ def test_model_gradients_reach_encoder_quantizer_and_mask_embedding():
     torch.manual_seed(0)
     m = wav2vec2_small(conv_dim=16, embed_dim=64, layers=1).train()
     m(_speech(4))["loss"].backward()
-    for name in ("mask_emb", "quantizer.weight_proj.weight", "quantizer.codevectors", "encoder.feature_extractor.layers.0.0.weight",
-                 "encoder.blocks.layers.0.self_attn.in_proj_weight", "final_proj.weight", "project_q.weight"):
+    for name in (
+        "mask_emb",
+        "quantizer.weight_proj.weight",
+        "quantizer.codevectors",
+        "encoder.feature_extractor.layers.0.0.weight",
+        "encoder.blocks.layers.0.self_attn.in_proj_weight",
+        "final_proj.weight",
+        "project_q.weight",
+    ):
         p = dict(m.named_parameters())[name]
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
@@ -255,15 +318,20 @@ def test_loss_falls_over_real_steps_on_synthetic_speech(tmp_path):
     voices = voice_configs(4, seed=5)
     waves = synthesize_corpus(["zero", "one", "yes", "no"], voices, data_dir=tmp_path)[:8]
     torch.manual_seed(0)
-    enc = Wav2Vec2Encoder(conv_dim=32, embed_dim=64, layers=1, pos_conv_kernel=16, pos_conv_groups=4, dropout=0.0)
+    enc = Wav2Vec2Encoder(
+        conv_dim=32, embed_dim=64, layers=1, pos_conv_kernel=16, pos_conv_groups=4, dropout=0.0
+    )
     m = Wav2Vec2(enc, codevector_dim=64, final_dim=64).train()
     opt = torch.optim.AdamW(m.parameters(), lr=2e-3)
     mask = compute_span_mask((8, 49), generator=torch.Generator().manual_seed(0))
     losses, accs = [], []
     for _ in range(40):
         out = m(waves, mask=mask)
-        opt.zero_grad(); out["loss"].backward(); opt.step()
-        losses.append(out["contrastive"].item()); accs.append(out["accuracy"].item())
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        losses.append(out["contrastive"].item())
+        accs.append(out["accuracy"].item())
     assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.4, losses
     assert np.mean(accs[-3:]) > np.mean(accs[:3])
 
@@ -272,16 +340,21 @@ def test_loss_falls_over_real_steps_on_synthetic_speech(tmp_path):
 @needs_espeak
 def test_synthesis_is_deterministic_atomic_and_cached(tmp_path):
     v = VoiceConfig("espeak-ng", "en-us+f2", 150, 60)
-    a = synthesize("seven", v, tmp_path / "a.wav"); b = synthesize("seven", v, tmp_path / "b.wav")
+    a = synthesize("seven", v, tmp_path / "a.wav")
+    b = synthesize("seven", v, tmp_path / "b.wav")
     assert a.read_bytes() == b.read_bytes()
     assert not list(tmp_path.glob("*.part*"))
-    assert voice_configs(12, seed=0) == voice_configs(12, seed=0) and voice_configs(12, 0) != voice_configs(12, 1)
+    assert voice_configs(12, seed=0) == voice_configs(12, seed=0) and voice_configs(
+        12, 0
+    ) != voice_configs(12, 1)
     w1 = synthesize_corpus(["one", "two"], [v], data_dir=tmp_path)
     wavs = list((tmp_path / "synthetic_speech" / "wav").rglob("*.wav"))
     assert len(wavs) == 2 and w1.shape == (2, 16_000)
     mtimes = {p: p.stat().st_mtime_ns for p in wavs}
     w2 = synthesize_corpus(["one", "two"], [v], data_dir=tmp_path)
-    assert torch.allclose(w1, w2, atol=1 / 32767) and all(p.stat().st_mtime_ns == t for p, t in mtimes.items())
+    assert torch.allclose(w1, w2, atol=1 / 32767) and all(
+        p.stat().st_mtime_ns == t for p, t in mtimes.items()
+    )
 
 
 def test_missing_binary_names_the_debian_package(monkeypatch, tmp_path):
@@ -300,7 +373,14 @@ def test_real_digits_load_as_mono_16k():
 
 
 def test_audio_datasets_are_registered_and_online_ones_fail_clearly(tmp_path):
-    for name in ("synth_digits", "synth_words", "asterisk_digits", "asterisk_prompts", "fsdd", "speech_commands_digits"):
+    for name in (
+        "synth_digits",
+        "synth_words",
+        "asterisk_digits",
+        "asterisk_prompts",
+        "fsdd",
+        "speech_commands_digits",
+    ):
         assert DATASETS[name].kind == "audio"
     with pytest.raises(DatasetUnavailableError, match="git clone"):
         load_dataset("fsdd", "train", download=False, data_dir=tmp_path)
@@ -313,36 +393,55 @@ def test_distractors_equal_to_the_positive_are_found_by_target_vector(monkeypatc
     vectors y. A distractor is masked to -inf exactly when its target vector equals the positive's - not when the
     noise-free argmax codes agree (in training mode the two differ)."""
     import ssl_course.wav2vec2 as w2v
+
     seen = {}
     real = w2v.contrastive_logits_by_index
+
     def spy(context, targets, negative_idx, temperature=0.1, same=None):
         out = real(context, targets, negative_idx, temperature, same)
         seen.update(targets=targets.detach(), idx=negative_idx, logits=out.detach())
         return out
+
     monkeypatch.setattr(w2v, "contrastive_logits_by_index", spy)
     codes_seen = {}
     torch.manual_seed(0)
-    m = wav2vec2_small(conv_dim=16, embed_dim=64, layers=1, num_vars=4).train()     # few codewords: many collisions
+    m = wav2vec2_small(
+        conv_dim=16, embed_dim=64, layers=1, num_vars=4
+    ).train()  # few codewords: many collisions
     q_forward = m.quantizer.forward
+
     def q_spy(x):
-        out = q_forward(x); codes_seen["codes"] = out["codes"]; return out
+        out = q_forward(x)
+        codes_seen["codes"] = out["codes"]
+        return out
+
     monkeypatch.setattr(m.quantizer, "forward", q_spy)
     with torch.no_grad():
         m(_speech(8), generator=torch.Generator().manual_seed(0))
     y, idx, logits = seen["targets"], seen["idx"], seen["logits"]
-    vec_same = (y[idx] == y[:, None]).all(-1)                          # independent: equal target vectors
+    vec_same = (y[idx] == y[:, None]).all(-1)  # independent: equal target vectors
     code_same = (codes_seen["codes"][idx] == codes_seen["codes"][:, None]).all(-1)
-    assert (vec_same != code_same).sum() > 100                         # the two rules really disagree here
-    assert torch.equal(torch.isinf(logits[:, 1:]), vec_same)          # -inf exactly at copies of the positive vector
+    assert (vec_same != code_same).sum() > 100  # the two rules really disagree here
+    assert torch.equal(
+        torch.isinf(logits[:, 1:]), vec_same
+    )  # -inf exactly at copies of the positive vector
     assert torch.isfinite(logits[:, 0]).all()
 
 
 def _grads_with(**kw):
     torch.manual_seed(0)
-    m = Wav2Vec2(conv_dim=16, embed_dim=64, layers=1, pos_conv_kernel=16, pos_conv_groups=4, codevector_dim=64,
-                 final_dim=64, **kw).train()
+    m = Wav2Vec2(
+        conv_dim=16,
+        embed_dim=64,
+        layers=1,
+        pos_conv_kernel=16,
+        pos_conv_groups=4,
+        codevector_dim=64,
+        final_dim=64,
+        **kw,
+    ).train()
     mask = compute_span_mask((4, 49), generator=torch.Generator().manual_seed(1))
-    torch.manual_seed(2)                                                      # same Gumbel noise and dropout
+    torch.manual_seed(2)  # same Gumbel noise and dropout
     m(_speech(4), mask=mask, generator=torch.Generator().manual_seed(3))["loss"].backward()
     return m, {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
 
@@ -353,9 +452,14 @@ def test_feature_encoder_gradient_is_scaled_by_0_1_by_default():
     _, g_one = _grads_with(feature_grad_mult=1.0)
     fe = [n for n in g_one if n.startswith("encoder.feature_extractor.")]
     assert fe and all(g_one[n].abs().sum() > 0 for n in fe)
-    for n in fe:                                                              # 0.1 x, up to float rounding
+    for n in fe:  # 0.1 x, up to float rounding
         assert torch.allclose(g_default[n], 0.1 * g_one[n], rtol=1e-4, atol=1e-9), n
     for n in ("final_proj.weight", "quantizer.codevectors", "encoder.post_extract_proj.weight"):
-        assert torch.equal(g_default[n], g_one[n]), n                         # the rest of the model is untouched
+        assert torch.equal(g_default[n], g_one[n]), n  # the rest of the model is untouched
     assert m.encoder.feature_grad_mult == 0.1
-    assert wav2vec2_small(conv_dim=16, embed_dim=64, layers=1, feature_grad_mult=1.0).encoder.feature_grad_mult == 1.0
+    assert (
+        wav2vec2_small(
+            conv_dim=16, embed_dim=64, layers=1, feature_grad_mult=1.0
+        ).encoder.feature_grad_mult
+        == 1.0
+    )
