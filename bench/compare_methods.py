@@ -1,6 +1,7 @@
-"""Train SimCLR, MoCo, BYOL and DINO with the active profile's budget (quick by default) on the same data,
-then print one table: pretraining time, linear probe with 1 and `labels_per_class` labels per class, and
-kNN accuracy with 100 labels per class, next to randomly initialised encoders. Nothing is asserted.
+"""Train SimCLR, MoCo, BYOL and DINO with the active profile's budget (quick by default) on the same
+data, then print one table: pretraining time, linear probe with 1 and `labels_per_class` labels per
+class, and kNN accuracy with 100 labels per class, next to randomly initialised encoders. Nothing is
+asserted.
 
     python bench/compare_methods.py                     # quick profile, ~5 min on 2 CPU cores
     SSL_COURSE_PROFILE=full python bench/compare_methods.py --device cuda
@@ -55,7 +56,8 @@ def main():
     )
     ks = (1, b.labels_per_class)
     print(
-        f"# {hardware_summary(dev)}; profile {s.profile}; {b.dataset} {len(train)} train / {len(test)} test"
+        f"# {hardware_summary(dev)}; profile {s.profile}; "
+        f"{b.dataset} {len(train)} train / {len(test)} test"
     )
     rows = []
     for name in a.methods.split(","):

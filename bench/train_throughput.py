@@ -1,10 +1,12 @@
-"""Training throughput of the course's loop: images/s and peak memory per method (SimCLR, MoCo, BYOL, DINO)
-and backbone, and the overhead of `fit()` against a bare PyTorch loop doing the same work.
+r"""Training throughput of the course's loop: images/s and peak memory per method
+(SimCLR, MoCo, BYOL, DINO) and backbone, and the overhead of `fit()` against a bare PyTorch loop
+doing the same work.
 Prints a table; nothing is asserted.
 
     python bench/train_throughput.py                       # CPU, quick sizes, SimCLR on both CNNs
     python bench/train_throughput.py --methods simclr,moco,byol,dino --backbones small_cnn
-    python bench/train_throughput.py --device cuda --steps 50 --batch-size 512 --image-size 32 --channels 3
+    python bench/train_throughput.py --device cuda --steps 50 --batch-size 512 \
+        --image-size 32 --channels 3
 """
 
 import argparse
@@ -71,7 +73,8 @@ def main():
     dev = get_device(a.device)
     load_chapter_modules()
     print(
-        f"# {hardware_summary(dev)}; batch {a.batch_size}, {a.channels}x{a.image_size}px, amp={a.amp}"
+        f"# {hardware_summary(dev)}; batch {a.batch_size}, "
+        f"{a.channels}x{a.image_size}px, amp={a.amp}"
     )
     data = fake_images(max(4 * a.batch_size, 1024), a.channels, a.image_size)
     rows = []

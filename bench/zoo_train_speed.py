@@ -1,8 +1,9 @@
-"""Training speed of every zoo recipe: steps/s and images/s of its real training step (its method, encoder, batch and
-optimiser) on the chosen device, and the wall time its full recipe would take at that speed.
+"""Training speed of every zoo recipe: steps/s and images/s of its real training step
+(its method, encoder, batch and optimiser) on the chosen device, and the wall time its full recipe
+would take at that speed.
 Prints a table; nothing is asserted. Measure with nothing else running.
 
-    python bench/zoo_train_speed.py                          # CPU, every image recipe, 5 timed steps each
+    python bench/zoo_train_speed.py  # CPU, every image recipe, 5 timed steps each
     python bench/zoo_train_speed.py --device cuda --steps 30
     python bench/zoo_train_speed.py --recipes simclr-fmnist-cnn,mae-fmnist-vit
 """
@@ -75,7 +76,8 @@ def main():
         )
     print(format_table(rows))
     print(
-        f"all image recipes: {sum(x['full recipe (min)'] for x in rows):.0f} min of training at these speeds"
+        f"all image recipes: {sum(x['full recipe (min)'] for x in rows):.0f} min of training "
+        f"at these speeds"
     )
 
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up (if needed) and run every test:
-#   1. the library is in sync with the notebooks and the notebooks are clean (nbdev-export / nbdev-clean change nothing);
+#   1. the library is in sync with the notebooks and the notebooks are clean (nbdev-export / nbdev-clean change nothing),
+#      and ruff finds the notebooks, tests, benchmarks and scripts formatted and lint-free;
 #   2. every notebook executed in the quick profile (nbdev-test on a copy in build/executed/, kept with its outputs),
 #      with per-notebook timing;
 #   3. pytest (tests/), including the classroom kit: student/ in sync, every lesson complete, and the slide decks
@@ -25,6 +26,13 @@ if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then
   fi
 else
   echo "(not a git checkout: sync check skipped)"
+fi
+
+echo "== 1b/3 ruff: the code learners read is formatted and linted (pyproject.toml [tool.ruff]; lines <= 100)"
+if ! ruff format --check nbs tests bench scripts || ! ruff check nbs tests bench scripts; then
+  echo "ERROR: run 'ruff format nbs tests bench scripts && ruff check nbs tests bench scripts', fix what remains," >&2
+  echo "       then 'nbdev-export && nbdev-clean' and commit." >&2
+  exit 1
 fi
 
 echo "== 2/3 notebooks (quick profile; budget <= 90 s each on 2 CPU cores)"

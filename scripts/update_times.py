@@ -1,5 +1,6 @@
-"""Make a CI timing file the run of record: copy it to reports/notebook_times.json and write each notebook's
-"Time: N s" line from it (the times a chapter states are measured, never typed; tests/test_times.py checks them).
+"""Make a CI timing file the run of record: copy it to reports/notebook_times.json and write each
+notebook's "Time: N s" line from it (the times a chapter states are measured, never typed;
+tests/test_times.py checks them).
 
     python scripts/update_times.py build/notebook_times.json      # written by scripts/test.sh
 """
@@ -11,7 +12,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 TIME_RE = re.compile(
-    r"Time: (?:about |under )?\d+ s(?: \([^)]*\)| in either profile)?|Time: a few seconds(?: \([^)]*\))?"
+    r"Time: (?:about |under )?\d+ s(?: \([^)]*\)| in either profile)?"
+    r"|Time: a few seconds(?: \([^)]*\))?"
 )
 RECORD = "reports/notebook_times.json"
 
@@ -41,7 +43,8 @@ def main(path: str) -> None:
             print(f"note: {name} has no 'Time:' line in its first cells")
         nb_path.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
     print(
-        f"wrote {RECORD} and the Time lines of {len(rec['seconds'])} notebooks; now run nbdev-clean and ssl-course student"
+        f"wrote {RECORD} and the Time lines of {len(rec['seconds'])} notebooks; "
+        f"now run nbdev-clean and ssl-course student"
     )
 
 

@@ -28,11 +28,13 @@ def simclr_augment(
     flip: bool = True,
     blur_p: float | None = None,
 ) -> v2.Compose:
-    """SimCLR/BYOL view pipeline (torchvision v2) for uint8 or float CHW tensors; returns float images in [0, 1].
+    """SimCLR/BYOL view pipeline (torchvision v2) for uint8 or float CHW tensors; returns float
+    images in [0, 1].
 
-    Gaussian blur (sigma in [0.1, 2], kernel ~10% of the side) is applied with probability `blur_p`; by default
-    `blur=True` means SimCLR's p = 0.5 (Chen et al. 2020, appendix A) and `blur=False` no blur. BYOL (Grill et al. 2020)
-    and DINO (Caron et al. 2021) use uneven probabilities per view, e.g. `blur_p=1.0` and `blur_p=0.1, solarize_p=0.2`."""
+    Gaussian blur (sigma in [0.1, 2], kernel ~10% of the side) is applied with probability `blur_p`;
+    by default `blur=True` means SimCLR's p = 0.5 (Chen et al. 2020, appendix A) and `blur=False` no
+    blur. BYOL (Grill et al. 2020) and DINO (Caron et al. 2021) use uneven probabilities per view,
+    e.g. `blur_p=1.0` and `blur_p=0.1, solarize_p=0.2`."""
     if blur_p is None:
         blur_p = 0.5 if blur else 0.0
     if not 0.0 <= blur_p <= 1.0:
@@ -63,9 +65,10 @@ def simclr_augment(
 class MultiCrop:
     """DINO multi-crop: returns [global_1, global_2, local_1, ..., local_n] for one image.
 
-    Blur and solarisation are uneven, as in DINO's `DataAugmentationDINO` (Caron et al. 2021, after BYOL): global view 1
-    is always blurred, global view 2 is blurred with p = 0.1 and solarised with p = 0.2, local views are blurred with
-    p = 0.5. `blur=False` turns the blur off in every view (the solarisation stays)."""
+    Blur and solarisation are uneven, as in DINO's `DataAugmentationDINO` (Caron et al. 2021, after
+    BYOL): global view 1 is always blurred, global view 2 is blurred with p = 0.1 and solarised with
+    p = 0.2, local views are blurred with p = 0.5. `blur=False` turns the blur off in every view
+    (the solarisation stays)."""
 
     def __init__(
         self,
@@ -167,7 +170,8 @@ class BatchAugment(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4 or not x.is_floating_point():
             raise ValueError(
-                f"BatchAugment expects a float batch (N, C, H, W) in [0, 1]; got {tuple(x.shape)} {x.dtype}"
+                "BatchAugment expects a float batch (N, C, H, W) in [0, 1]; "
+                f"got {tuple(x.shape)} {x.dtype}"
             )
         n, dev = x.shape[0], x.device
         x = batch_random_resized_crop(x, self.size, self.crop_scale, flip_p=self.flip_p)
@@ -201,7 +205,8 @@ class BatchAugment(nn.Module):
 
 # %% ../nbs/07_augment.ipynb #c843b787
 def show_views(images: torch.Tensor, augment, n_views: int = 4, n_images: int = 6, title: str = ""):
-    "Draw `n_views` augmented views (columns) of the first `n_images` images (rows), originals first."
+    """Draw `n_views` augmented views (columns) of the first `n_images` images (rows), originals
+    first."""
     import matplotlib.pyplot as plt
 
     imgs = images[:n_images]

@@ -22,7 +22,8 @@ __all__ = ['ConvDecoder', 'reconstruction_loss', 'gaussian_noise', 'masking_nois
 
 # %% ../nbs/10_autoencoders.ipynb #0678d955
 class ConvDecoder(nn.Module):
-    "Vector (N, latent_dim) -> image logits (N, channels, image_size, image_size): linear to a 1/4-size map, two x2 upsamplings."
+    """Vector (N, latent_dim) -> image logits (N, channels, image_size, image_size):
+    linear to a 1/4-size map, two x2 upsamplings."""
 
     def __init__(self, latent_dim: int, channels: int = 1, image_size: int = 28, width: int = 16):
         super().__init__()
@@ -60,11 +61,13 @@ class ConvDecoder(nn.Module):
 def reconstruction_loss(
     logits: torch.Tensor, target: torch.Tensor, kind: str = "bce"
 ) -> torch.Tensor:
-    """Per-image reconstruction loss (N,), summed over pixels: `bce` = Bernoulli negative log-likelihood of `target`
-    in [0, 1] under sigmoid(`logits`); `mse` = squared error of sigmoid(`logits`)."""
+    """Per-image reconstruction loss (N,), summed over pixels:
+    `bce` = Bernoulli negative log-likelihood of `target` in [0, 1] under sigmoid(`logits`);
+    `mse` = squared error of sigmoid(`logits`)."""
     if logits.shape != target.shape:
         raise ValueError(
-            f"reconstruction and target differ in shape: {tuple(logits.shape)} vs {tuple(target.shape)}"
+            f"reconstruction and target differ in shape: {tuple(logits.shape)} vs "
+            f"{tuple(target.shape)}"
         )
     if kind == "bce":
         per = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
@@ -81,7 +84,8 @@ def gaussian_noise(x: torch.Tensor, std: float = 0.3) -> torch.Tensor:
 
 
 def masking_noise(x: torch.Tensor, drop: float = 0.5) -> torch.Tensor:
-    "Masking corruption (Vincent et al. 2008): a random fraction `drop` of the pixels (all channels of each) set to 0."
+    """Masking corruption (Vincent et al. 2008): a random fraction `drop` of the pixels
+    (all channels of each) set to 0."""
     if not 0 <= drop < 1:
         raise ValueError(f"drop must be in [0, 1), got {drop}")
     keep = (torch.rand_like(x[:, :1]) >= drop).to(x.dtype)
@@ -89,8 +93,9 @@ def masking_noise(x: torch.Tensor, drop: float = 0.5) -> torch.Tensor:
 
 # %% ../nbs/10_autoencoders.ipynb #a0b7e8a9
 class Autoencoder(SSLMethod):
-    """Autoencoder (Hinton & Salakhutdinov 2006) on any encoder with `out_dim`; with `noise` = 'gaussian' or 'masking'
-    a denoising autoencoder (Vincent et al. 2008): the encoder sees a corrupted copy, the loss compares with the clean image."""
+    """Autoencoder (Hinton & Salakhutdinov 2006) on any encoder with `out_dim`;
+    with `noise` = 'gaussian' or 'masking' a denoising autoencoder (Vincent et al. 2008):
+    the encoder sees a corrupted copy, the loss compares with the clean image."""
 
     def __init__(
         self,
@@ -125,10 +130,10 @@ class Autoencoder(SSLMethod):
             or x.shape[-2:] != (self.image_size, self.image_size)
         ):
             raise ValueError(
-                f"{type(self).__name__} was built for ({self.channels}, {self.image_size}, {self.image_size}) "
-                f"images, got a batch of shape {tuple(x.shape)}; build it with image_size={x.shape[-1]} "
-                f"and channels={x.shape[1] if x.ndim == 4 else '?'}, or resize the data "
-                f"(load_dataset(..., image_size={self.image_size}))"
+                f"{type(self).__name__} was built for ({self.channels}, {self.image_size}, "
+                f"{self.image_size}) images, got a batch of shape {tuple(x.shape)}; build it with "
+                f"image_size={x.shape[-1]} and channels={x.shape[1] if x.ndim == 4 else '?'}, "
+                f"or resize the data (load_dataset(..., image_size={self.image_size}))"
             )
         return x
 
@@ -146,7 +151,8 @@ class Autoencoder(SSLMethod):
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        "Reconstructed images in [0, 1] (eval mode, no corruption: pass a noisy `x` to see denoising)."
+        """Reconstructed images in [0, 1] (eval mode, no corruption: pass a noisy `x` to
+        see denoising)."""
         was = self.training
         self.eval()
         try:
@@ -172,7 +178,8 @@ def build_autoencoder(encoder, image_size: int = 28, channels: int = 1, **kw) ->
 
 @register_method(
     "dae",
-    "Denoising autoencoder: reconstruct the clean image from a noisy copy (Gaussian or masking noise)",
+    "Denoising autoencoder: reconstruct the clean image from a noisy copy "
+    "(Gaussian or masking noise)",
     "10_autoencoders",
     "Vincent et al., ICML 2008",
 )
@@ -183,22 +190,25 @@ def build_dae(
 
 # %% ../nbs/10_autoencoders.ipynb #d66fbc50
 def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    "KL( N(mu, diag exp(logvar)) || N(0, I) ) per row, in closed form (Kingma & Welling 2014, appendix B)."
+    """KL( N(mu, diag exp(logvar)) || N(0, I) ) per row, in closed form (Kingma & Welling 2014,
+    appendix B)."""
     return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(-1)
 
 
 def reparameterize(
     mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor | None = None
 ) -> torch.Tensor:
-    "A sample z = mu + sigma * eps with eps ~ N(0, I): differentiable in mu and logvar (the reparameterisation trick)."
+    """A sample z = mu + sigma * eps with eps ~ N(0, I): differentiable in mu and logvar
+    (the reparameterisation trick)."""
     if eps is None:
         eps = torch.randn_like(mu)
     return mu + (0.5 * logvar).exp() * eps
 
 # %% ../nbs/10_autoencoders.ipynb #2802d129
 class VAE(SSLMethod):
-    """Variational autoencoder (Kingma & Welling 2014): encoder features -> (mu, logvar) of q(z|x), one reparameterised
-    sample, `ConvDecoder` -> Bernoulli logits. Loss = (reconstruction + beta * KL) per pixel; `encoder` is kept for transfer."""
+    """Variational autoencoder (Kingma & Welling 2014): encoder features -> (mu, logvar)
+    of q(z|x), one reparameterised sample, `ConvDecoder` -> Bernoulli logits.
+    Loss = (reconstruction + beta * KL) per pixel; `encoder` is kept for transfer."""
 
     def __init__(
         self,

@@ -48,7 +48,8 @@ class SmallConvNet(nn.Module):
 
 # %% ../nbs/06_backbones.ipynb #b83c736b
 def resnet18_cifar(in_channels: int = 3) -> nn.Module:
-    "torchvision ResNet-18 with a 3x3 stride-1 stem, no max-pool and no classifier: (N, C, H, W) -> (N, 512)."
+    """torchvision ResNet-18 with a 3x3 stride-1 stem, no max-pool and no classifier:
+    (N, C, H, W) -> (N, 512)."""
     m = torchvision.models.resnet18(weights=None)
     m.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
     m.maxpool = nn.Identity()
@@ -93,7 +94,8 @@ BACKBONES = {"small_cnn": SmallConvNet, "resnet18_cifar": resnet18_cifar, "vit_t
 
 
 def build_backbone(name: str, in_channels: int = 1, **kwargs) -> nn.Module:
-    "Build a registered backbone by name (`small_cnn`, `resnet18_cifar`, `vit_tiny`); it has `.out_dim`."
+    """Build a registered backbone by name (`small_cnn`, `resnet18_cifar`, `vit_tiny`); it has
+    `.out_dim`."""
     if name not in BACKBONES:
         raise KeyError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
     return BACKBONES[name](in_channels=in_channels, **kwargs)

@@ -25,15 +25,18 @@ def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     "BYOL's regression loss (Grill et al. 2020): mean over the batch of 2 - 2 cos(p, stopgrad(z))."
     if p.shape != z.shape:
         raise ValueError(
-            f"prediction and target must have the same shape; got {tuple(p.shape)} and {tuple(z.shape)}"
+            f"prediction and target must have the same shape; "
+            f"got {tuple(p.shape)} and {tuple(z.shape)}"
         )
     return (2 - 2 * F.cosine_similarity(p.float(), z.detach().float(), dim=-1)).mean()
 
 # %% ../nbs/14_byol.ipynb #9c33efeb
 class BYOL(SSLMethod):
-    "BYOL (Grill et al. 2020): online encoder+projector+predictor regresses an EMA target's projection of the other view."
+    """BYOL (Grill et al. 2020): online encoder+projector+predictor regresses an EMA target's
+    projection of the other view."""
 
-    sync_batchnorm = True  # the official code's cross-replica batch norm: statistics over all devices under multi-GPU DDP
+    # the official code's cross-replica batch norm: statistics over all devices under multi-GPU DDP
+    sync_batchnorm = True
 
     def __init__(
         self,

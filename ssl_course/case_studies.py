@@ -22,7 +22,8 @@ __all__ = ['detection_metrics', 'average_precision', 'add_scratch', 'add_hole', 
 
 # %% ../nbs/23_domain_shift_and_case_studies.ipynb #ce177dce
 def detection_metrics(y_true, y_pred, scores=None) -> dict:
-    "Precision, recall, false-positive rate, counts (positive = defect = 1) and, given `scores`, average precision."
+    """Precision, recall, false-positive rate, counts (positive = defect = 1) and, given `scores`,
+    average precision."""
     y, p = np.asarray(y_true).astype(int).ravel(), np.asarray(y_pred).astype(int).ravel()
     if y.shape != p.shape:
         raise ValueError(f"y_true and y_pred differ in length: {len(y)} vs {len(p)}")
@@ -45,7 +46,8 @@ def detection_metrics(y_true, y_pred, scores=None) -> dict:
 
 
 def average_precision(y_true, scores) -> float:
-    "Area under the precision-recall curve: mean precision at the rank of each positive (higher score = more defective)."
+    """Area under the precision-recall curve: mean precision at the rank of each positive
+    (higher score = more defective)."""
     y = np.asarray(y_true).astype(int).ravel()
     s = np.asarray(scores, dtype=float).ravel()
     if y.sum() == 0:
@@ -57,7 +59,8 @@ def average_precision(y_true, scores) -> float:
 
 # %% ../nbs/23_domain_shift_and_case_studies.ipynb #6229b6e4
 def add_scratch(img: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    "A bright line (1 px wide, 10-20 px long, random angle) through a random bright point of a uint8 (C, H, W) image."
+    """A bright line (1 px wide, 10-20 px long, random angle) through a random bright point of a
+    uint8 (C, H, W) image."""
     c, h, w = img.shape
     out = img.clone().float()
     bright = torch.nonzero(out.mean(0) > 60)
@@ -123,9 +126,10 @@ def defect_split(
     product_class: int | None = None,
     seed: int = 0,
 ) -> DefectSplit:
-    """Pool and labelled set from `train`'s images, test set from `test`'s (never shared). A fraction `defect_rate`
-    of the pool and of the test set get a synthetic defect; the labelled set has `n_defect_labels` defects and
-    `n_normal_labels` normal items, drawn from the pool. `product_class`: keep only that class (one product line)."""
+    """Pool and labelled set from `train`'s images, test set from `test`'s (never shared). A
+    fraction `defect_rate` of the pool and of the test set get a synthetic defect; the labelled set
+    has `n_defect_labels` defects and `n_normal_labels` normal items, drawn from the pool.
+    `product_class`: keep only that class (one product line)."""
     if not 0 < defect_rate < 0.5:
         raise DataError(f"defect_rate must be in (0, 0.5), got {defect_rate}")
     if product_class is not None:
@@ -146,7 +150,8 @@ def defect_split(
     pool, pool_idx = build(train, len(train), seed)
     if n_defect_labels > int(pool.labels.sum()):
         raise DataError(
-            f"the pool has only {int(pool.labels.sum())} defects; ask for n_defect_labels <= that or raise defect_rate"
+            f"the pool has only {int(pool.labels.sum())} defects; "
+            f"ask for n_defect_labels <= that or raise defect_rate"
         )
     defects, normals = (
         torch.nonzero(pool.labels == 1).flatten(),
@@ -184,9 +189,10 @@ def oversample(labels: torch.Tensor, seed: int = 0) -> torch.Tensor:
 
 
 class MaxPooledFeatures(torch.nn.Module):
-    """Features that keep small, local evidence: the encoder's spatial map (`forward_features`) max-pooled as well as
-    average-pooled. Global average pooling dilutes a 3-pixel hole into 1/49 of one feature; the max keeps it
-    (the idea behind patch-level anomaly detectors such as PatchCore, Roth et al., CVPR 2022, arXiv:2106.08265)."""
+    """Features that keep small, local evidence: the encoder's spatial map (`forward_features`)
+    max-pooled as well as average-pooled. Global average pooling dilutes a 3-pixel hole into 1/49 of
+    one feature; the max keeps it (the idea behind patch-level anomaly detectors such as PatchCore,
+    Roth et al., CVPR 2022, arXiv:2106.08265)."""
 
     def __init__(self, encoder: torch.nn.Module):
         super().__init__()
@@ -200,7 +206,8 @@ class MaxPooledFeatures(torch.nn.Module):
 
 
 def knn_anomaly_scores(normal_feats: torch.Tensor, feats: torch.Tensor, k: int = 1) -> torch.Tensor:
-    "Anomaly score: 1 - cosine similarity to the k-th most similar normal feature (higher = more unusual)."
+    """Anomaly score: 1 - cosine similarity to the k-th most similar normal feature
+    (higher = more unusual)."""
     sim = F.normalize(feats.float(), dim=1) @ F.normalize(normal_feats.float(), dim=1).T
     return 1 - sim.topk(min(k, sim.shape[1]), dim=1).values[:, -1]
 
@@ -219,7 +226,8 @@ def noise_images(n: int, size: int = 28, channels: int = 1, seed: int = 0) -> Im
 def mix_datasets(
     a: ImageDataset, b: ImageDataset, frac_b: float, n: int, seed: int = 0
 ) -> ImageDataset:
-    "`n` unlabelled images: a fraction `frac_b` drawn from `b`, the rest from `a` (with repetition if a set is small)."
+    """`n` unlabelled images: a fraction `frac_b` drawn from `b`, the rest from `a`
+    (with repetition if a set is small)."""
     g = torch.Generator().manual_seed(seed)
     nb = int(round(frac_b * n))
     na = n - nb

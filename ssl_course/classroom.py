@@ -32,8 +32,9 @@ class ClassroomError(ValueError):
 
 
 def course_root(start: str | Path | None = None) -> Path:
-    """The course checkout containing `start`: the first folder upwards with `nbs/` and `settings.ini`. Without `start`,
-    the working directory, then the checkout this package is installed from (an editable install)."""
+    """The course checkout containing `start`: the first folder upwards with `nbs/` and
+    `settings.ini`. Without `start`, the working directory, then the checkout this package is
+    installed from (an editable install)."""
     here = Path(start or Path.cwd()).resolve()
     candidates = [here, *here.parents]
     if start is None:
@@ -49,8 +50,8 @@ def course_root(start: str | Path | None = None) -> Path:
 
 
 def lesson_notebooks(root: str | Path | None = None, kind: str | None = None) -> list[Path]:
-    """The chapter notebooks of the course in order (`nbs/NN_*.ipynb`), optionally only those whose `Chapter.kind`
-    in `ssl_course.cli.CHAPTERS` is `kind` ('lesson' or 'reference')."""
+    """The chapter notebooks of the course in order (`nbs/NN_*.ipynb`), optionally only those whose
+    `Chapter.kind` in `ssl_course.cli.CHAPTERS` is `kind` ('lesson' or 'reference')."""
     from ssl_course.core import CHAPTERS
 
     root = course_root(root)
@@ -63,7 +64,8 @@ def lesson_notebooks(root: str | Path | None = None, kind: str | None = None) ->
 # %% ../nbs/90_classroom.ipynb #f95e7dd9
 @dataclass
 class Section:
-    "One `##` section of a chapter: its heading, its markdown, and the PNG figures its code cells produced."
+    """One `##` section of a chapter: its heading, its markdown, and the PNG figures its
+    code cells produced."""
 
     title: str
     markdown: str = ""
@@ -105,7 +107,8 @@ def read_notebook(path: str | Path):
 
 
 def outline(path: str | Path, executed: str | Path | None = None) -> Outline:
-    "Parse the chapter at `path`; take figures from `executed` (an executed copy) when its cells match."
+    """Parse the chapter at `path`; take figures from `executed` (an executed copy)
+    when its cells match."""
     path = Path(path)
     nb = read_notebook(path)
     figures_nb = None
@@ -152,13 +155,15 @@ _MATH = re.compile(r"\$\$(.+?)\$\$|(?<![\\$])\$(?!\s)([^$\n]+?)(?<!\s)\$", re.S)
 
 
 def _first_sentences(text: str, n: int = 1) -> str:
-    "The first `n` sentences of `text` (a sentence ends at . ! or ? followed by a space and a capital, a digit or markup)."
+    """The first `n` sentences of `text` (a sentence ends at . ! or ? followed by a space and a
+    capital, a digit or markup)."""
     parts = re.split(r"(?<=[.!?])\s+(?=[A-Z0-9*`(\[$])", text.strip())
     return " ".join(parts[:n])
 
 
 def digest(md: str, max_bullets: int = 6, max_equations: int = 2) -> str:
-    "The slide version of a section's markdown: its display equations, first table and first bullets or sentences."
+    """The slide version of a section's markdown: its display equations, first table and first
+    bullets or sentences."""
     md = re.sub(r"<!--.*?-->", "", md, flags=re.S)
     equations = [m.group(0) for m in re.finditer(r"\$\$.+?\$\$", md, re.S)][:max_equations]
     blocks = [b.strip() for b in re.split(r"\n\s*\n", md) if b.strip()]
@@ -239,12 +244,14 @@ def deck_slides(o: Outline) -> list[str]:
             continue
         body = digest(s.markdown)
         slides.append(
-            f'<h3>{markdown_to_html(s.title)[3:-5]}</h3><div class="body">{markdown_to_html(body)}</div>'
+            f"<h3>{markdown_to_html(s.title)[3:-5]}</h3>"
+            f'<div class="body">{markdown_to_html(body)}</div>'
         )
         if s.figures:
             slides.append(
                 f"<h3>{markdown_to_html(s.title)[3:-5]}</h3>"
-                f'<img class="figure" alt="figure from the chapter" src="data:image/png;base64,{s.figures[0].strip()}">'
+                '<img class="figure" alt="figure from the chapter" '
+                f'src="data:image/png;base64,{s.figures[0].strip()}">'
             )
     ex = o.section("Exercises")
     if ex:
@@ -278,14 +285,17 @@ _CSS = """
 .reveal .slides section h2, .reveal .slides section h3 { text-align: left; text-transform: none; }
 .reveal .small { font-size: 0.6em; color: #555; } .reveal .story { font-size: 0.8em; }
 .reveal .body, .reveal .quiz { font-size: 0.75em; } .reveal .quiz { margin-top: 0.8em; }
-.reveal table { font-size: 0.65em; margin: 0.4em 0; } .reveal math[display="block"] { margin: 0.4em 0; }
-.reveal img.figure { max-height: 560px; max-width: 100%; display: block; margin: 0 auto; background: #fff; }
+.reveal table { font-size: 0.65em; margin: 0.4em 0; } \
+.reveal math[display="block"] { margin: 0.4em 0; }
+.reveal img.figure { max-height: 560px; max-width: 100%; display: block; margin: 0 auto; \
+background: #fff; }
 .reveal ul, .reveal ol { display: block; margin-left: 1em; }
 """
 
 
 def reveal_assets(root: str | Path | None = None) -> dict:
-    "The vendored reveal.js script, stylesheet and theme (text), with the theme's web-font import removed (offline)."
+    """The vendored reveal.js script, stylesheet and theme (text), with the theme's web-font
+    import removed (offline)."""
     base = course_root(root) / "slides" / "vendor" / f"reveal.js-{REVEAL_VERSION}"
     files = {
         "js": base / "reveal.js",
@@ -308,7 +318,8 @@ def render_deck(title: str, slides: list[str], assets: dict) -> str:
     "One self-contained HTML page: reveal.js inlined, one <section> per slide."
     sections = "\n".join(f"<section>{s}</section>" for s in slides)
     return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<html lang="en"><head><meta charset="utf-8">\
+<meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{html.escape(title)}</title>
 <style>{assets["css"]}</style><style>{assets["theme"]}</style><style>{_CSS}</style></head>
 <body data-slide-count="{len(slides)}"><div class="reveal"><div class="slides">
@@ -316,7 +327,8 @@ def render_deck(title: str, slides: list[str], assets: dict) -> str:
 </div></div>
 <script>{assets["js"]}</script>
 <script>
-Reveal.initialize({{hash: true, width: 1280, height: 720, margin: 0.04, controls: true, progress: true,
+Reveal.initialize({{hash: true, width: 1280, height: 720, margin: 0.04, \
+controls: true, progress: true,
                    slideNumber: 'c/t', transition: 'none', center: false}})
   .then(() => document.body.setAttribute('data-deck-ready', String(Reveal.getTotalSlides())));
 </script>
@@ -330,7 +342,8 @@ def execute_notebook(src: Path, dest: Path, timeout: int = 900) -> Path:
     from nbclient import NotebookClient
 
     nb = read_notebook(src)
-    # the kernel inherits the environment: quick profile, and inline figures even where MPLBACKEND=Agg (CI, scripts)
+    # the kernel inherits the environment: quick profile, and inline figures even where
+    # MPLBACKEND=Agg (CI, scripts)
     want = {
         "SSL_COURSE_PROFILE": "quick",
         "MPLBACKEND": "module://matplotlib_inline.backend_inline",
@@ -365,7 +378,8 @@ def build_decks(
     root: str | Path | None = None,
     verbose: bool = False,
 ) -> list[Path]:
-    "Build the deck of each chapter (all, or those whose notebook name starts with one of `names`); return the paths."
+    """Build the deck of each chapter (all, or those whose notebook name starts with one of
+    `names`); return the paths."""
     root = course_root(root)
     out = Path(out) if out else root / "slides" / "build"
     executed = Path(executed) if executed else root / "build" / "executed"
@@ -389,15 +403,18 @@ def build_decks(
         if verbose:
             print(
                 f"{dest.relative_to(root) if dest.is_relative_to(root) else dest}: "
-                f"{len(deck_slides(o))} slides{'' if o.has_figures else ' (no figures: no current executed copy)'}"
+                f"{len(deck_slides(o))} slides"
+                f"{'' if o.has_figures else ' (no figures: no current executed copy)'}"
             )
     links = "".join(
         f'<li><a href="{p.name}">{html.escape(outline(n).title)}</a> <small>({p.stem})</small></li>'
         for p, n in zip(paths, nbs)
     )
     (out / "index.html").write_text(
-        f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>ssl-course slides</title></head>'
-        f'<body style="font-family:sans-serif"><h1>ssl-course: slide decks</h1><ol>{links}</ol></body></html>',
+        '<!doctype html><html lang="en"><head><meta charset="utf-8">'
+        "<title>ssl-course slides</title></head>"
+        '<body style="font-family:sans-serif"><h1>ssl-course: slide decks</h1>'
+        f"<ol>{links}</ol></body></html>",
         encoding="utf-8",
     )
     return paths
@@ -419,7 +436,8 @@ def solution_exercises(cell) -> list[int]:
 
 
 def student_notebook(nb):
-    "A student copy of the chapter `nb`: solution cells replaced by empty exercise cells, no outputs, RISE metadata."
+    """A student copy of the chapter `nb`: solution cells replaced by empty exercise cells,
+    no outputs, RISE metadata."""
     nb = copy.deepcopy(nb)
     cells = []
     for cell in nb.cells:
@@ -449,8 +467,9 @@ def _nb_text(nb) -> str:
 def write_student_notebooks(
     out: str | Path | None = None, check: bool = False, root: str | Path | None = None
 ) -> list[Path]:
-    """Write the student version of every chapter to `out` (default `student/`); with `check=True` write nothing and
-    return the student notebooks that are missing or differ from what the sources give (and stale extra files)."""
+    """Write the student version of every chapter to `out` (default `student/`); with `check=True`
+    write nothing and return the student notebooks that are missing or differ from what the
+    sources give (and stale extra files)."""
     root = course_root(root)
     out = Path(out) if out else root / "student"
     wanted = {}
@@ -490,12 +509,14 @@ def check_chapter(path: str | Path, min_exercises: int = 3) -> list[str]:
         re.search(r"quick", s, re.I) and re.search(r"\d\.\d\d", s) for s in texts
     ):
         problems.append(
-            "no expected quick-profile results (a cell asserting what the prose claims about the run, with a "
-            "comment saying so, or a markdown cell quoting numbers, e.g. 'quick profile ... 0.65')"
+            "no expected quick-profile results (a cell asserting what the prose claims about "
+            "the run, with a comment saying so, or a markdown cell quoting numbers, e.g. "
+            "'quick profile ... 0.65')"
         )
     if not any(re.search(r"full[- ]profile", s, re.I) for s in texts):
         problems.append(
-            "nothing about the full profile (its protocol and numbers, or that they are not measured yet)"
+            "nothing about the full profile (its protocol and numbers, "
+            "or that they are not measured yet)"
         )
     ex = o.section("Exercises")
     items = [int(n) for n in re.findall(r"(?m)^(\d+)\.\s", ex.markdown)] if ex else []
@@ -505,7 +526,8 @@ def check_chapter(path: str | Path, min_exercises: int = 3) -> list[str]:
     unsolved = [n for n in items if n not in solved]
     if unsolved:
         problems.append(
-            f"no solution cell for exercise(s) {unsolved} (a '#| hide' cell starting '# Exercise N solution')"
+            f"no solution cell for exercise(s) {unsolved} "
+            "(a '#| hide' cell starting '# Exercise N solution')"
         )
     if not re.search(r"\*\*Quiz", md):
         problems.append("no quiz ('**Quiz.**' under the exercises)")

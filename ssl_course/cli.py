@@ -119,12 +119,14 @@ def _budget_get(b, key, default):
 
 
 def _fresh_checkpoints(folder: Path, resume: bool, say) -> Path:
-    "A run that does not resume starts from an empty checkpoint folder (a stale `latest` would confuse a later --resume)."
+    """A run that does not resume starts from an empty checkpoint folder (a stale `latest` would
+    confuse a later --resume)."""
     if not resume and folder.exists() and any(folder.iterdir()):
         import shutil
 
         say(
-            f"note: starting a new run; removing old checkpoints in {folder} (use --resume to continue them)"
+            f"note: starting a new run; removing old checkpoints in {folder} "
+            "(use --resume to continue them)"
         )
         shutil.rmtree(folder)
     return folder
@@ -136,7 +138,8 @@ def _mean_pm(summary, method, k) -> str:
 
 
 def _supervised_hparams(b, make_encoder, train, dev, say) -> tuple[dict, str]:
-    "The zoo's supervised protocol: lr and length chosen on a validation split (the zoo's file, else this pool's)."
+    """The zoo's supervised protocol: lr and length chosen on a validation split (the zoo's file,
+    else this pool's)."""
     from ssl_course import zoo
 
     rec = zoo.get_recipe("simclr-fmnist-cnn")
@@ -148,10 +151,12 @@ def _supervised_hparams(b, make_encoder, train, dev, say) -> tuple[dict, str]:
     if cached is not None:
         return (
             cached["supervised"]["hparams"],
-            f"chosen on a validation split of the pool ({zoo.baselines_path(rec.dataset, rec.backbone).name})",
+            "chosen on a validation split of the pool "
+            f"({zoo.baselines_path(rec.dataset, rec.backbone).name})",
         )
     say(
-        "choosing the supervised baseline's learning rate and length on a validation split of the pool ..."
+        "choosing the supervised baseline's learning rate and length on a validation "
+        "split of the pool ..."
     )
     return zoo.choose_supervised_hparams(
         make_encoder, train, dev, verbose=False
@@ -172,9 +177,10 @@ def run_demo(
     verbose: bool = True,
     use_zoo: bool = True,
 ) -> dict:
-    """Pretrain SimCLR live on the profile's unlabelled images, then compare on the same few labelled images (mean +- std
-    over labelled draws): its linear probe, the zoo's longer-trained SimCLR, raw pixels, the random-init encoder and the
-    same network trained from scratch (the zoo's supervised protocol); and the label multiplier of both SimCLR rows.
+    """Pretrain SimCLR live on the profile's unlabelled images, then compare on the same few
+    labelled images (mean +- std over labelled draws): its linear probe, the zoo's longer-trained
+    SimCLR, raw pixels, the random-init encoder and the same network trained from scratch
+    (the zoo's supervised protocol); and the label multiplier of both SimCLR rows.
     Returns the report (also written to `out_dir`)."""
     from ssl_course import zoo
     from ssl_course.label_efficiency import format_multiplier, label_multiplier
@@ -219,8 +225,9 @@ def run_demo(
         _budget_get(b, "demo_temperature", _budget_get(b, "simclr_temperature", 0.5))
     )
     say(
-        f"ssl-course demo | profile {settings.profile} | {name}: pretraining on {len(train)} unlabelled images "
-        f"({test.channels}x{test.image_size}x{test.image_size}), {length} x batch {batch} | device {dev}"
+        f"ssl-course demo | profile {settings.profile} | {name}: pretraining on {len(train)} "
+        f"unlabelled images ({test.channels}x{test.image_size}x{test.image_size}), "
+        f"{length} x batch {batch} | device {dev}"
     )
     say(f"hardware: {hardware_summary(dev)}")
 
@@ -267,13 +274,15 @@ def run_demo(
         and set(counts) <= set(zoo.PROTOCOL["labels_per_class"])
     )
     if protocol:
-        # The zoo's protocol: labelled draws from all 60,000 training images, all 10,000 test images; the baselines
-        # (raw pixels, random init, the same CNN trained from scratch with its lr/length chosen on a validation split)
-        # come from zoo/baselines-*.json, measured by `ssl-course zoo evaluate` on exactly these labelled images.
+        # The zoo's protocol: labelled draws from all 60,000 training images, all 10,000 test
+        # images; the baselines (raw pixels, random init, the same CNN trained from scratch with its
+        # lr/length chosen on a validation split) come from zoo/baselines-*.json, measured by
+        # `ssl-course zoo evaluate` on exactly these labelled images.
         bl = zoo.load_baselines(rec)
         if bl is None:
             say(
-                "computing the zoo's baselines once (raw pixels, random init, supervised from scratch) ..."
+                "computing the zoo's baselines once (raw pixels, random init, "
+                "supervised from scratch) ..."
             )
             bl = zoo.compute_baselines(rec, dev, verbose=verbose)
         pool, test = zoo._eval_data(name, None, None, settings.data_dir)
@@ -301,9 +310,14 @@ def run_demo(
                 card = zoo.load_card(rec.name)
                 if not card["metrics"]:
                     raise zoo.ZooError(
-                        f"{rec.name} is trained but not evaluated (ssl-course zoo evaluate {rec.name})"
+                        f"{rec.name} is trained but not evaluated "
+                        f"(ssl-course zoo evaluate {rec.name})"
                     )
-                zoo_row = f"SimCLR (zoo: {card['steps']} steps, {card['training']['wall_time_s'] / 60:.0f} min on {card['device']}) + linear probe"
+                zoo_row = (
+                    f"SimCLR (zoo: {card['steps']} steps, "
+                    f"{card['training']['wall_time_s'] / 60:.0f} min on {card['device']}) "
+                    "+ linear probe"
+                )
                 add(zoo_row, card["metrics"]["probe"], counts)
                 zoo_info = {
                     "name": card["name"],
@@ -329,7 +343,8 @@ def run_demo(
         knn_all = knn_accuracy(ftr, ytr, fte, yte, k=20, temperature=0.07)
         eval_pool, eval_test = len(pool), len(test)
     else:
-        # Another dataset or size: every baseline is computed here, on this run's pool and test images.
+        # Another dataset or size: every baseline is computed here, on this run's pool and
+        # test images.
         ftr, ytr = embed(method.encoder, train, device=dev)
         fte, yte = embed(method.encoder, test, device=dev)
         torch.manual_seed(settings.seed + 1)
@@ -463,13 +478,15 @@ def run_demo(
     tmp.write_text(json.dumps(report, indent=2))
     tmp.replace(out / "report.json")
     say(
-        f"\nSimCLR pretraining: {hist.rows[-1]['step']} steps in {pretrain_s:.0f} s on {len(train)} unlabelled images, loss "
-        f"{hist['loss'][0]:.3f} -> {hist['loss'][-1]:.3f}; kNN accuracy with all {eval_pool} pool labels: {knn_all:.3f}"
+        f"\nSimCLR pretraining: {hist.rows[-1]['step']} steps in {pretrain_s:.0f} s on "
+        f"{len(train)} unlabelled images, loss {hist['loss'][0]:.3f} -> {hist['loss'][-1]:.3f}; "
+        f"kNN accuracy with all {eval_pool} pool labels: {knn_all:.3f}"
     )
     say(
-        f"\nTest accuracy on {eval_test} test images with few labels drawn from {eval_pool} images (mean +- std over "
-        f"{n_seeds} labelled draw{'s' * (n_seeds > 1)}; the same labelled images in every column; supervised: lr {hp['lr']:g}, "
-        f">= {hp['min_steps']} steps, augmentation; {hp_source}):"
+        f"\nTest accuracy on {eval_test} test images with few labels drawn from {eval_pool} images "
+        f"(mean +- std over {n_seeds} labelled draw{'s' * (n_seeds > 1)}; the same labelled "
+        f"images in every column; supervised: lr {hp['lr']:g}, >= {hp['min_steps']} steps, "
+        f"augmentation; {hp_source}):"
     )
     say(format_table(table))
     for m, ms in multipliers.items():
@@ -479,11 +496,12 @@ def run_demo(
         )
     for c in claims:
         say(
-            f"[{'met' if c['met'] else 'MISSED'}] {c['claim']}: {c['value']:.3f} (needs {c['required']:.3f})"
+            f"[{'met' if c['met'] else 'MISSED'}] {c['claim']}: {c['value']:.3f} "
+            f"(needs {c['required']:.3f})"
         )
     say(
-        f"\nplot: {out / 'label_efficiency.png'}\nreport: {out / 'report.json'}\nencoder: {out / 'encoder.safetensors'}"
-        f"\ntotal time: {report['total_seconds']:.0f} s"
+        f"\nplot: {out / 'label_efficiency.png'}\nreport: {out / 'report.json'}\n"
+        f"encoder: {out / 'encoder.safetensors'}\ntotal time: {report['total_seconds']:.0f} s"
     )
     return report
 
@@ -503,11 +521,13 @@ def run_pretrain(
     progress: bool = True,
     verbose: bool = True,
 ) -> dict:
-    "Pretrain registered `method` and save its encoder; returns a small report (also written as JSON)."
+    """Pretrain registered `method` and save its encoder; returns a small report
+    (also written as JSON)."""
     load_chapter_modules()
     if method not in METHODS:
         raise KeyError(
-            f"unknown method {method!r}; available: {', '.join(sorted(METHODS))} (see `ssl-course list methods`)"
+            f"unknown method {method!r}; available: {', '.join(sorted(METHODS))} "
+            "(see `ssl-course list methods`)"
         )
     info = METHODS[method]
     settings = load_settings(profile=profile, device=device)
@@ -517,7 +537,8 @@ def run_pretrain(
     kind = DATASETS[name].kind if name in DATASETS else None
     if kind is not None and kind != info.modality:
         raise DataError(
-            f"method {method!r} trains on {info.modality} data but dataset {name!r} is {kind}; choose one of: "
+            f"method {method!r} trains on {info.modality} data "
+            f"but dataset {name!r} is {kind}; choose one of: "
             f"{', '.join(d.name for d in list_datasets(info.modality)) or 'none registered'}"
         )
     out = Path(out_dir) if out_dir else Path(settings.reports_dir) / f"pretrain-{method}"
@@ -549,7 +570,8 @@ def run_pretrain(
     else:
         model = info.build(None, data=train)
     say(
-        f"ssl-course pretrain | {method} ({info.paper}) | {name}: {len(train)} items | {length} batch {batch} lr {lr} | {dev}"
+        f"ssl-course pretrain | {method} ({info.paper}) | {name}: {len(train)} items "
+        f"| {length} batch {batch} lr {lr} | {dev}"
     )
     t0 = time.perf_counter()
     hist = fit(
@@ -631,7 +653,8 @@ def zoo_command(
         return 0
     if action in ("train", "evaluate") and len(names) != 1:
         raise ValueError(
-            f"ssl-course zoo {action} takes one recipe name; choose one of: {', '.join(zoo.RECIPES)}"
+            f"ssl-course zoo {action} takes one recipe name; choose one of: "
+            f"{', '.join(zoo.RECIPES)}"
         )
     if action == "train":
         zoo.train_recipe(names[0], device=device, zoo=zoo_path, resume=resume, progress=progress)
@@ -764,7 +787,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "settings":
             s = load_settings(profile=args.profile, device=args.device)
             print(
-                f"{s}\nsettings file: {s.source or '(built-in defaults)'}\nprofiles: {', '.join(s.profiles)}\n"
+                f"{s}\nsettings file: {s.source or '(built-in defaults)'}\n"
+                f"profiles: {', '.join(s.profiles)}\n"
             )
             print(format_table([{"key": k, "value": v} for k, v in sorted(s.budget.items())]))
         elif args.command == "demo":
@@ -842,7 +866,8 @@ def main(argv: list[str] | None = None) -> int:
                     print("student/ is in sync with nbs/")
                 else:
                     print(
-                        f"wrote {len(classroom.write_student_notebooks())} student notebooks to student/"
+                        f"wrote {len(classroom.write_student_notebooks())} student notebooks "
+                        "to student/"
                     )
             else:
                 problems = classroom.check_chapters()
@@ -851,7 +876,8 @@ def main(argv: list[str] | None = None) -> int:
                 if problems:
                     return 1
                 print(
-                    "every lesson has objectives, expected numbers, >= 3 exercises with solutions, a quiz and a summary"
+                    "every lesson has objectives, expected numbers, >= 3 exercises with solutions, "
+                    "a quiz and a summary"
                 )
     except (
         SettingsError,
@@ -867,7 +893,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print(
-            "\ninterrupted; run the same command with --resume to continue from the last checkpoint",
+            "\ninterrupted; run the same command with --resume to continue from the "
+            "last checkpoint",
             file=sys.stderr,
         )
         return 130

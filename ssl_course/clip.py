@@ -44,8 +44,8 @@ def clip_loss(
 ) -> torch.Tensor:
     """CLIP's symmetric cross-entropy (Radford et al., ICML 2021, arXiv:2103.00020).
 
-    `image_features[i]` and `text_features[i]` are a matching pair (N, D); both are L2-normalised here.
-    `logit_scale` is the *exponentiated* inverse temperature (1/0.07 at init, at most 100).
+    `image_features[i]` and `text_features[i]` are a matching pair (N, D); both are L2-normalised
+    here. `logit_scale` is the *exponentiated* inverse temperature (1/0.07 at init, at most 100).
     Returns (CE(image -> text) + CE(text -> image)) / 2 with the diagonal as targets."""
     if image_features.ndim != 2 or text_features.ndim != 2:
         raise ValueError(
@@ -54,13 +54,14 @@ def clip_loss(
         )
     if image_features.shape[0] != text_features.shape[0]:
         raise ValueError(
-            f"mismatched batch sizes: {image_features.shape[0]} images but {text_features.shape[0]} texts; "
-            "CLIP needs one caption per image (pair i is image i with text i)"
+            f"mismatched batch sizes: {image_features.shape[0]} images but "
+            f"{text_features.shape[0]} texts; CLIP needs one caption per image "
+            "(pair i is image i with text i)"
         )
     if image_features.shape[1] != text_features.shape[1]:
         raise ValueError(
-            f"image and text features live in different spaces: widths {image_features.shape[1]} and "
-            f"{text_features.shape[1]}; project both to the same embed_dim"
+            f"image and text features live in different spaces: widths {image_features.shape[1]} "
+            f"and {text_features.shape[1]}; project both to the same embed_dim"
         )
     if image_features.shape[0] < 2:
         raise ValueError("clip_loss needs at least 2 pairs (otherwise there are no negatives)")
@@ -73,7 +74,8 @@ def clip_loss(
 
 # %% ../nbs/19_clip.ipynb #f1be95f6
 class WordTokenizer:
-    "Word-level tokenizer over a fixed vocabulary: `<pad>`=0, `<sos>`=1, `<eos>`=2, `<unk>`=3, then the words."
+    """Word-level tokenizer over a fixed vocabulary: `<pad>`=0, `<sos>`=1, `<eos>`=2,
+    `<unk>`=3, then the words."""
 
     specials = ("<pad>", "<sos>", "<eos>", "<unk>")
     pad_id, sos_id, eos_id, unk_id = 0, 1, 2, 3
@@ -103,7 +105,8 @@ class WordTokenizer:
         max_words: int | None = None,
         min_count: int = 1,
     ):
-        "Vocabulary of `texts`, most frequent first (ties alphabetical), optionally capped at `max_words`."
+        """Vocabulary of `texts`, most frequent first (ties alphabetical),
+        optionally capped at `max_words`."""
         counts = Counter(w for t in texts for w in cls.words_of(t))
         words = sorted(
             (w for w, c in counts.items() if c >= min_count), key=lambda w: (-counts[w], w)
@@ -117,7 +120,8 @@ class WordTokenizer:
         return f"WordTokenizer({len(self)} tokens, context_length={self.context_length})"
 
     def encode(self, texts: str | Sequence[str]) -> torch.Tensor:
-        "Token ids (N, context_length): <sos> words <eos> <pad>...; long captions are cut (keeping <eos>)."
+        """Token ids (N, context_length): <sos> words <eos> <pad>...; long captions are cut
+        (keeping <eos>)."""
         if isinstance(texts, str):
             texts = [texts]
         if len(texts) == 0:
@@ -127,7 +131,8 @@ class WordTokenizer:
             words = self.words_of(t)
             if not words:
                 raise ValueError(
-                    f"caption {i} is empty ({t!r}): every image needs a caption with at least one word"
+                    f"caption {i} is empty ({t!r}): "
+                    "every image needs a caption with at least one word"
                 )
             ids = (
                 [self.sos_id]
@@ -143,7 +148,8 @@ class WordTokenizer:
 
 # %% ../nbs/19_clip.ipynb #94253dd6
 def masked_block(blk: Block, x: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
-    "Run a `ssl_course.vit.Block` with a key-padding mask: `pad` (N, T) is True where a token must not be attended to."
+    """Run a `ssl_course.vit.Block` with a key-padding mask: `pad` (N, T) is True where a token
+    must not be attended to."""
     a = blk.attn
     b, t, d = x.shape
     q, k, v = a.qkv(blk.norm1(x)).reshape(b, t, 3, a.heads, d // a.heads).permute(2, 0, 3, 1, 4)
@@ -153,7 +159,8 @@ def masked_block(blk: Block, x: torch.Tensor, pad: torch.Tensor) -> torch.Tensor
 
 
 class TextEncoder(nn.Module):
-    "Token + position embeddings, `Block`s with a padding mask, final norm; the sentence feature is the `<eos>` token's."
+    """Token + position embeddings, `Block`s with a padding mask, final norm;
+    the sentence feature is the `<eos>` token's."""
 
     def __init__(
         self,
@@ -184,7 +191,8 @@ class TextEncoder(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if ids.ndim != 2 or ids.dtype != torch.long:
             raise ValueError(
-                f"TextEncoder expects token ids (N, T) of dtype long; got {tuple(ids.shape)} {ids.dtype}"
+                "TextEncoder expects token ids (N, T) of dtype long; "
+                f"got {tuple(ids.shape)} {ids.dtype}"
             )
         if ids.shape[1] > self.context_length:
             raise ValueError(
@@ -193,7 +201,8 @@ class TextEncoder(nn.Module):
         pad = ids == self.pad_id
         if pad.all(1).any():
             raise ValueError(
-                "a caption is empty (all <pad>): every image needs a caption with at least one token"
+                "a caption is empty (all <pad>): "
+                "every image needs a caption with at least one token"
             )
         if ids.max() >= self.vocab_size:
             raise ValueError(f"token id {ids.max().item()} >= vocab_size {self.vocab_size}")
@@ -217,7 +226,8 @@ def clip_vit(
     depth: int = 3,
     heads: int = 4,
 ) -> ViT:
-    "The chapter's image tower: the course's ViT with about 16 patches (7 px patches at 28 px, 8 px at 32 px)."
+    """The chapter's image tower: the course's ViT with about 16 patches (7 px patches at 28 px,
+    8 px at 32 px)."""
     if patch_size is None:
         patch_size = next((p for p in (image_size // 4, 7, 8, 4) if p and image_size % p == 0), 1)
     return ViT(
@@ -226,7 +236,8 @@ def clip_vit(
 
 
 def clip_image_tower(name: str = "small_cnn", channels: int = 1, image_size: int = 28) -> nn.Module:
-    "'small_cnn' (the course's CNN at width 16: fast to train on a CPU) or 'vit' (`clip_vit`, as in the paper)."
+    """'small_cnn' (the course's CNN at width 16: fast to train on a CPU) or 'vit' (`clip_vit`,
+    as in the paper)."""
     if name == "small_cnn":
         from ssl_course.backbones import SmallConvNet
 
@@ -237,7 +248,8 @@ def clip_image_tower(name: str = "small_cnn", channels: int = 1, image_size: int
 
 
 class CLIP(SSLMethod):
-    "Contrastive Language-Image Pre-training (Radford et al., ICML 2021): two towers, one shared space, `clip_loss`."
+    """Contrastive Language-Image Pre-training (Radford et al., ICML 2021): two towers,
+    one shared space, `clip_loss`."""
 
     def __init__(
         self,
@@ -321,8 +333,9 @@ def build_clip(
     text_depth: int = 2,
     **kw,
 ) -> CLIP:
-    """A CLIP for `data` (an `ImageTextDataset`: its tokenizer, channels and size), or for explicit sizes.
-    Without `encoder`, the image tower is `image_tower` (default: the profile's `clip_image_tower`, else 'small_cnn')."""
+    """A CLIP for `data` (an `ImageTextDataset`: its tokenizer, channels and size),
+    or for explicit sizes. Without `encoder`, the image tower is `image_tower` (default:
+    the profile's `clip_image_tower`, else 'small_cnn')."""
     tokenizer = tokenizer or getattr(data, "tokenizer", None)
     if tokenizer is None:
         raise ValueError(
@@ -348,8 +361,9 @@ def build_clip(
 
 # %% ../nbs/19_clip.ipynb #10642ffb
 class ImageTextDataset(Dataset):
-    """Images (N, C, H, W) uint8 and captions. `caption_sets[s]` is a list of sentences; image i uses set `set_index[i]`.
-    Items are `(image float in [0, 1], token_ids (context_length,))` with one caption drawn at random from the set."""
+    """Images (N, C, H, W) uint8 and captions. `caption_sets[s]` is a list of sentences; image i
+    uses set `set_index[i]`. Items are `(image float in [0, 1], token_ids (context_length,))` with
+    one caption drawn at random from the set."""
 
     def __init__(
         self,
@@ -410,8 +424,9 @@ class ImageTextDataset(Dataset):
     def __repr__(self):
         c, h, w = self.images.shape[1:]
         return (
-            f"ImageTextDataset({self.name or '?'}:{self.split or '?'}, n={len(self)}, {c}x{h}x{w}, "
-            f"{len(self.caption_sets)} caption sets, {len(self.tokens)} captions, vocab {len(self.tokenizer)})"
+            f"ImageTextDataset({self.name or '?'}:{self.split or '?'}, n={len(self)}, "
+            f"{c}x{h}x{w}, {len(self.caption_sets)} caption sets, {len(self.tokens)} captions, "
+            f"vocab {len(self.tokenizer)})"
         )
 
     @property
@@ -487,7 +502,8 @@ FASHION_TEMPLATES = [
     "a blurry photo of my {}.",
     "a centred image of one {}.",
 ]
-# prompts for zero-shot classification: recombine caption words, but none is a training caption verbatim
+# prompts for zero-shot classification: recombine caption words, but none is a training
+# caption verbatim
 FASHION_PROMPTS = [
     "a picture of a {}.",
     "a photo of the {}.",
@@ -608,8 +624,8 @@ def render_shapes(
     tokenizer: WordTokenizer | None = None,
     split: str = "",
 ) -> ImageTextDataset:
-    """`n` RGB images of one coloured shape each, with compositional captions; deterministic given `seed`.
-    `pairs`: the (colour, shape) pairs to draw from (default: all 20)."""
+    """`n` RGB images of one coloured shape each, with compositional captions; deterministic given
+    `seed`. `pairs`: the (colour, shape) pairs to draw from (default: all 20)."""
     from PIL import Image, ImageDraw
 
     colours = list(SHAPE_COLOURS)
@@ -769,8 +785,9 @@ def zero_shot_classifier(
     templates: str | Sequence[str],
     tokenizer: WordTokenizer | None = None,
 ) -> torch.Tensor:
-    """Class prototypes (C, D): for each class, the mean of the normalised text features of every template filled with
-    its name, normalised again (CLIP's prompt ensembling). `templates` contain '{}' where the name goes."""
+    """Class prototypes (C, D): for each class, the mean of the normalised text features
+    of every template filled with its name, normalised again (CLIP's prompt ensembling).
+    `templates` contain '{}' where the name goes."""
     templates = [templates] if isinstance(templates, str) else list(templates)
     if not templates or not all("{}" in t for t in templates):
         raise ValueError(
@@ -810,7 +827,8 @@ def zero_shot_accuracy(
     tokenizer: WordTokenizer | None = None,
     labels: torch.Tensor | None = None,
 ) -> float:
-    "Top-1 accuracy of zero-shot classification of `data` (a dataset with .images/.labels, or images + `labels=`)."
+    """Top-1 accuracy of zero-shot classification of `data` (a dataset with .images/.labels,
+    or images + `labels=`)."""
     images = data.images if hasattr(data, "images") else torch.as_tensor(data)
     labels = torch.as_tensor(data.labels if labels is None else labels).cpu()
     if len(images) != len(labels):
@@ -827,9 +845,10 @@ def recall_at_k(
     query_ids: torch.Tensor | None = None,
     gallery_ids: torch.Tensor | None = None,
 ) -> dict[int, float]:
-    """Recall@K for every K in `ks`: the fraction of queries (rows of `similarity`, (Q, G)) with at least one correct
-    gallery item among their K highest scores. Gallery item j is correct for query i when gallery_ids[j] == query_ids[i]
-    (default: the diagonal, j == i). Ties count against the query."""
+    """Recall@K for every K in `ks`: the fraction of queries (rows of `similarity`, (Q, G))
+    with at least one correct gallery item among their K highest scores. Gallery item j is
+    correct for query i when gallery_ids[j] == query_ids[i] (default: the diagonal, j == i).
+    Ties count against the query."""
     if similarity.ndim != 2:
         raise ValueError(f"similarity must be (queries, gallery); got {tuple(similarity.shape)}")
     q, g = similarity.shape
@@ -837,7 +856,8 @@ def recall_at_k(
     gallery_ids = torch.arange(g) if gallery_ids is None else torch.as_tensor(gallery_ids)
     if len(query_ids) != q or len(gallery_ids) != g:
         raise ValueError(
-            f"{q} queries x {g} gallery items, but {len(query_ids)} query ids and {len(gallery_ids)} gallery ids"
+            f"{q} queries x {g} gallery items, but {len(query_ids)} query ids and "
+            f"{len(gallery_ids)} gallery ids"
         )
     sim = similarity.float().cpu()
     correct = query_ids.cpu()[:, None] == gallery_ids.cpu()[None, :]

@@ -315,8 +315,9 @@ class Budget(dict):
             ) from None
 
     def length(self, prefix: str = "") -> dict:
-        """Training length for `fit`: `{'steps': n}` from `<prefix>_steps` (or `steps`) when it is > 0,
-        else `{'epochs': n}` from `<prefix>_epochs` (or `epochs`). Lets one notebook line serve both profiles."""
+        """Training length for `fit`: `{'steps': n}` from `<prefix>_steps` (or `steps`)
+        when it is > 0, else `{'epochs': n}` from `<prefix>_epochs` (or `epochs`).
+        Lets one notebook line serve both profiles."""
         pre = f"{prefix}_" if prefix else ""
         steps = self.get(f"{pre}steps", self.get("steps", 0))
         if steps:
@@ -349,13 +350,15 @@ class Settings:
 
     def __repr__(self):
         return (
-            f"Settings(profile={self.profile!r}, device={self.device!r}, seed={self.seed}, "
-            f"data_dir='{self.data_dir}', source={str(self.source) if self.source else 'built-in defaults'!r})"
+            f"Settings(profile={self.profile!r}, device={self.device!r}, "
+            f"seed={self.seed}, data_dir='{self.data_dir}', "
+            f"source={str(self.source) if self.source else 'built-in defaults'!r})"
         )
 
 # %% ../nbs/02_core.ipynb #af7e0544
 def find_settings_file(start: str | Path | None = None) -> Path | None:
-    "`$SSL_COURSE_SETTINGS`, else the nearest `settings.ini` with a `[course]` section from `start` (default: cwd) upwards, else the repository's own file."
+    """`$SSL_COURSE_SETTINGS`, else the nearest `settings.ini` with a `[course]` section from
+    `start` (default: cwd) upwards, else the repository's own file."""
     env = os.environ.get(SETTINGS_ENV)
     if env:
         p = Path(env).expanduser()
@@ -393,9 +396,10 @@ def load_settings(
 ) -> Settings:
     """Read the course settings.
 
-    `path`: a settings.ini (default: `find_settings_file()`); `profile`/`device`: explicit overrides;
-    `overrides`: budget values to replace (e.g. `steps=50`). Environment variables beat the file,
-    explicit arguments beat both, and under `nbdev-test` (`IN_TEST`) the profile is forced to `quick`."""
+    `path`: a settings.ini (default: `find_settings_file()`); `profile`/`device`:
+    explicit overrides; `overrides`: budget values to replace (e.g. `steps=50`).
+    Environment variables beat the file, explicit arguments beat both, and under `nbdev-test`
+    (`IN_TEST`) the profile is forced to `quick`."""
     cp = configparser.ConfigParser(inline_comment_prefixes=(";", "#"), interpolation=None)
     src = Path(path) if path is not None else find_settings_file()
     if src is not None:
@@ -445,7 +449,8 @@ def load_settings(
     for k, v in overrides.items():
         if k not in budget:
             raise SettingsError(
-                f"unknown budget key {k!r} for profile {profile!r}; known: {', '.join(sorted(budget))}"
+                f"unknown budget key {k!r} for profile {profile!r}; known: "
+                f"{', '.join(sorted(budget))}"
             )
         budget[k] = v
     data_dir = Path(
@@ -472,7 +477,8 @@ def get_settings(**kwargs) -> Settings:
 
 # %% ../nbs/02_core.ipynb #ddc059be
 def get_device(spec: str | torch.device | None = None) -> torch.device:
-    "Resolve `spec` (default: the settings' device) to a `torch.device`: auto -> cuda -> mps -> cpu."
+    """Resolve `spec` (default: the settings' device) to a `torch.device`:
+    auto -> cuda -> mps -> cpu."""
     if isinstance(spec, torch.device):
         return spec
     s = _check_device(
@@ -502,7 +508,8 @@ def get_device(spec: str | torch.device | None = None) -> torch.device:
 
 # %% ../nbs/02_core.ipynb #31f9020c
 def seed_everything(seed: int | None = None, deterministic: bool | None = None) -> int:
-    "Seed random, numpy and torch (CPU and all GPUs); optionally switch torch to deterministic kernels."
+    """Seed random, numpy and torch (CPU and all GPUs); optionally switch torch to
+    deterministic kernels."""
     s = get_settings() if seed is None or deterministic is None else None
     seed = s.seed if seed is None else int(seed)
     deterministic = s.deterministic if deterministic is None else deterministic

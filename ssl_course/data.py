@@ -40,14 +40,16 @@ class DataError(ValueError):
 
 
 class DatasetUnavailableError(RuntimeError):
-    "A dataset is neither on disk nor downloadable right now; the message says what to install or download."
+    """A dataset is neither on disk nor downloadable right now; the message says what to install or
+    download."""
 
 
 UNLABELED = -1
 
 
 class LabelledDataset(Dataset):
-    "Base of the course's datasets (images, text, audio): `labels` (-1 = unlabelled) and optional `classes` names."
+    """Base of the course's datasets (images, text, audio): `labels` (-1 = unlabelled) and optional
+    `classes` names."""
 
     @property
     def num_classes(self) -> int:
@@ -88,7 +90,8 @@ class ImageDataset(LabelledDataset):
             )
         if images.dtype != torch.uint8:
             raise DataError(
-                f"images must be uint8 (0..255); got {images.dtype}. Convert with (x * 255).round().to(torch.uint8)"
+                f"images must be uint8 (0..255); got {images.dtype}. "
+                "Convert with (x * 255).round().to(torch.uint8)"
             )
         n = images.shape[0]
         labels = (
@@ -112,7 +115,10 @@ class ImageDataset(LabelledDataset):
     def __repr__(self):
         c, h, w = self.images.shape[1:]
         lab = "unlabelled" if not self.is_labeled else f"{self.num_classes} classes"
-        return f"ImageDataset({self.name or '?'}:{self.split or '?'}, n={len(self)}, {c}x{h}x{w}, {lab})"
+        return (
+            f"ImageDataset({self.name or '?'}:{self.split or '?'}, n={len(self)}, "
+            f"{c}x{h}x{w}, {lab})"
+        )
 
     @property
     def channels(self) -> int:
@@ -138,7 +144,8 @@ class ImageDataset(LabelledDataset):
         return d
 
     def without_labels(self) -> "ImageDataset":
-        "The same images with every label hidden (-1): what a self-supervised method is allowed to see."
+        """The same images with every label hidden (-1): what a self-supervised method is allowed to
+        see."""
         return self._like(self.images, torch.full_like(self.labels, UNLABELED))
 
     def resized(self, size: int) -> "ImageDataset":
@@ -158,7 +165,8 @@ class ImageDataset(LabelledDataset):
         return self._like(torch.cat(out), self.labels)
 
     def as_tensors(self, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-        "All images as floats in [0, 1] and the labels, optionally on `device` (no transform applied)."
+        """All images as floats in [0, 1] and the labels, optionally on `device`
+        (no transform applied)."""
         return self.images.to(device).float().div_(255), self.labels.to(device)
 
 # %% ../nbs/03_data.ipynb #85995fdf
@@ -346,17 +354,34 @@ FASHION_CLASSES = [
 FASHION_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
 # SHA-256 of the published .gz files (what a download must match)...
 FASHION_GZ_SHA256 = {
-    "train-images-idx3-ubyte.gz": "3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84",
-    "train-labels-idx1-ubyte.gz": "a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845",
-    "t10k-images-idx3-ubyte.gz": "346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073",
-    "t10k-labels-idx1-ubyte.gz": "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5",
+    "train-images-idx3-ubyte.gz": (
+        "3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84"
+    ),
+    "train-labels-idx1-ubyte.gz": (
+        "a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845"
+    ),
+    "t10k-images-idx3-ubyte.gz": (
+        "346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073"
+    ),
+    "t10k-labels-idx1-ubyte.gz": (
+        "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5"
+    ),
 }
-# ...and of their decompressed contents, which also identifies a recompressed system copy (Debian's).
+# ...and of their decompressed contents, which also identifies a recompressed system
+# copy (Debian's).
 FASHION_RAW_SHA256 = {
-    "train-images-idx3-ubyte.gz": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
-    "train-labels-idx1-ubyte.gz": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
-    "t10k-images-idx3-ubyte.gz": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
-    "t10k-labels-idx1-ubyte.gz": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
+    "train-images-idx3-ubyte.gz": (
+        "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888"
+    ),
+    "train-labels-idx1-ubyte.gz": (
+        "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9"
+    ),
+    "t10k-images-idx3-ubyte.gz": (
+        "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b"
+    ),
+    "t10k-labels-idx1-ubyte.gz": (
+        "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34"
+    ),
 }
 FASHION_SYSTEM_DIRS = [Path("/usr/share/datasets/fashion-mnist")]
 
@@ -400,8 +425,11 @@ def _load_fashion(split, data_dir=None, download=None):
         FASHION_URL,
         data_dir,
         download,
-        fix="install the Debian package (sudo apt-get install dataset-fashion-mnist), or put the four "
-        f"*-ubyte.gz files from {FASHION_URL} into {dataset_dir('fashion_mnist', data_dir)}, or allow network access",
+        fix=(
+            "install the Debian package (sudo apt-get install dataset-fashion-mnist), "
+            f"or put the four *-ubyte.gz files from {FASHION_URL} into "
+            f"{dataset_dir('fashion_mnist', data_dir)}, or allow network access"
+        ),
         check=_fashion_check,
     )
     pre = "train" if split == "train" else "t10k"
@@ -504,7 +532,8 @@ def _load_cifar10(split, data_dir=None, download=None):
     ("train", "test", "unlabeled"),
     "online only (download ~2.6 GB, SHA-256 checked)",
     "96x96 colour images, 10 classes: 5k labelled train, 8k test, 100k unlabelled",
-    "Coates, Lee & Ng, An Analysis of Single-Layer Networks in Unsupervised Feature Learning, AISTATS 2011",
+    "Coates, Lee & Ng, An Analysis of Single-Layer Networks in Unsupervised Feature Learning, "
+    "AISTATS 2011",
 )
 def _load_stl10(split, data_dir=None, download=None):
     files = find_or_download(
@@ -572,7 +601,8 @@ def load_dataset(
 ):
     """Load registered dataset `name` (see `list_datasets()`) and its `split`.
 
-    `download`: None = when the network allows (unless SSL_COURSE_OFFLINE=1), False = never, True = allowed;
+    `download`: None = when the network allows (unless SSL_COURSE_OFFLINE=1),
+    False = never, True = allowed;
     `max_items`: stratified subset size (0/None = all); `image_size`: resize images once."""
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; registered: {', '.join(sorted(DATASETS))}")
@@ -592,7 +622,8 @@ def load_dataset(
 def sample_per_class(
     labels: torch.Tensor, k: int | None = None, fraction: float | None = None, seed: int = 0
 ) -> torch.Tensor:
-    "Indices of `k` items per class, or of `fraction` of each class (at least one), drawn with `seed`."
+    """Indices of `k` items per class, or of `fraction` of each class (at least one), drawn with
+    `seed`."""
     labels = torch.as_tensor(labels)
     if (k is None) == (fraction is None):
         raise DataError("give exactly one of labels_per_class (k) or fraction")
@@ -630,7 +661,10 @@ class SSLSplit:
 
     def __repr__(self):
         per = torch.bincount(self.labeled.labels).tolist()
-        return f"SSLSplit(unlabeled={len(self.unlabeled)}, labeled={len(self.labeled)}, labels per class={per})"
+        return (
+            f"SSLSplit(unlabeled={len(self.unlabeled)}, labeled={len(self.labeled)}, "
+            f"labels per class={per})"
+        )
 
 
 def ssl_split(
@@ -652,7 +686,8 @@ def ssl_split(
 
 # %% ../nbs/03_data.ipynb #6cdd6978
 class MultiViewDataset(Dataset):
-    "Items `([view_1, ..., view_n], label)`: `n_views` draws of `transform`, or one per transform in a list."
+    """Items `([view_1, ..., view_n], label)`: `n_views` draws of `transform`, or one per transform
+    in a list."""
 
     def __init__(self, dataset, transform: Callable | Sequence[Callable], n_views: int = 2):
         self.dataset = dataset
@@ -662,7 +697,8 @@ class MultiViewDataset(Dataset):
         if not self.transforms:
             raise DataError("MultiViewDataset needs at least one transform")
         base = getattr(dataset, "with_transform", None)
-        # Read raw uint8 images when the dataset supports it, so each view starts from the original pixels.
+        # Read raw uint8 images when the dataset supports it,
+        # so each view starts from the original pixels.
         self._raw = base(lambda x: x) if base else dataset
 
     def __len__(self):

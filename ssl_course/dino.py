@@ -30,15 +30,17 @@ def dino_loss(
     student_temp: float = 0.1,
     teacher_temp: float = 0.04,
 ) -> torch.Tensor:
-    """DINO's self-distillation loss (Caron et al. 2021). `student_out`: per-view logits (N, K) for all V views,
-    the first len(teacher_out) being the global views the teacher also saw; `teacher_out`: per-view teacher
-    logits (no gradient). Cross-entropy H(softmax((t - center)/teacher_temp), softmax(s/student_temp)),
-    averaged over all (teacher view i, student view v != i) pairs and the batch."""
+    """DINO's self-distillation loss (Caron et al. 2021). `student_out`: per-view logits (N, K) for
+    all V views, the first len(teacher_out) being the global views the teacher also saw;
+    `teacher_out`: per-view teacher logits (no gradient). Cross-entropy
+    H(softmax((t - center)/teacher_temp), softmax(s/student_temp)), averaged over all
+    (teacher view i, student view v != i) pairs and the batch."""
     if len(teacher_out) < 1 or len(student_out) < 2:
         raise ValueError("DINO needs >= 1 teacher view and >= 2 student views")
     if len(student_out) < len(teacher_out):
         raise ValueError(
-            "student_out must start with the global views the teacher saw (so it has at least as many views)"
+            "student_out must start with the global views the teacher saw "
+            "(so it has at least as many views)"
         )
     k = teacher_out[0].shape[-1]
     if center.shape[-1] != k:
@@ -59,7 +61,8 @@ def dino_loss(
 def update_center(
     center: torch.Tensor, teacher_out: list[torch.Tensor], momentum: float = 0.9
 ) -> torch.Tensor:
-    "EMA of the teacher's batch-mean output: m * center + (1 - m) * mean over all views, images and processes."
+    """EMA of the teacher's batch-mean output: m * center + (1 - m) * mean over all views, images
+    and processes."""
     t = torch.cat([o.detach().float() for o in teacher_out])
     batch_sum, count = t.sum(0, keepdim=True), torch.tensor([float(len(t))], device=t.device)
     if get_world_size() > 1:
@@ -69,7 +72,8 @@ def update_center(
 
 # %% ../nbs/15_dino.ipynb #8679ebf1
 class DINOHead(nn.Module):
-    "DINO projection head: MLP -> L2 normalise -> weight-normalised linear layer (norms fixed to 1) to `out_dim` logits."
+    """DINO projection head: MLP -> L2 normalise -> weight-normalised linear layer
+    (norms fixed to 1) to `out_dim` logits."""
 
     def __init__(
         self,
@@ -102,9 +106,11 @@ class DINOHead(nn.Module):
 
 
 class DINO(SSLMethod):
-    "DINO (Caron et al. 2021): student backbone+head matches an EMA teacher's centred, sharpened outputs over multi-crop views."
+    """DINO (Caron et al. 2021): student backbone+head matches an EMA teacher's centred, sharpened
+    outputs over multi-crop views."""
 
-    sync_batchnorm = True  # official DINO: SyncBatchNorm in student and teacher when the backbone has BN (ViTs have none)
+    # official DINO: SyncBatchNorm in student and teacher when the backbone has BN (ViTs have none)
+    sync_batchnorm = True
 
     def __init__(
         self,
@@ -159,7 +165,8 @@ class DINO(SSLMethod):
         return [a(x) for a in self.global_aug], [self.local_aug(x) for _ in range(self.n_local)]
 
     def _student(self, views):
-        "Run the student on views grouped by resolution; returns per-view logits in the input order."
+        """Run the student on views grouped by resolution; returns per-view logits in the input
+        order."""
         out = []
         for group in (views[:2], views[2:]):
             if group:

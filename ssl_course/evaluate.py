@@ -70,8 +70,9 @@ def knn_predict(
     num_classes: int | None = None,
     batch_size: int = 1024,
 ) -> torch.Tensor:
-    """Class scores `(N_test, C)` from a cosine-similarity kNN vote weighted by exp(sim / T) (Wu et al. 2018), computed as
-    exp((sim - max sim) / T) per test item, which gives the same vote without overflow at small temperatures."""
+    """Class scores `(N_test, C)` from a cosine-similarity kNN vote weighted by exp(sim / T)
+    (Wu et al. 2018), computed as exp((sim - max sim) / T) per test item, which gives the same vote
+    without overflow at small temperatures."""
     if len(train_feats) == 0:
         raise DataError("kNN needs at least one labelled training feature")
     if (train_labels < 0).any():
@@ -159,8 +160,9 @@ class Classifier(SSLMethod):
     ):
         super().__init__()
         d = dim or feature_dim(encoder)
-        # head_norm: BatchNorm without affine before the linear layer, as in MAE's probing protocol (features whose
-        # class information lives in small per-dimension variations need rescaling before a linear head can use it)
+        # head_norm: BatchNorm without affine before the linear layer, as in MAE's probing protocol
+        # (features whose class information lives in small per-dimension variations need rescaling
+        # before a linear head can use it)
         self.encoder = encoder
         self.head = (
             nn.Sequential(nn.BatchNorm1d(d, affine=False), nn.Linear(d, num_classes))
@@ -209,7 +211,8 @@ class Classifier(SSLMethod):
 
 
 def random_shift(x: torch.Tensor, pad: int = 2, flip: bool = False) -> torch.Tensor:
-    "Batched augmentation on the device: pad by reflection, random crop back (a shift of +-pad px), optional flip."
+    """Batched augmentation on the device: pad by reflection, random crop back
+    (a shift of +-pad px), optional flip."""
     n, _, h, w = x.shape
     xp = F.pad(x, (pad, pad, pad, pad), mode="reflect")
     ix = torch.randint(0, 2 * pad + 1, (n,), device=x.device)
@@ -260,7 +263,8 @@ def fine_tune(
     progress: bool = False,
     **fit_kwargs,
 ) -> FineTuneResult:
-    "Train encoder (a copy by default) + linear head on labelled `train`; report accuracy on `test`."
+    """Train encoder (a copy by default) + linear head on labelled `train`; report accuracy on
+    `test`."""
     if len(train) == 0:
         raise DataError("fine_tune needs a labelled training set; got an empty one")
     if (train.labels < 0).any():
@@ -287,7 +291,8 @@ def fine_tune(
 
 
 def train_supervised(encoder: nn.Module, train, test, **kwargs) -> FineTuneResult:
-    "The supervised baseline: `fine_tune` of a freshly initialised encoder at one learning rate for all layers."
+    """The supervised baseline: `fine_tune` of a freshly initialised encoder at one learning rate
+    for all layers."""
     kwargs.setdefault("backbone_lr_scale", 1.0)
     return fine_tune(encoder, train, test, **kwargs)
 
@@ -299,7 +304,8 @@ def label_efficiency_curve(
     seeds: Sequence[int] = (0, 1, 2),
     verbose: bool = False,
 ) -> list[dict]:
-    "Rows {method, labels_per_class, seed, accuracy} for every evaluator, k and seed (same labelled subset for all)."
+    """Rows {method, labels_per_class, seed, accuracy} for every evaluator, k and seed
+    (same labelled subset for all)."""
     rows = []
     for k in labels_per_class:
         for seed in seeds:
@@ -373,8 +379,9 @@ def few_label_table(
     device=None,
     verbose: bool = True,
 ) -> list[dict]:
-    """One row per label count: a linear probe on each frozen encoder in `encoders` ({name: encoder}) and,
-    when `make_supervised` is given, that network trained from scratch -- all on the same labelled images."""
+    """One row per label count: a linear probe on each frozen encoder in `encoders`
+    ({name: encoder}) and, when `make_supervised` is given, that network trained from scratch -- all
+    on the same labelled images."""
     test_feats = {name: embed(enc, test, device=device) for name, enc in encoders.items()}
     rows = []
     for k in labels_per_class:
@@ -477,7 +484,8 @@ def uniformity(z: torch.Tensor, t: float = 2.0) -> torch.Tensor:
 
 
 def embedding_std(z: torch.Tensor) -> float:
-    "Mean per-dimension std of L2-normalised embeddings, times sqrt(d): ~1 when spread out, 0 when collapsed."
+    """Mean per-dimension std of L2-normalised embeddings, times sqrt(d): ~1 when spread out, 0 when
+    collapsed."""
     z = F.normalize(z.float(), dim=1)
     return (z.std(dim=0).mean() * math.sqrt(z.shape[1])).item()
 
@@ -537,7 +545,8 @@ class KNNMonitor(Callback):
 
 
 class CollapseMonitor(Callback):
-    "Log `emb_std` and `eff_rank` on a fixed batch every `every` steps; warn or stop when std < threshold."
+    """Log `emb_std` and `eff_rank` on a fixed batch every `every` steps; warn or stop when
+    std < threshold."""
 
     def __init__(
         self,
@@ -567,8 +576,9 @@ class CollapseMonitor(Callback):
         if std < self.threshold and not self.collapsed:
             self.collapsed = True
             warnings.warn(
-                f"embedding collapse at step {trainer.step}: normalised std {std:.3f} < {self.threshold} "
-                f"(effective rank {rank:.2f}); check the stop-gradient / predictor / temperature",
+                f"embedding collapse at step {trainer.step}: "
+                f"normalised std {std:.3f} < {self.threshold} (effective rank {rank:.2f}); "
+                "check the stop-gradient / predictor / temperature",
                 CollapseWarning,
             )
             if self.stop:

@@ -22,7 +22,8 @@ __all__ = ['VARIANTS', 'layer_ids', 'FineTuner', 'fine_tune_layers', 'compare_fi
 
 # %% ../nbs/21_finetuning.ipynb #18283b49
 def layer_ids(encoder: nn.Module) -> tuple[dict[str, int], int]:
-    "({parameter name: layer index}, number of layers): 0 nearest the input, L-1 nearest the output."
+    """({parameter name: layer index}, number of layers): 0 nearest the input, L-1 nearest the
+    output."""
     names = [n for n, _ in encoder.named_parameters()]
     if hasattr(encoder, "blocks") and isinstance(encoder.blocks, nn.ModuleList):  # a ViT
         depth = len(encoder.blocks)
@@ -51,8 +52,9 @@ def layer_ids(encoder: nn.Module) -> tuple[dict[str, int], int]:
 
 # %% ../nbs/21_finetuning.ipynb #7bf98b6e
 class FineTuner(Classifier):
-    """Encoder + linear head with per-layer learning-rate scales (`backbone_lr_scale * layer_decay**(L-1-i)`) and
-    optional partial fine-tuning (`trainable_layers`: only the top layers train; lower ones and their BN stats are frozen)."""
+    """Encoder + linear head with per-layer learning-rate scales
+    (`backbone_lr_scale * layer_decay**(L-1-i)`) and optional partial fine-tuning
+    (`trainable_layers`: only the top layers train; lower ones and their BN stats are frozen)."""
 
     def __init__(
         self,
@@ -127,7 +129,8 @@ def fine_tune_layers(
     progress: bool = False,
     **fit_kwargs,
 ) -> FineTuneResult:
-    "Fine-tune (a copy of) `encoder` + a linear head on labelled `train` with `FineTuner`; accuracy on `test`."
+    """Fine-tune (a copy of) `encoder` + a linear head on labelled `train` with `FineTuner`;
+    accuracy on `test`."""
     if len(train) == 0:
         raise DataError("fine-tuning needs a labelled training set; got an empty one")
     if (train.labels < 0).any():
@@ -177,8 +180,9 @@ def compare_finetuning(
     seed: int = 0,
     verbose: bool = True,
 ) -> list[dict]:
-    """Rows {encoder, variant, accuracy}: a linear probe and every fine-tuning variant on each encoder, same data and
-    steps. `only={encoder name: [variant names]}` restricts the variants for some encoders (to save compute)."""
+    """Rows {encoder, variant, accuracy}: a linear probe and every fine-tuning variant on each
+    encoder, same data and steps. `only={encoder name: [variant names]}` restricts the variants for
+    some encoders (to save compute)."""
     rows = []
     for name, enc in encoders.items():
         ftr, ytr = embed(enc, train)

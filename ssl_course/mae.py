@@ -20,9 +20,10 @@ __all__ = ['random_masking', 'mae_loss', 'MAE', 'build_mae']
 
 # %% ../nbs/16_mae.ipynb #64a16d10
 def random_masking(x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None):
-    """MAE's per-sample random masking (He et al. 2022). `x`: (N, L, D) tokens. Keeps exactly int(L * (1 - mask_ratio))
-    tokens, those with the smallest `noise` (uniform random when None). Returns (x_kept (N, keep, D),
-    mask (N, L) with 1 = removed, ids_restore (N, L) that undoes the shuffle)."""
+    """MAE's per-sample random masking (He et al. 2022). `x`: (N, L, D) tokens. Keeps exactly
+    int(L * (1 - mask_ratio)) tokens, those with the smallest `noise` (uniform random when None).
+    Returns (x_kept (N, keep, D), mask (N, L) with 1 = removed, ids_restore (N, L) that undoes the
+    shuffle)."""
     if not 0 <= mask_ratio < 1:
         raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
     if x.ndim != 3:
@@ -46,7 +47,8 @@ def random_masking(x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | Non
 def mae_loss(
     pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, norm_pix_loss: bool = True
 ) -> torch.Tensor:
-    "MSE per patch averaged over the *masked* patches only (mask 1 = removed); targets optionally normalised per patch."
+    """MSE per patch averaged over the *masked* patches only (mask 1 = removed); targets optionally
+    normalised per patch."""
     if norm_pix_loss:
         mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
         target = (target - mean) / (var + 1e-6) ** 0.5
@@ -55,7 +57,8 @@ def mae_loss(
 
 
 class MAE(SSLMethod):
-    "Masked autoencoder (He et al. 2022): ViT encoder on visible patches, light decoder with mask tokens, MSE on masked patches."
+    """Masked autoencoder (He et al. 2022): ViT encoder on visible patches, light decoder with mask
+    tokens, MSE on masked patches."""
 
     def __init__(
         self,
@@ -109,7 +112,8 @@ class MAE(SSLMethod):
         return self.encoder.norm(x), mask, ids_restore
 
     def decode(self, latent, ids_restore):
-        "Decoder: mask tokens at removed positions, original order restored; returns per-patch pixels (N, L, p*p*C)."
+        """Decoder: mask tokens at removed positions, original order restored; returns per-patch
+        pixels (N, L, p*p*C)."""
         x = self.decoder_embed(latent)
         n, length = ids_restore.shape
         seq = torch.cat([x[:, 1:], self.mask_token.expand(n, length - (x.shape[1] - 1), -1)], 1)
@@ -140,7 +144,8 @@ class MAE(SSLMethod):
 
     @torch.no_grad()
     def reconstruct(self, imgs, mask_ratio: float | None = None, noise=None):
-        "Images (masked input, reconstruction with visible patches pasted back) for pictures; un-normalises per patch."
+        """Images (masked input, reconstruction with visible patches pasted back) for pictures;
+        un-normalises per patch."""
         _, pred, mask = self(imgs, mask_ratio, noise)
         p, c = self.encoder.patch_size, self.encoder.in_channels
         target = patchify(imgs, p)

@@ -111,7 +111,8 @@ WORDNET_TEST_FRACTION = 0.1
 def find_wordnet(
     data_dir: str | Path | None = None, search_dirs: Sequence[Path] | None = None
 ) -> Path:
-    "The folder holding WordNet's data.* files: the course data dir (`<data_dir>/wordnet`), then the Debian copy."
+    """The folder holding WordNet's data.* files: the course data dir (`<data_dir>/wordnet`), then
+    the Debian copy."""
     looked = []
     for folder in [
         dataset_dir("wordnet", data_dir),
@@ -121,14 +122,17 @@ def find_wordnet(
             return Path(folder)
         looked.append(str(folder))
     raise DatasetUnavailableError(
-        f"the WordNet corpus is not available: looked for {', '.join(WORDNET_FILES)} in {'; '.join(looked)}.\n"
-        f"Fix: install the Debian package wordnet-base (sudo apt-get install wordnet-base), or copy the WordNet 3.0 "
-        f"dict files {', '.join(WORDNET_FILES)} into {dataset_dir('wordnet', data_dir)}"
+        f"the WordNet corpus is not available: looked for {', '.join(WORDNET_FILES)} in "
+        f"{'; '.join(looked)}.\n"
+        "Fix: install the Debian package wordnet-base (sudo apt-get install wordnet-base), "
+        f"or copy the WordNet 3.0 dict files {', '.join(WORDNET_FILES)} into "
+        f"{dataset_dir('wordnet', data_dir)}"
     )
 
 
 def parse_synset_line(line: str) -> dict | None:
-    "One line of a WordNet data file -> {offset, category, pos, lemma, definition, examples}; None for the licence header."
+    """One line of a WordNet data file -> {offset, category, pos, lemma, definition, examples}; None
+    for the licence header."""
     if line.startswith(" ") or " | " not in line:
         return None
     head, gloss = line.split(" | ", 1)
@@ -199,8 +203,9 @@ def train_wordpiece(
     cache: bool = True,
     data_dir: str | Path | None = None,
 ):
-    """Train a BERT-style WordPiece tokenizer (HF `tokenizers`) on `texts`; special tokens `SPECIAL_TOKENS` get ids 0-4.
-    With `cache`, the JSON is stored in `<data_dir>/tokenizers/` under a hash of the parameters and the texts."""
+    """Train a BERT-style WordPiece tokenizer (HF `tokenizers`) on `texts`; special tokens
+    `SPECIAL_TOKENS` get ids 0-4. With `cache`, the JSON is stored in `<data_dir>/tokenizers/` under
+    a hash of the parameters and the texts."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     texts = [str(t) for t in texts]
@@ -271,8 +276,8 @@ def special_token_ids(tokenizer) -> dict[str, int]:
 def encode_texts(
     tokenizer, texts: str | Sequence[str], max_len: int = 64, truncate: bool = True
 ) -> torch.Tensor:
-    """Token ids `(N, max_len)`: [CLS] tokens [SEP], padded with [PAD]. Longer texts are cut (keeping the final [SEP])
-    when `truncate`, else refused; empty texts are refused."""
+    """Token ids `(N, max_len)`: [CLS] tokens [SEP], padded with [PAD]. Longer texts are cut
+    (keeping the final [SEP]) when `truncate`, else refused; empty texts are refused."""
     texts = [texts] if isinstance(texts, str) else list(texts)
     if not texts:
         raise DataError("encode_texts got no texts")
@@ -292,8 +297,8 @@ def encode_texts(
         if len(ids) > max_len:
             if not truncate:
                 raise ValueError(
-                    f"text {i} has {len(ids)} tokens, more than max_len={max_len}; shorten it, raise max_len "
-                    "(up to the model's config.max_len), or pass truncate=True"
+                    f"text {i} has {len(ids)} tokens, more than max_len={max_len}; shorten it, "
+                    "raise max_len (up to the model's config.max_len), or pass truncate=True"
                 )
             ids = ids[: max_len - 1] + [sp["[SEP]"]]
         out[i, : len(ids)] = ids
@@ -308,9 +313,10 @@ def decode_ids(
 
 # %% ../nbs/17_bert_mlm.ipynb #c3943987
 class TextDataset(LabelledDataset):
-    """Texts as token ids `(N, T)` padded with `pad_id`, int64 `labels` (-1 = unlabelled), the raw `texts`;
-    items are `(ids, label)`. Built from texts + tokenizer, the ids are computed on first use, so taking a subset
-    first (`load_dataset(..., max_items=)`, `sample_per_class`) tokenises only what is used."""
+    """Texts as token ids `(N, T)` padded with `pad_id`, int64 `labels` (-1 = unlabelled), the raw
+    `texts`; items are `(ids, label)`. Built from texts + tokenizer, the ids are computed on first
+    use, so taking a subset first (`load_dataset(..., max_items=)`, `sample_per_class`) tokenises
+    only what is used."""
 
     def __init__(
         self,
@@ -330,7 +336,8 @@ class TextDataset(LabelledDataset):
             input_ids = torch.as_tensor(input_ids)
             if input_ids.ndim != 2 or input_ids.dtype != torch.long:
                 raise DataError(
-                    f"input_ids must be an int64 tensor (N, T); got {input_ids.dtype} {tuple(input_ids.shape)}"
+                    "input_ids must be an int64 tensor (N, T); "
+                    f"got {input_ids.dtype} {tuple(input_ids.shape)}"
                 )
         n = input_ids.shape[0] if input_ids is not None else len(texts)
         labels = (
@@ -382,7 +389,10 @@ class TextDataset(LabelledDataset):
 
     def __repr__(self):
         lab = f"{self.num_classes} classes" if self.is_labeled else "unlabelled"
-        return f"TextDataset({self.name or '?'}:{self.split or '?'}, n={len(self)}, max {self.max_len} tokens, {lab})"
+        return (
+            f"TextDataset({self.name or '?'}:{self.split or '?'}, n={len(self)}, "
+            f"max {self.max_len} tokens, {lab})"
+        )
 
     @property
     def lengths(self) -> torch.Tensor:
@@ -415,7 +425,8 @@ class TextDataset(LabelledDataset):
 
 
 def wordnet_tokenizer(vocab_size: int = 8000, data_dir: str | Path | None = None, search_dirs=None):
-    "The course's WordPiece tokenizer: trained on the *train* glosses only (cached in the data dir)."
+    """The course's WordPiece tokenizer: trained on the *train* glosses only
+    (cached in the data dir)."""
     rows, test = read_wordnet(data_dir, search_dirs)
     return train_wordpiece(
         [gloss_text(r) for r, t in zip(rows, test) if not t], vocab_size, data_dir=data_dir
@@ -468,8 +479,10 @@ def _wordnet_split(
     "text",
     ("train", "test"),
     "Debian package wordnet-base",
-    "~117k English WordNet glosses (definition + examples), each labelled with one of 45 lexicographer categories",
-    "Miller, WordNet: a lexical database for English, CACM 1995; Fellbaum (ed.), WordNet, MIT Press 1998",
+    "~117k English WordNet glosses (definition + examples), each labelled with one of 45 "
+    "lexicographer categories",
+    "Miller, WordNet: a lexical database for English, CACM 1995; Fellbaum (ed.), WordNet, "
+    "MIT Press 1998",
 )
 def _load_wordnet_glosses(
     split,
@@ -488,8 +501,8 @@ def _load_wordnet_glosses(
     "text",
     ("train", "test"),
     "Debian package wordnet-base",
-    "WordNet noun definitions in 10 categories (act, animal, artifact, body, communication, food, location, "
-    "person, plant, substance): a few-label text classification task",
+    "WordNet noun definitions in 10 categories (act, animal, artifact, body, communication, food, "
+    "location, person, plant, substance): a few-label text classification task",
     "Miller, WordNet: a lexical database for English, CACM 1995",
 )
 def _load_wordnet_categories(
@@ -516,8 +529,8 @@ def load_hf_text(
     max_items: int | None = None,
     data_dir=None,
 ) -> TextDataset:
-    """A text dataset from the HF hub through `datasets` (online, or its local cache): blank lines dropped; a WordPiece
-    tokenizer is trained on the texts when none is given."""
+    """A text dataset from the HF hub through `datasets` (online, or its local cache): blank lines
+    dropped; a WordPiece tokenizer is trained on the texts when none is given."""
     try:
         import datasets as hf_datasets
     except ImportError:
@@ -530,7 +543,8 @@ def load_hf_text(
     except Exception as e:
         raise DatasetUnavailableError(
             f"HF datasets could not load {path!r} ({name}, {split}): {e}\n"
-            "Fix: allow network access once (it is cached afterwards), or use wordnet_glosses offline"
+            "Fix: allow network access once (it is cached afterwards), "
+            "or use wordnet_glosses offline"
         ) from None
     texts = [str(t).strip() for t in ds[text_field]]
     labels = list(ds[label_field]) if label_field else None
@@ -583,24 +597,28 @@ def mask_tokens_for_mlm(
     mask_fraction: float = 0.8,
     random_fraction: float = 0.1,
 ):
-    """BERT's masking (Devlin et al. 2019, section 3.1). Every token not in `special_token_ids` (include the [PAD] id!)
-    is selected with probability `mlm_probability`; a selected token becomes [MASK] (80%), a random non-special token
-    (10%) or stays unchanged (10%). Returns (masked input_ids, labels): labels hold the original id at selected
-    positions and -100 everywhere else. `generator` (on CPU or the ids' device) makes the draw repeatable.
+    """BERT's masking (Devlin et al. 2019, section 3.1). Every token not in `special_token_ids`
+    (include the [PAD] id!) is selected with probability `mlm_probability`; a selected token becomes
+    [MASK] (80%), a random non-special token (10%) or stays unchanged (10%). Returns
+    (masked input_ids, labels): labels hold the original id at selected positions and -100
+    everywhere else. `generator` (on CPU or the ids' device) makes the draw repeatable.
     `mask_fraction` / `random_fraction` change the 80/10/10 split (for ablations)."""
     if not torch.is_tensor(input_ids) or input_ids.dtype not in (torch.int64, torch.int32):
         raise TypeError(
-            f"input_ids must be an integer tensor (int64); got {getattr(input_ids, 'dtype', type(input_ids))}"
+            "input_ids must be an integer tensor (int64); "
+            f"got {getattr(input_ids, 'dtype', type(input_ids))}"
         )
     if not 0.0 <= mlm_probability <= 1.0:
         raise ValueError(f"mlm_probability must be in [0, 1], got {mlm_probability}")
     if min(mask_fraction, random_fraction) < 0 or mask_fraction + random_fraction > 1:
         raise ValueError(
-            f"mask_fraction + random_fraction must be a split of [0, 1]; got {mask_fraction} + {random_fraction}"
+            "mask_fraction + random_fraction must be a split of [0, 1]; "
+            f"got {mask_fraction} + {random_fraction}"
         )
     if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= vocab_size):
         raise ValueError(
-            f"token ids must lie in [0, {vocab_size}); got {int(input_ids.min())}..{int(input_ids.max())}"
+            f"token ids must lie in [0, {vocab_size}); "
+            f"got {int(input_ids.min())}..{int(input_ids.max())}"
         )
     dev = input_ids.device
     special = torch.as_tensor(list(special_token_ids), dtype=torch.long, device=dev)
@@ -624,7 +642,8 @@ def mask_tokens_for_mlm(
 
 
 def mlm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    "Mean cross-entropy over the predicted positions (labels != -100); `logits` (..., V), `labels` (...)."
+    """Mean cross-entropy over the predicted positions (labels != -100); `logits` (..., V),
+    `labels` (...)."""
     return F.cross_entropy(
         logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100
     )
@@ -646,7 +665,8 @@ class BertConfig:
 
 
 class TextBlock(Block):
-    "The course's pre-norm transformer `Block` (ssl_course.vit) with a key-padding mask: True = a real token."
+    """The course's pre-norm transformer `Block` (ssl_course.vit) with a key-padding mask:
+    True = a real token."""
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0):
         super().__init__(dim, heads, mlp_ratio)
@@ -672,8 +692,9 @@ class TextBlock(Block):
 
 
 class TinyBert(nn.Module):
-    """A small BERT encoder (Devlin et al. 2019): token + position embeddings, pre-norm transformer blocks with a
-    padding mask. `forward_tokens(ids)` -> (N, T, dim); `forward(ids)` -> pooled sentence features (N, dim)."""
+    """A small BERT encoder (Devlin et al. 2019): token + position embeddings, pre-norm transformer
+    blocks with a padding mask. `forward_tokens(ids)` -> (N, T, dim); `forward(ids)` -> pooled
+    sentence features (N, dim)."""
 
     def __init__(self, config: BertConfig | None = None, **kw):
         super().__init__()
@@ -710,20 +731,23 @@ class TinyBert(nn.Module):
             )
         if input_ids.shape[1] > c.max_len:
             raise ValueError(
-                f"sequence of {input_ids.shape[1]} tokens is longer than the model's max_len={c.max_len}; "
-                f"encode with encode_texts(..., max_len={c.max_len}) or build the model with a larger max_len"
+                f"sequence of {input_ids.shape[1]} tokens is longer than the model's "
+                f"max_len={c.max_len}; encode with encode_texts(..., max_len={c.max_len}) or build "
+                "the model with a larger max_len"
             )
         if input_ids.shape[1] == 0:
             raise ValueError("empty sequence: encode at least [CLS] text [SEP]")
         if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= c.vocab_size):
             raise ValueError(
-                f"token ids must lie in [0, {c.vocab_size}); was the text encoded with another tokenizer?"
+                f"token ids must lie in [0, {c.vocab_size}); was the text encoded with "
+                "another tokenizer?"
             )
 
     def forward_tokens(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        "Contextual token vectors (N, T, dim); `attention_mask` (True/1 = real token) defaults to ids != pad_id."
+        """Contextual token vectors (N, T, dim); `attention_mask` (True/1 = real token) defaults to
+        ids != pad_id."""
         self.check_ids(input_ids)
         mask = (
             (input_ids != self.config.pad_id) if attention_mask is None else attention_mask.bool()
@@ -752,7 +776,8 @@ class TinyBert(nn.Module):
 
 
 def trim_padding(input_ids: torch.Tensor, pad_id: int = 0) -> torch.Tensor:
-    "Drop the trailing columns that are [PAD] in every row (a batch is only as long as its longest sequence)."
+    """Drop the trailing columns that are [PAD] in every row (a batch is only as long as its longest
+    sequence)."""
     if input_ids.ndim != 2 or input_ids.shape[1] == 0:
         return input_ids
     real = (input_ids != pad_id).any(0).nonzero()
@@ -760,8 +785,9 @@ def trim_padding(input_ids: torch.Tensor, pad_id: int = 0) -> torch.Tensor:
 
 
 class BertMLM(SSLMethod):
-    """Masked language modelling (Devlin et al. 2019): a `TinyBert` encoder and an MLM head whose output weight is the
-    token-embedding matrix. `training_step` masks each batch afresh (dynamic masking) and returns loss and accuracy."""
+    """Masked language modelling (Devlin et al. 2019): a `TinyBert` encoder and an MLM head whose
+    output weight is the token-embedding matrix. `training_step` masks each batch afresh
+    (dynamic masking) and returns loss and accuracy."""
 
     def __init__(
         self,
@@ -775,7 +801,8 @@ class BertMLM(SSLMethod):
             raise ValueError(f"BertMLM needs a TinyBert encoder, got {type(encoder).__name__}")
         if encoder.config.pad_id not in special_token_ids:
             raise ValueError(
-                f"special_token_ids must include the [PAD] id {encoder.config.pad_id}, or padding would be masked"
+                f"special_token_ids must include the [PAD] id {encoder.config.pad_id}, "
+                "or padding would be masked"
             )
         d, v = encoder.config.dim, encoder.config.vocab_size
         self.encoder, self.mask_token_id = encoder, int(mask_token_id)
@@ -803,7 +830,8 @@ class BertMLM(SSLMethod):
         return self.decoder(self.transform(self.encoder.forward_tokens(input_ids)))
 
     def mlm_outputs(self, input_ids: torch.Tensor, labels: torch.Tensor) -> dict:
-        "Loss, masked-token accuracy and count on already-masked `input_ids`; the head runs on labelled positions only."
+        """Loss, masked-token accuracy and count on already-masked `input_ids`; the head runs on
+        labelled positions only."""
         h = self.encoder.forward_tokens(input_ids)
         sel = labels != -100
         if not sel.any():  # nothing selected (tiny batch): a zero loss with a graph
@@ -840,12 +868,14 @@ class BertMLM(SSLMethod):
     dataset="wordnet_glosses",
 )
 def build_mlm(encoder=None, data: TextDataset | None = None, **config) -> BertMLM:
-    "For `ssl-course pretrain --method mlm`: a model sized for the dataset's tokenizer and length, and the profile's mlm_* sizes."
+    """For `ssl-course pretrain --method mlm`: a model sized for the dataset's tokenizer and length,
+    and the profile's mlm_* sizes."""
     if isinstance(encoder, TinyBert):
         return BertMLM(encoder, **config)
     if data is None or getattr(data, "tokenizer", None) is None:
         raise ValueError(
-            "build_mlm needs data= a TextDataset with its tokenizer (e.g. load_dataset('wordnet_glosses'))"
+            "build_mlm needs data= a TextDataset with its tokenizer (e.g. "
+            "load_dataset('wordnet_glosses'))"
         )
     config.setdefault("max_len", data.max_len)
     for key in ("dim", "depth", "heads", "dropout"):  # the profile's sizes unless given
@@ -858,7 +888,8 @@ def build_mlm(encoder=None, data: TextDataset | None = None, **config) -> BertML
 def evaluate_mlm(
     model: BertMLM, data: TextDataset | torch.Tensor, batch_size: int = 256, seed: int = 0
 ) -> dict:
-    "MLM loss, masked-token accuracy and perplexity (exp of the loss) on `data`, with masks drawn from `seed`."
+    """MLM loss, masked-token accuracy and perplexity (exp of the loss) on `data`, with masks drawn
+    from `seed`."""
     ids_all = data.input_ids if isinstance(data, TextDataset) else torch.as_tensor(data)
     if len(ids_all) == 0:
         raise DataError("evaluate_mlm got no sequences")
@@ -896,7 +927,8 @@ def evaluate_mlm(
 def fill_mask(
     model: BertMLM, tokenizer, text: str, top_k: int = 5
 ) -> list[list[tuple[str, float]]]:
-    "For each [MASK] in `text`, the `top_k` most likely (token, probability) pairs; special tokens are never proposed."
+    """For each [MASK] in `text`, the `top_k` most likely (token, probability) pairs; special tokens
+    are never proposed."""
     if "[MASK]" not in text:
         raise ValueError(
             f"put at least one [MASK] in the text, e.g. 'a [MASK] that barks'; got {text!r}"
@@ -936,14 +968,16 @@ def _atomic(path: Path, write) -> None:
 
 
 def save_bert(model: BertMLM, tokenizer, path: str | Path) -> Path:
-    "Write `model.safetensors`, `config.json` and `tokenizer.json` into folder `path` (each file replaced atomically)."
+    """Write `model.safetensors`, `config.json` and `tokenizer.json` into folder `path`
+    (each file replaced atomically)."""
     from safetensors.torch import save_model
 
     if not isinstance(model, BertMLM):
         raise TypeError(f"save_bert saves a BertMLM; got {type(model).__name__}")
     if tokenizer.get_vocab_size() != model.encoder.config.vocab_size:
         raise ValueError(
-            f"tokenizer has {tokenizer.get_vocab_size()} tokens but the model {model.encoder.config.vocab_size}"
+            f"tokenizer has {tokenizer.get_vocab_size()} tokens but the model "
+            f"{model.encoder.config.vocab_size}"
         )
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -992,7 +1026,8 @@ def load_bert(path: str | Path, device: str | torch.device = "cpu"):
 def text_features(
     encoder: TinyBert, data: TextDataset, pooling: str | None = None, batch_size: int = 512
 ):
-    "Frozen sentence features (N, dim) and the labels of `data`: mean over real tokens or [CLS] (`pooling`)."
+    """Frozen sentence features (N, dim) and the labels of `data`: mean over real tokens or [CLS]
+    (`pooling`)."""
     was = encoder.training
     encoder.eval()
     device = next(encoder.parameters()).device
@@ -1007,7 +1042,8 @@ def text_features(
 
 
 def bow_logistic_regression(train: TextDataset, test: TextDataset, C: float = 10.0) -> float:
-    "Accuracy of the classic baseline: TF-IDF bag of words + logistic regression (scikit-learn) on the raw texts."
+    """Accuracy of the classic baseline: TF-IDF bag of words + logistic regression (scikit-learn) on
+    the raw texts."""
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
 

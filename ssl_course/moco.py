@@ -26,8 +26,9 @@ __all__ = ['moco_loss', 'FeatureQueue', 'ema_update', 'cosine_momentum', 'moment
 def moco_loss(
     q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float = 0.2
 ) -> torch.Tensor:
-    """MoCo's InfoNCE (He et al. 2020): queries `q` (N, D), positive keys `k` (N, D), negatives `queue` (K, D).
-    Vectors are L2-normalised here; the positive is class 0 of a (K+1)-way cross-entropy. Keys get no gradient."""
+    """MoCo's InfoNCE (He et al. 2020): queries `q` (N, D), positive keys `k` (N, D), negatives
+    `queue` (K, D). Vectors are L2-normalised here; the positive is class 0 of a (K+1)-way
+    cross-entropy. Keys get no gradient."""
     if q.shape != k.shape or q.ndim != 2:
         raise ValueError(f"q and k must both be (N, D); got {tuple(q.shape)} and {tuple(k.shape)}")
     if queue.ndim != 2 or queue.shape[1] != q.shape[1]:
@@ -40,7 +41,8 @@ def moco_loss(
 
 # %% ../nbs/13_moco.ipynb #2b748308
 class FeatureQueue(nn.Module):
-    "A ring buffer of the `size` most recent L2-normalised keys (MoCo's dictionary); `ptr` is the next write slot."
+    """A ring buffer of the `size` most recent L2-normalised keys (MoCo's dictionary); `ptr` is the
+    next write slot."""
 
     def __init__(self, size: int, dim: int):
         super().__init__()
@@ -57,7 +59,8 @@ class FeatureQueue(nn.Module):
 
     @torch.no_grad()
     def enqueue(self, keys: torch.Tensor) -> None:
-        "Write `keys` (gathered from every process) at the pointer, wrapping around; advance the pointer."
+        """Write `keys` (gathered from every process) at the pointer, wrapping around; advance the
+        pointer."""
         keys = all_gather_with_grad(F.normalize(keys.detach().float(), dim=1))
         keys = keys[-self.size :]  # a batch larger than the queue keeps its newest keys
         idx = (self.ptr + torch.arange(len(keys), device=keys.device)) % self.size
@@ -68,8 +71,9 @@ class FeatureQueue(nn.Module):
 @torch.no_grad()
 def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
     """target <- momentum * target + (1 - momentum) * online, for the *parameters* only (MoCo's
-    `_momentum_update_key_encoder`, He et al. 2020; BYOL, Grill et al. 2020; DINO, Caron et al. 2021). Buffers such as
-    batch-norm running statistics are left alone: the target keeps its own, updated by its own forward passes."""
+    `_momentum_update_key_encoder`, He et al. 2020; BYOL, Grill et al. 2020; DINO,
+    Caron et al. 2021). Buffers such as batch-norm running statistics are left alone: the target
+    keeps its own, updated by its own forward passes."""
     for t, o in zip(target.parameters(), online.parameters()):
         t.mul_(momentum).add_(o.detach(), alpha=1 - momentum)
 
@@ -93,9 +97,10 @@ def momentum_copy(module: nn.Module) -> nn.Module:
 
 # %% ../nbs/13_moco.ipynb #cf83af40
 class MoCo(SSLMethod):
-    """MoCo v2 (He et al. 2020; Chen et al. 2020): query encoder + MLP head trained with `moco_loss` against a
-    momentum key encoder and a `FeatureQueue` of negatives. `symmetric=True` adds the loss with the views swapped;
-    `head_bn=False` gives MoCo v2's head exactly (fc-ReLU-fc), the default adds batch norm as in MoCo v3."""
+    """MoCo v2 (He et al. 2020; Chen et al. 2020): query encoder + MLP head trained with `moco_loss`
+    against a momentum key encoder and a `FeatureQueue` of negatives. `symmetric=True` adds the loss
+    with the views swapped; `head_bn=False` gives MoCo v2's head exactly (fc-ReLU-fc), the default
+    adds batch norm as in MoCo v3."""
 
     def __init__(
         self,

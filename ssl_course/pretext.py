@@ -31,21 +31,22 @@ __all__ = ['SHAPE_CLASSES', 'rotate_batch', 'RotationPrediction', 'build_rotatio
 
 # %% ../nbs/11_pretext_tasks.ipynb #a09c5ca2
 def rotate_batch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """All four rotations of every image (Gidaris et al. 2018): returns (4N images, 4N labels); index k*N + i holds
-    image i rotated by k * 90 degrees counter-clockwise, with label k."""
+    """All four rotations of every image (Gidaris et al. 2018): returns (4N images, 4N labels);
+    index k*N + i holds image i rotated by k * 90 degrees counter-clockwise, with label k."""
     if x.ndim != 4:
         raise ValueError(f"rotate_batch expects images (N, C, H, W); got shape {tuple(x.shape)}")
     if x.shape[-1] != x.shape[-2]:
         raise ValueError(
-            f"rotation prediction needs square images (a rotated {x.shape[-2]}x{x.shape[-1]} image changes "
-            "shape); crop or resize them to a square first"
+            f"rotation prediction needs square images (a rotated {x.shape[-2]}x{x.shape[-1]} image "
+            "changes shape); crop or resize them to a square first"
         )
     labels = torch.arange(4, device=x.device).repeat_interleave(x.shape[0])
     return torch.cat([torch.rot90(x, k, dims=(2, 3)) for k in range(4)]), labels
 
 
 class RotationPrediction(SSLMethod):
-    "RotNet (Gidaris et al. 2018): encoder + MLP head classify which of 4 rotations was applied; all 4 of every image per batch."
+    """RotNet (Gidaris et al. 2018): encoder + MLP head classify which of 4 rotations was applied;
+    all 4 of every image per batch."""
 
     def __init__(self, encoder: nn.Module, hidden_dim: int | None = None):
         super().__init__()
@@ -83,7 +84,8 @@ def all_permutations(n: int) -> np.ndarray:
 
 
 def hamming_distances(perms: torch.Tensor) -> torch.Tensor:
-    "Pairwise Hamming distances (K, K) between the rows of `perms` (K, T): positions where two permutations differ."
+    """Pairwise Hamming distances (K, K) between the rows of `perms` (K, T): positions where two
+    permutations differ."""
     return (perms[:, None, :] != perms[None, :, :]).sum(-1)
 
 
@@ -110,9 +112,10 @@ def _greedy_perms(n_perms: int, tiles: int, seed: int) -> tuple[np.ndarray, int]
 def jigsaw_permutations(
     n_perms: int, grid: int = 3, seed: int = 0, min_distance: int | None = None
 ) -> tuple[torch.Tensor, int]:
-    """`n_perms` permutations of the grid*grid tiles chosen greedily for large Hamming distance (after Noroozi & Favaro
-    2016, Algorithm 1; we maximise the minimum distance to the chosen set). Returns (perms (K, T), d_min), d_min = the
-    smallest pairwise distance in the set. Raises if `min_distance` is asked for and not reached."""
+    """`n_perms` permutations of the grid*grid tiles chosen greedily for large Hamming distance
+    (after Noroozi & Favaro 2016, Algorithm 1; we maximise the minimum distance to the chosen set).
+    Returns (perms (K, T), d_min), d_min = the smallest pairwise distance in the set. Raises if
+    `min_distance` is asked for and not reached."""
     tiles = grid * grid
     if n_perms < 2:
         raise ValueError(f"a jigsaw task needs at least 2 permutations, got {n_perms}")
@@ -125,8 +128,9 @@ def jigsaw_permutations(
         raise ValueError(f"could only find {len(perms)} distinct permutations")
     if min_distance is not None and d_min < min_distance:
         raise ValueError(
-            f"the greedy set of {n_perms} permutations of {tiles} tiles has minimum Hamming distance {d_min} "
-            f"< {min_distance}; ask for fewer permutations or a smaller min_distance"
+            f"the greedy set of {n_perms} permutations of {tiles} tiles has minimum Hamming "
+            f"distance {d_min} < {min_distance}; ask for fewer permutations or a "
+            "smaller min_distance"
         )
     return torch.from_numpy(perms.copy()), d_min
 
@@ -136,9 +140,10 @@ def _check_grid(h: int, w: int, grid: int, min_tile: int) -> int:
     if cell < min_tile + 1:
         need = grid * (min_tile + 1)
         raise ValueError(
-            f"a {h}x{w} image is too small for a {grid}x{grid} jigsaw grid: tiles need at least {min_tile} px plus "
-            f"a 1 px gap, i.e. images of at least {need} px; resize them (load_dataset(..., image_size={max(need, 28)})) "
-            f"or use a smaller grid"
+            f"a {h}x{w} image is too small for a {grid}x{grid} jigsaw grid: "
+            f"tiles need at least {min_tile} px plus a 1 px gap, "
+            f"i.e. images of at least {need} px; "
+            f"resize them (load_dataset(..., image_size={max(need, 28)})) or use a smaller grid"
         )
     return cell
 
@@ -146,9 +151,10 @@ def _check_grid(h: int, w: int, grid: int, min_tile: int) -> int:
 def jigsaw_tiles(
     x: torch.Tensor, grid: int = 3, tile: int | None = None, jitter: bool = True, min_tile: int = 4
 ) -> torch.Tensor:
-    """Cut (N, C, H, W) images into a grid x grid puzzle: (N, grid*grid, C, tile, tile), tiles in row-major order.
-    Each tile is a crop of its cell, `tile` px (default: cell minus a quarter, at least 1 px smaller) at a random offset
-    when `jitter` (else centred), so neighbouring tiles never share an edge."""
+    """Cut (N, C, H, W) images into a grid x grid puzzle: (N, grid*grid, C, tile, tile), tiles in
+    row-major order. Each tile is a crop of its cell, `tile` px (default: cell minus a quarter, at
+    least 1 px smaller) at a random offset when `jitter` (else centred), so neighbouring tiles never
+    share an edge."""
     if x.ndim != 4:
         raise ValueError(f"jigsaw_tiles expects images (N, C, H, W); got shape {tuple(x.shape)}")
     n, c, h, w = x.shape
@@ -185,15 +191,17 @@ def tiles_to_image(tiles: torch.Tensor, grid: int = 3) -> torch.Tensor:
 
 
 def shuffle_tiles(tiles: torch.Tensor, perms: torch.Tensor) -> torch.Tensor:
-    "Slot i of image n receives tile perms[n, i]: (N, T, C, t, t) -> (N, T, C, t, t). Undo with argsort(perms)."
+    """Slot i of image n receives tile perms[n, i]: (N, T, C, t, t) -> (N, T, C, t, t). Undo with
+    argsort(perms)."""
     if perms.ndim == 1:
         perms = perms.expand(tiles.shape[0], -1)
     return torch.gather(tiles, 1, perms[:, :, None, None, None].expand_as(tiles))
 
 # %% ../nbs/11_pretext_tasks.ipynb #02f0ad97
 class Jigsaw(SSLMethod):
-    """Jigsaw puzzles (Noroozi & Favaro 2016): tiles -> shared encoder -> concatenated in slot order -> MLP -> which of
-    `n_perms` permutations (chosen for large Hamming distance) shuffled them."""
+    """Jigsaw puzzles (Noroozi & Favaro 2016): tiles -> shared encoder -> concatenated in slot
+    order -> MLP -> which of `n_perms` permutations (chosen for large Hamming distance) shuffled
+    them."""
 
     def __init__(
         self,
@@ -248,7 +256,8 @@ def region_mask(
     device=None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    "(N, 1, size, size) masks, 1 = erased: one square covering `frac` of the image, at a random position or the centre."
+    """(N, 1, size, size) masks, 1 = erased: one square covering `frac` of the image, at a random
+    position or the centre."""
     if not 0 < frac < 1:
         raise ValueError(f"frac must be in (0, 1), got {frac}")
     side = max(1, round(size * frac**0.5))
@@ -265,7 +274,8 @@ def region_mask(
 
 
 def inpainting_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    "Mean squared error over the erased pixels only (mask 1 = erased, broadcast over channels) (Pathak et al. 2016)."
+    """Mean squared error over the erased pixels only (mask 1 = erased, broadcast over channels)
+    (Pathak et al. 2016)."""
     if pred.shape != target.shape:
         raise ValueError(f"prediction {tuple(pred.shape)} and target {tuple(target.shape)} differ")
     m = mask.expand_as(target)
@@ -273,7 +283,8 @@ def inpainting_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
 
 
 class ContextEncoder(SSLMethod):
-    "Context encoder (Pathak et al. 2016): encoder sees the image with a hole, `ConvDecoder` paints it; loss on the hole only."
+    """Context encoder (Pathak et al. 2016): encoder sees the image with a hole, `ConvDecoder`
+    paints it; loss on the hole only."""
 
     def __init__(
         self,
@@ -336,7 +347,8 @@ _WHITE_D65 = torch.tensor([0.95047, 1.0, 1.08883])
 
 
 def rgb_to_lab(x: torch.Tensor) -> torch.Tensor:
-    "sRGB images (N, 3, H, W) in [0, 1] -> CIE Lab (D65): L in [0, 100], a and b roughly in [-110, 110]."
+    """sRGB images (N, 3, H, W) in [0, 1] -> CIE Lab (D65): L in [0, 100], a and b roughly in
+    [-110, 110]."""
     if x.ndim != 4 or x.shape[1] != 3:
         raise ValueError(f"rgb_to_lab expects (N, 3, H, W) RGB images; got shape {tuple(x.shape)}")
     x = x.float().clamp(0, 1)
@@ -353,7 +365,8 @@ def rgb_to_lab(x: torch.Tensor) -> torch.Tensor:
 
 
 def lab_to_rgb(lab: torch.Tensor) -> torch.Tensor:
-    "CIE Lab (N, 3, H, W) -> sRGB in [0, 1] (out-of-gamut colours clipped). Inverse of `rgb_to_lab`."
+    """CIE Lab (N, 3, H, W) -> sRGB in [0, 1] (out-of-gamut colours clipped). Inverse of
+    `rgb_to_lab`."""
     L, a, b = lab[:, 0], lab[:, 1], lab[:, 2]
     fy = (L + 16) / 116
     f = torch.stack([fy + a / 500, fy, fy - b / 200], 1)
@@ -371,7 +384,8 @@ def lab_to_rgb(lab: torch.Tensor) -> torch.Tensor:
 
 
 def lightness(x: torch.Tensor) -> torch.Tensor:
-    "Lab lightness L/100 in [0, 1], (N, 1, H, W), of RGB (3-channel) or grey (1-channel, read as R=G=B) images."
+    """Lab lightness L/100 in [0, 1], (N, 1, H, W), of RGB (3-channel) or grey
+    (1-channel, read as R=G=B) images."""
     if x.ndim != 4 or x.shape[1] not in (1, 3):
         raise ValueError(f"lightness expects (N, 1 or 3, H, W) images; got shape {tuple(x.shape)}")
     if x.shape[1] == 1:
@@ -380,7 +394,8 @@ def lightness(x: torch.Tensor) -> torch.Tensor:
 
 
 class LightnessInput(nn.Module):
-    "Wraps a backbone so that it sees only the lightness channel (repeated to its `in_channels`) of RGB or grey images."
+    """Wraps a backbone so that it sees only the lightness channel (repeated to its `in_channels`)
+    of RGB or grey images."""
 
     def __init__(self, backbone: nn.Module):
         super().__init__()
@@ -400,14 +415,16 @@ def _gamut_bins(grid: int) -> torch.Tensor:
 
 
 def ab_bins(grid: int = 10) -> torch.Tensor:
-    "Centres (Q, 2) of the (a, b) grid cells of side `grid` reached by some sRGB colour (Zhang et al. 2016 use 313 bins)."
+    """Centres (Q, 2) of the (a, b) grid cells of side `grid` reached by some sRGB colour
+    (Zhang et al. 2016 use 313 bins)."""
     return _gamut_bins(grid).clone()
 
 
 def soft_encode_ab(
     ab: torch.Tensor, bins: torch.Tensor, neighbours: int = 5, sigma: float = 5.0
 ) -> torch.Tensor:
-    "Soft targets (N, Q, h, w): each (a, b) spread over its `neighbours` nearest bins with Gaussian weights (sum 1)."
+    """Soft targets (N, Q, h, w): each (a, b) spread over its `neighbours` nearest bins with
+    Gaussian weights (sum 1)."""
     n, _, h, w = ab.shape
     pts = ab.permute(0, 2, 3, 1).reshape(-1, 2)
     d2 = torch.cdist(pts, bins.to(ab.device)) ** 2  # (P, Q)
@@ -420,7 +437,8 @@ def soft_encode_ab(
 def colorization_loss(
     logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None = None
 ) -> torch.Tensor:
-    "Per-pixel cross-entropy with soft targets over the Q colour bins (dim 1), optionally rebalanced per pixel; mean."
+    """Per-pixel cross-entropy with soft targets over the Q colour bins (dim 1), optionally
+    rebalanced per pixel; mean."""
     per_pixel = -(targets * F.log_softmax(logits, dim=1)).sum(1)
     if weights is not None:
         per_pixel = per_pixel * weights
@@ -430,23 +448,26 @@ def colorization_loss(
 def annealed_mean(
     logits: torch.Tensor, bins: torch.Tensor, temperature: float = 0.38
 ) -> torch.Tensor:
-    "(a, b) maps (N, 2, h, w) from bin logits: the mean of the re-sharpened distribution p^(1/T) (Zhang et al. 2016)."
+    """(a, b) maps (N, 2, h, w) from bin logits: the mean of the re-sharpened distribution p^(1/T)
+    (Zhang et al. 2016)."""
     p = torch.softmax(F.log_softmax(logits, 1) / temperature, dim=1)
     return torch.einsum("nqhw,qc->nchw", p, bins.to(logits.device))
 
 # %% ../nbs/11_pretext_tasks.ipynb #8b3668c8
 def _colour_error(got: int) -> ValueError:
     return ValueError(
-        f"colorization needs colour (3-channel RGB) images to make its targets; got {got} channel(s). Use a colour "
-        "data set: 'colour_shapes' (rendered offline, in ssl_course.pretext) or, when online, 'cifar10' or "
-        "'stl10', e.g. ssl-course pretrain --method colorization --dataset colour_shapes"
+        "colorization needs colour (3-channel RGB) images to make its targets; "
+        f"got {got} channel(s). Use a colour data set: 'colour_shapes' (rendered offline, "
+        "in ssl_course.pretext) or, when online, 'cifar10' or 'stl10', e.g. "
+        "ssl-course pretrain --method colorization --dataset colour_shapes"
     )
 
 
 class Colorization(SSLMethod):
-    """Colorization as classification (Zhang et al. 2016): the encoder sees the Lab lightness only; a head predicts per
-    pixel (at 1/`downsample` resolution) a distribution over in-gamut (a, b) bins; soft targets, class rebalancing with
-    a running bin prior (`rebalance` = lambda), annealed-mean decoding. `encoder` (kept for transfer) takes RGB or grey."""
+    """Colorization as classification (Zhang et al. 2016): the encoder sees the Lab lightness only;
+    a head predicts per pixel (at 1/`downsample` resolution) a distribution over in-gamut (a, b)
+    bins; soft targets, class rebalancing with a running bin prior (`rebalance` = lambda),
+    annealed-mean decoding. `encoder` (kept for transfer) takes RGB or grey."""
 
     def __init__(
         self,
@@ -507,7 +528,8 @@ class Colorization(SSLMethod):
 
     @torch.no_grad()
     def colorize(self, x: torch.Tensor) -> torch.Tensor:
-        "RGB images in [0, 1]: the input's own lightness with the predicted (a, b), upsampled to full resolution."
+        """RGB images in [0, 1]: the input's own lightness with the predicted (a, b), upsampled to
+        full resolution."""
         was = self.training
         self.eval()
         try:
@@ -574,9 +596,10 @@ def _hsv_to_rgb(h: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tens
 def render_colour_shapes(
     n: int, image_size: int = 32, seed: int = 0, typical_colour_p: float = 0.75, split: str = ""
 ) -> ImageDataset:
-    """`n` RGB images (uint8) of 10 kinds of shapes (`SHAPE_CLASSES`, balanced) on striped backgrounds, random position,
-    size and angle; the shape's hue is its class's typical hue with probability `typical_colour_p`, random otherwise.
-    Rendered at twice the size and averaged down (anti-aliasing). Deterministic given `seed`."""
+    """`n` RGB images (uint8) of 10 kinds of shapes (`SHAPE_CLASSES`, balanced) on striped
+    backgrounds, random position, size and angle; the shape's hue is its class's typical hue with
+    probability `typical_colour_p`, random otherwise. Rendered at twice the size and averaged down
+    (anti-aliasing). Deterministic given `seed`."""
     if n < 1 or image_size < 8:
         raise ValueError(f"need n >= 1 and image_size >= 8; got n={n}, image_size={image_size}")
     g = torch.Generator().manual_seed(seed)
@@ -618,7 +641,8 @@ def render_colour_shapes(
     "image",
     ("train", "test"),
     "rendered on the fly with numpy (no download)",
-    "10,000 train / 2,000 test 32x32 colour images of 10 kinds of shapes, each kind with a typical hue",
+    "10,000 train / 2,000 test 32x32 colour images of 10 kinds of shapes, "
+    "each kind with a typical hue",
     "rendered by ssl_course.pretext (this course)",
 )
 def _load_colour_shapes(split, data_dir=None, download=None):

@@ -32,7 +32,8 @@ def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -
     from every process (with gradients), so negatives come from the global batch."""
     if z1.shape != z2.shape or z1.ndim != 2:
         raise ValueError(
-            f"z1 and z2 must both be (N, D) with the same shape; got {tuple(z1.shape)} and {tuple(z2.shape)}"
+            f"z1 and z2 must both be (N, D) with the same shape; "
+            f"got {tuple(z1.shape)} and {tuple(z2.shape)}"
         )
     if z1.shape[0] < 2:
         raise ValueError(
@@ -51,7 +52,8 @@ def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -
 
 # %% ../nbs/12_simclr.ipynb #5f939fda
 def default_augment(image_size: int, channels: int) -> BatchAugment:
-    "Course defaults: SimCLR's recipe, gentler crops for tiny images, blur only from 64 px up (as in the paper's CIFAR runs)."
+    """Course defaults: SimCLR's recipe, gentler crops for tiny images, blur only from 64 px up
+    (as in the paper's CIFAR runs)."""
     small = image_size <= 32
     return BatchAugment(
         image_size,
@@ -63,9 +65,11 @@ def default_augment(image_size: int, channels: int) -> BatchAugment:
 
 
 class SimCLR(SSLMethod):
-    "SimCLR (Chen et al. 2020): encoder + MLP projection head trained with `nt_xent_loss` on two augmented views."
+    """SimCLR (Chen et al. 2020): encoder + MLP projection head trained with `nt_xent_loss` on two
+    augmented views."""
 
-    sync_batchnorm = True  # the paper's "global BN" (sec. 2.2): BN statistics over all devices under multi-GPU DDP
+    # the paper's "global BN" (sec. 2.2): BN statistics over all devices under multi-GPU DDP
+    sync_batchnorm = True
 
     def __init__(
         self,

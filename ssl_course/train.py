@@ -37,7 +37,8 @@ __all__ = ['METHODS', 'CKPT_FORMAT', 'SSLMethod', 'MethodInfo', 'register_method
 
 # %% ../nbs/04_train.ipynb #4ce5f2b8
 class SSLMethod(nn.Module):
-    "Base class for a method trained by `fit`: set `self.encoder`, implement `training_step(batch)`."
+    """Base class for a method trained by `fit`: set `self.encoder`, implement
+    `training_step(batch)`."""
 
     encoder: nn.Module
     sync_batchnorm: bool = (
@@ -77,10 +78,12 @@ def register_method(
     modality: str = "image",
     dataset: str = "",
 ):
-    """Decorator: register a builder under `name` for `ssl-course pretrain` and the transfer chapters.
+    """Decorator: register a builder under `name` for `ssl-course pretrain` and the transfer
+    chapters.
 
-    Image methods: `build(encoder, image_size=..., channels=..., **kwargs) -> method`. Other modalities
-    receive `encoder=None` plus `data=` (the training dataset) and build their own encoder."""
+    Image methods: `build(encoder, image_size=..., channels=..., **kwargs) -> method`. Other
+    modalities receive `encoder=None` plus `data=` (the training dataset) and build their own
+    encoder."""
 
     def deco(build):
         METHODS[name] = MethodInfo(name, build, description, chapter, paper, modality, dataset)
@@ -111,7 +114,8 @@ def lr_at(
     min_lr: float = 0.0,
     schedule: str = "cosine",
 ) -> float:
-    "Learning rate at `step` (0-based): linear warm-up over `warmup_steps`, then cosine (or constant) decay to `min_lr`."
+    """Learning rate at `step` (0-based): linear warm-up over `warmup_steps`, then cosine
+    (or constant) decay to `min_lr`."""
     if warmup_steps > 0 and step < warmup_steps:
         return base_lr * (step + 1) / warmup_steps
     if schedule == "constant":
@@ -135,7 +139,8 @@ def get_world_size() -> int:
 
 
 def setup_distributed(device: torch.device | None = None) -> torch.device | None:
-    "Initialise the process group when launched by torchrun (WORLD_SIZE > 1); return this rank's device."
+    """Initialise the process group when launched by torchrun (WORLD_SIZE > 1); return this rank's
+    device."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return device
     use_cuda = torch.cuda.is_available() and (device is None or device.type == "cuda")
@@ -157,7 +162,8 @@ class _GatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        # Every process computed the loss over the gathered batch; sum their gradients, keep our slice.
+        # Every process computed the loss over the gathered batch;
+        # sum their gradients, keep our slice.
         grad = grad.contiguous()
         dist.all_reduce(grad)
         n = grad.shape[0] // dist.get_world_size()
@@ -165,7 +171,8 @@ class _GatherWithGrad(torch.autograd.Function):
 
 
 def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    "Concatenate `x` from every process along dim 0, differentiably (identity when not distributed)."
+    """Concatenate `x` from every process along dim 0, differentiably
+    (identity when not distributed)."""
     return _GatherWithGrad.apply(x) if get_world_size() > 1 else x
 
 
@@ -182,11 +189,12 @@ _SYNC_BN_WARNED = False
 
 
 def maybe_sync_batchnorm(method: nn.Module, device: torch.device, world: int) -> nn.Module:
-    """Convert every batch norm of `method` to `nn.SyncBatchNorm` when it runs on `world` > 1 CUDA processes and its
-    class sets `sync_batchnorm = True`: SimCLR's global BN (Chen et al. 2020), BYOL (Grill et al. 2020) and DINO with a
-    BN backbone (Caron et al. 2021) normalise over the *global* batch. MoCo does not ask: it uses shuffle BN instead
-    (He et al. 2020). The parameters and buffers are kept (same tensors), so call it before building the optimiser or
-    after, and before the DDP wrapper. `SyncBatchNorm` runs only on CUDA: on CPU (gloo) the method is returned
+    """Convert every batch norm of `method` to `nn.SyncBatchNorm` when it runs on `world` > 1 CUDA
+    processes and its class sets `sync_batchnorm = True`: SimCLR's global BN (Chen et al. 2020),
+    BYOL (Grill et al. 2020) and DINO with a BN backbone (Caron et al. 2021) normalise over the
+    *global* batch. MoCo does not ask: it uses shuffle BN instead (He et al. 2020). The parameters
+    and buffers are kept (same tensors), so call it before building the optimiser or after, and
+    before the DDP wrapper. `SyncBatchNorm` runs only on CUDA: on CPU (gloo) the method is returned
     unchanged with a warning, once per process, that the batch-norm statistics stay per process."""
     global _SYNC_BN_WARNED
     if world <= 1 or not getattr(method, "sync_batchnorm", False):
@@ -198,8 +206,9 @@ def maybe_sync_batchnorm(method: nn.Module, device: torch.device, world: int) ->
     if not _SYNC_BN_WARNED:
         _SYNC_BN_WARNED = True
         warnings.warn(
-            f"{type(method).__name__} asks for synchronised batch norm, but SyncBatchNorm needs CUDA: on "
-            f"{torch.device(device).type} with {world} processes the BN statistics stay per process "
+            f"{type(method).__name__} asks for synchronised batch norm, "
+            f"but SyncBatchNorm needs CUDA: on {torch.device(device).type} with {world} processes "
+            "the BN statistics stay per process "
             "(each normalises over its own slice of the global batch)"
         )
     return method
@@ -299,7 +308,8 @@ def save_checkpoint(
     state: dict | None = None,
     keep: int = 2,
 ) -> Path:
-    "Write `step-XXXXXXXX/` atomically into `ckpt_dir`, point `latest` at it, keep the newest `keep` checkpoints."
+    """Write `step-XXXXXXXX/` atomically into `ckpt_dir`, point `latest` at it, keep the newest
+    `keep` checkpoints."""
     from safetensors.torch import save_file, save_model
 
     ckpt_dir = Path(ckpt_dir)
@@ -366,7 +376,8 @@ def _check_ckpt_path(path: str | Path) -> Path:
         if found:
             return found
     raise CheckpointError(
-        f"no checkpoint at {path}: expected a step-* folder, a folder of them, or a .safetensors file"
+        f"no checkpoint at {path}: expected a step-* folder, a folder of them, "
+        "or a .safetensors file"
     )
 
 
@@ -384,7 +395,8 @@ def _load_tensors(file: Path) -> dict:
 
 
 def load_weights(model: nn.Module, path: str | Path, strict: bool = True) -> nn.Module:
-    "Load parameters from a checkpoint folder or a `.safetensors` file into `model` (never unpickles)."
+    """Load parameters from a checkpoint folder or a `.safetensors` file into `model`
+    (never unpickles)."""
     path = _check_ckpt_path(path)
     file = path if path.is_file() else path / "model.safetensors"
     sd = _load_tensors(file)
@@ -392,11 +404,13 @@ def load_weights(model: nn.Module, path: str | Path, strict: bool = True) -> nn.
         missing, unexpected = model.load_state_dict(sd, strict=False)
     except RuntimeError as e:
         raise CheckpointError(f"{file} does not fit this model: {e}") from None
-    # save_model drops duplicates of tied tensors; those show up as "missing" but are filled through the tie.
+    # save_model drops duplicates of tied tensors;
+    # those show up as "missing" but are filled through the tie.
     real_missing = [k for k in missing if not _is_tied_alias(model, k, sd)]
     if strict and (real_missing or unexpected):
         raise CheckpointError(
-            f"{file} does not fit this model: missing {real_missing[:5]}, unexpected {list(unexpected)[:5]}"
+            f"{file} does not fit this model: missing {real_missing[:5]}, "
+            f"unexpected {list(unexpected)[:5]}"
         )
     return model
 
@@ -423,7 +437,8 @@ def load_checkpoint(
         meta = json.loads((path / "state.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(
-            f"{path}/state.json is unreadable ({e}); delete {path} and resume from an older checkpoint"
+            f"{path}/state.json is unreadable ({e}); delete {path} and resume from an "
+            "older checkpoint"
         ) from None
     for f, h in meta.get("sha256", {}).items():
         if not (path / f).is_file() or _sha256(path / f) != h:
@@ -487,7 +502,8 @@ class History:
 
 
 class Callback:
-    "Hooks called by `fit`; `trainer` exposes method, optimizer, step, total_steps, history, device, stop."
+    """Hooks called by `fit`; `trainer` exposes method, optimizer, step, total_steps, history,
+    device, stop."""
 
     def on_fit_start(self, trainer):
         pass
@@ -526,7 +542,8 @@ def epoch_batches(
     world: int = 1,
     drop_last: bool = True,
 ) -> list[list[int]]:
-    "Index lists of one epoch: a seeded permutation cut into global batches; this rank's slice of each."
+    """Index lists of one epoch: a seeded permutation cut into global batches; this rank's slice of
+    each."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     perm = torch.randperm(n, generator=g).tolist()
     stop = n - n % global_batch if drop_last else n
@@ -644,12 +661,13 @@ def fit(
     find_unused_parameters: bool = False,
     desc: str | None = None,
 ) -> History:
-    """Train `method` on `data` for `steps` optimiser steps (or `epochs` passes); return the `History`.
+    """Train `method` on `data` for `steps` optimiser steps (or `epochs` passes); return the
+    `History`.
 
-    `batch_size` is the global batch (split across processes under torchrun); `warmup` is a fraction of
-    the steps (< 1) or a step count; `amp='auto'` uses bf16 autocast on CUDA; `resume=True` continues
-    from the newest checkpoint in `checkpoint_dir` and reaches the same weights as an uninterrupted run
-    (bit-exact on CPU with `num_workers=0`)."""
+    `batch_size` is the global batch (split across processes under torchrun); `warmup` is a fraction
+    of the steps (< 1) or a step count; `amp='auto'` uses bf16 autocast on CUDA; `resume=True`
+    continues from the newest checkpoint in `checkpoint_dir` and reaches the same weights as an
+    uninterrupted run (bit-exact on CPU with `num_workers=0`)."""
     settings = get_settings()
     seed = settings.seed if seed is None else seed
     num_workers = settings.num_workers if num_workers is None else num_workers
@@ -690,8 +708,9 @@ def fit(
             start, history = int(meta["step"]), History(meta.get("history", []))
             if meta.get("total_steps") not in (None, total):
                 raise CheckpointError(
-                    f"{found} belongs to a {meta['total_steps']}-step run, this one has {total} steps; "
-                    "use the same steps/epochs/batch_size to resume, or another checkpoint_dir"
+                    f"{found} belongs to a {meta['total_steps']}-step run, "
+                    f"this one has {total} steps; use the same steps/epochs/batch_size to resume, "
+                    "or another checkpoint_dir"
                 )
     step_module = _StepModule(method)
     if world > 1:
@@ -759,8 +778,9 @@ def fit(
                 loss = logs["loss"]
                 if not torch.isfinite(loss.detach()).all():
                     raise NonFiniteLossError(
-                        f"loss is {loss.item()} at step {step} (lr {opt.param_groups[0]['lr']:.3g}); try a lower lr, "
-                        "grad_clip=1.0, amp='off', or check the batch for NaNs"
+                        f"loss is {loss.item()} at step {step} "
+                        f"(lr {opt.param_groups[0]['lr']:.3g}); try a lower lr, grad_clip=1.0, "
+                        "amp='off', or check the batch for NaNs"
                     )
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -816,7 +836,8 @@ import ssl_course
 
 
 def load_chapter_modules(verbose: bool = False) -> list[str]:
-    "Import every `ssl_course` module so that their `register_method`/`register_dataset` calls run; return the names."
+    """Import every `ssl_course` module so that their `register_method`/`register_dataset` calls
+    run; return the names."""
     loaded = []
     for info in pkgutil.iter_modules(ssl_course.__path__):
         if info.name.startswith("_") or info.name == "cli":

@@ -40,12 +40,14 @@ def _read_report(folder: Path) -> dict:
 
 
 def _find_weights(path: Path) -> tuple[Path, str, dict]:
-    "(safetensors file, key prefix to strip, report) for an encoder file, a pretrain folder or a training checkpoint."
+    """(safetensors file, key prefix to strip, report) for an encoder file,
+    a pretrain folder or a training checkpoint."""
     if path.is_file():
         if path.suffix != ".safetensors":
             raise CheckpointError(
-                f"{path} is not a safetensors file; the course never unpickles files (torch.load/pickle "
-                "can run code hidden in them). Convert trusted weights with safetensors.torch.save_file."
+                f"{path} is not a safetensors file; the course never unpickles files "
+                "(torch.load/pickle can run code hidden in them). Convert trusted weights with "
+                "safetensors.torch.save_file."
             )
         folder = path.parent
         rep = (
@@ -89,7 +91,8 @@ def _encoder_tensors(file: Path, prefix: str) -> dict:
 
 
 def infer_architecture(sd: dict) -> dict:
-    "Backbone family, width/channels and (ViT) image size read off an encoder's tensor names and shapes."
+    """Backbone family, width/channels and (ViT) image size read off an encoder's tensor
+    names and shapes."""
     if "patch_embed.weight" in sd:
         w = sd["patch_embed.weight"]
         patch = w.shape[-1]
@@ -126,10 +129,11 @@ def load_backbone(
     device=None,
     strict: bool = True,
 ) -> nn.Module:
-    """The pretrained encoder saved at `path`, in eval mode: a `ssl-course pretrain` folder (encoder.safetensors +
-    report.json), an `encoder.safetensors` file, or a training checkpoint (step-* folder or a folder of them).
-    The architecture is rebuilt from the method (report.json or `method=`) and the tensors; pass `encoder=` to load
-    into a network you built yourself (needed for text and audio methods, which build encoders from their data)."""
+    """The pretrained encoder saved at `path`, in eval mode: a `ssl-course pretrain` folder
+    (encoder.safetensors + report.json), an `encoder.safetensors` file, or a training checkpoint
+    (step-* folder or a folder of them). The architecture is rebuilt from the method (report.json
+    or `method=`) and the tensors; pass `encoder=` to load into a network you built yourself
+    (needed for text and audio methods, which build encoders from their data)."""
     file, prefix, report = _find_weights(Path(path))
     sd = _encoder_tensors(file, prefix)
     if encoder is None:
@@ -137,7 +141,8 @@ def load_backbone(
         arch = infer_architecture(sd)
         if method is None:
             raise CheckpointError(
-                f"{path} has no report.json naming its method; pass method= (one of {', '.join(sorted(METHODS))})"
+                f"{path} has no report.json naming its method; pass method= "
+                f"(one of {', '.join(sorted(METHODS))})"
             )
         if method not in METHODS:
             from ssl_course.train import load_chapter_modules
@@ -150,8 +155,8 @@ def load_backbone(
         info = METHODS[method]
         if info.modality != "image":
             raise CheckpointError(
-                f"{method!r} is a {info.modality} method: its encoder is built from its data, so build it "
-                "as the chapter does and pass it as load_backbone(path, encoder=...)"
+                f"{method!r} is a {info.modality} method: its encoder is built from its data, "
+                "so build it as the chapter does and pass it as load_backbone(path, encoder=...)"
             )
         chans = arch["channels"] or 1
         size = (
@@ -188,7 +193,8 @@ def load_backbone(
         raise CheckpointError(f"{file} does not fit the rebuilt encoder: {str(e)[:400]}") from None
     if strict and (missing or unexpected):
         raise CheckpointError(
-            f"{file} does not fit the rebuilt encoder: missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]}"
+            f"{file} does not fit the rebuilt encoder: missing {list(missing)[:5]}, "
+            f"unexpected {list(unexpected)[:5]}"
         )
     dev = get_device(device) if device is not None else torch.device("cpu")
     return encoder.to(dev).eval()
@@ -220,9 +226,10 @@ def pretrain_encoder(
     method_kwargs: dict | None = None,
     settings=None,
 ) -> tuple[nn.Module, dict]:
-    """Pretrain registered image `method` on the images of `train` (labels ignored) as `ssl-course pretrain` does;
-    save `encoder.safetensors` + `report.json` into `out_dir` when given. Profile options such as `simclr_temperature`
-    are passed to the method's builder (override with `method_kwargs`). Returns (encoder, report)."""
+    """Pretrain registered image `method` on the images of `train` (labels ignored)
+    as `ssl-course pretrain` does; save `encoder.safetensors` + `report.json` into `out_dir`
+    when given. Profile options such as `simclr_temperature` are passed to the method's builder
+    (override with `method_kwargs`). Returns (encoder, report)."""
     if method not in METHODS:
         from ssl_course.train import load_chapter_modules
 
@@ -303,8 +310,9 @@ def pretrained_encoder(
     verbose: bool = True,
     settings=None,
 ) -> tuple[nn.Module, dict]:
-    """The encoder of `method` pretrained with the transfer chapters' budget (`transfer_*` settings), cached under
-    `<reports_dir>/pretrained/`. Returns (encoder in eval mode, its report)."""
+    """The encoder of `method` pretrained with the transfer chapters' budget
+    (`transfer_*` settings), cached under `<reports_dir>/pretrained/`. Returns
+    (encoder in eval mode, its report)."""
     s = settings or get_settings()
     b = s.budget
     method = method or b.transfer_method
@@ -321,7 +329,10 @@ def pretrained_encoder(
     import hashlib
 
     tag = hashlib.sha256(json.dumps(opts, sort_keys=True, default=str).encode()).hexdigest()[:8]
-    key = f"{method}-{dataset}-{name}-{size}px-{steps or 'profile'}steps-b{batch}-{n or 'all'}img-seed{seed}-{tag}"
+    key = (
+        f"{method}-{dataset}-{name}-{size}px-{steps or 'profile'}steps-"
+        f"b{batch}-{n or 'all'}img-seed{seed}-{tag}"
+    )
     out = Path(s.reports_dir) / "pretrained" / key
     if cache and (out / "report.json").is_file() and (out / "encoder.safetensors").is_file():
         report = json.loads((out / "report.json").read_text())
@@ -349,8 +360,8 @@ def pretrained_encoder(
             shutil.rmtree(tmp, ignore_errors=True)
     if verbose:
         print(
-            f"pretrained {method} for {report.get('steps', report.get('epochs'))} steps in {report['seconds']} s; "
-            f"loss {report['first_loss']:.3f} -> {report['last_loss']:.3f}"
+            f"pretrained {method} for {report.get('steps', report.get('epochs'))} steps in "
+            f"{report['seconds']} s; loss {report['first_loss']:.3f} -> {report['last_loss']:.3f}"
         )
     return enc, {**report, "cached": False}
 
@@ -376,7 +387,8 @@ def knn_grid(
 
 # %% ../nbs/20_linear_probe_and_knn.ipynb #6e606a93
 def normalize_features(train_feats: torch.Tensor, test_feats: torch.Tensor, how: str = "standard"):
-    "Normalise train and test features with statistics of the *training* features only: 'standard', 'l2' or 'none'."
+    """Normalise train and test features with statistics of the *training* features only:
+    'standard', 'l2' or 'none'."""
     a, b = torch.as_tensor(train_feats).float(), torch.as_tensor(test_feats).float()
     if how == "none":
         return a, b
@@ -389,8 +401,9 @@ def normalize_features(train_feats: torch.Tensor, test_feats: torch.Tensor, how:
 
 
 class few_threads:
-    """Run tiny full-batch problems on `n` threads. A probe on 1,000 x 128 features is far too small to split across
-    cores: on a busy machine the threads spend their time waiting for each other (measured: 50x the CPU time)."""
+    """Run tiny full-batch problems on `n` threads. A probe on 1,000 x 128 features is far too small
+    to split across cores: on a busy machine the threads spend their time waiting for each other
+    (measured: 50x the CPU time)."""
 
     def __init__(self, n: int = 1):
         self.n = n
@@ -418,8 +431,9 @@ def train_probe(
     num_classes: int | None = None,
     seed: int = 0,
 ) -> ProbeResult:
-    """A probe on frozen features trained full-batch with AdamW: linear (`hidden=0`) or one hidden ReLU layer.
-    Features are normalised with `normalize_features(how=norm)`. Returns test accuracy and the model."""
+    """A probe on frozen features trained full-batch with AdamW: linear (`hidden=0`)
+    or one hidden ReLU layer. Features are normalised with `normalize_features(how=norm)`.
+    Returns test accuracy and the model."""
     ytr, yte = torch.as_tensor(train_labels).long(), torch.as_tensor(test_labels).long()
     if len(ytr) == 0:
         raise DataError("a probe needs labelled training features; got none")
@@ -472,7 +486,8 @@ def probe_table(
     test_feats: dict | None = None,
     verbose: bool = True,
 ) -> list[dict]:
-    "Rows {encoder, labels/class, knn, linear, linear (raw), mlp}: frozen-feature accuracies on the same labelled images."
+    """Rows {encoder, labels/class, knn, linear, linear (raw), mlp}: frozen-feature accuracies
+    on the same labelled images."""
     test_feats = test_feats or {n: embed(e, test) for n, e in encoders.items()}
     rows = []
     for k in labels_per_class:

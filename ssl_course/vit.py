@@ -41,8 +41,9 @@ def unpatchify(
 
 
 def sincos_pos_embed(dim: int, grid: int, cls_token: bool = True) -> torch.Tensor:
-    """Fixed 2-D sine-cosine position embeddings (as in MAE): half the channels encode the row, half the column,
-    each with sin/cos at geometrically spaced frequencies. Returns (1, [1 +] grid*grid, dim); the [CLS] row is 0."""
+    """Fixed 2-D sine-cosine position embeddings (as in MAE): half the channels encode the row, half
+    the column, each with sin/cos at geometrically spaced frequencies. Returns
+    (1, [1 +] grid*grid, dim); the [CLS] row is 0."""
     if dim % 4:
         raise ValueError(f"sin-cos position embeddings need a width divisible by 4, got {dim}")
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
@@ -63,7 +64,8 @@ def sincos_pos_embed(dim: int, grid: int, cls_token: bool = True) -> torch.Tenso
 
 # %% ../nbs/06a_vit.ipynb #7921f49a
 class Attention(nn.Module):
-    "Multi-head self-attention; `forward(x, return_attention=True)` also returns the (N, heads, T, T) weights."
+    """Multi-head self-attention; `forward(x, return_attention=True)` also returns the
+    (N, heads, T, T) weights."""
 
     def __init__(self, dim: int, heads: int, qkv_bias: bool = True):
         super().__init__()
@@ -103,8 +105,9 @@ class Block(nn.Module):
 
 
 class ViT(nn.Module):
-    """Vision Transformer encoder (Dosovitskiy et al., ICLR 2021): (N, C, H, W) -> [CLS] features (N, dim).
-    `pos_embed='sincos'` uses fixed 2-D sine-cosine position embeddings (MAE), 'learned' trains them (DINO)."""
+    """Vision Transformer encoder (Dosovitskiy et al., ICLR 2021): (N, C, H, W) -> [CLS] features
+    (N, dim). `pos_embed='sincos'` uses fixed 2-D sine-cosine position embeddings (MAE), 'learned'
+    trains them (DINO)."""
 
     def __init__(
         self,
@@ -162,12 +165,13 @@ class ViT(nn.Module):
                 if s % patch == 0
             ]
             raise ValueError(
-                f"image size {size} is not divisible by the patch size {patch}; resize or crop to one of "
-                f"{ok} px, or choose a patch size that divides {size}"
+                f"image size {size} is not divisible by the patch size {patch}; "
+                f"resize or crop to one of {ok} px, or choose a patch size that divides {size}"
             )
 
     def pos_embed_for(self, grid_h: int, grid_w: int) -> torch.Tensor:
-        "Position embeddings for a grid_h x grid_w patch grid (bicubic interpolation of the trained grid)."
+        """Position embeddings for a grid_h x grid_w patch grid (bicubic interpolation of the
+        trained grid)."""
         if grid_h == grid_w == self.grid:
             return self.pos_embed
         cls, patch = self.pos_embed[:, :1], self.pos_embed[:, 1:]

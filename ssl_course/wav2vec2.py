@@ -61,9 +61,10 @@ class AudioError(DataError):
 def prepare_waveform(
     wave, sample_rate: int, target_rate: int = SAMPLE_RATE, min_samples: int = RECEPTIVE_FIELD
 ) -> torch.Tensor:
-    """A 1-D float32 tensor at `target_rate` from `wave`: shape (T,), or (C, T) / (T, C) with C <= 8 channels
-    (averaged to mono); resampled with torchaudio when `sample_rate` differs. Refuses clips shorter than `min_samples`
-    after resampling (the encoder's receptive field, 400 samples = 25 ms at 16 kHz)."""
+    """A 1-D float32 tensor at `target_rate` from `wave`: shape (T,), or (C, T) / (T, C)
+    with C <= 8 channels (averaged to mono); resampled with torchaudio when `sample_rate` differs.
+    Refuses clips shorter than `min_samples` after resampling (the encoder's receptive field,
+    400 samples = 25 ms at 16 kHz)."""
     w = torch.as_tensor(np.asarray(wave) if not torch.is_tensor(wave) else wave).float()
     if w.ndim == 2:
         if w.shape[0] > 8 and w.shape[1] <= 8:
@@ -85,8 +86,9 @@ def prepare_waveform(
         raise AudioError("audio contains NaN or inf samples")
     if len(w) < min_samples:
         raise AudioError(
-            f"clip has {len(w)} samples ({1000 * len(w) / target_rate:.1f} ms at {target_rate} Hz) but the "
-            f"feature encoder needs at least {min_samples} (its receptive field); pad or drop the clip"
+            f"clip has {len(w)} samples ({1000 * len(w) / target_rate:.1f} ms at {target_rate} Hz) "
+            f"but the feature encoder needs at least {min_samples} (its receptive field); "
+            "pad or drop the clip"
         )
     return w
 
@@ -114,7 +116,8 @@ def load_audio(
 def trim_and_center(
     w: torch.Tensor, length: int = CLIP_SAMPLES, threshold: float = 0.03, margin: int = 800
 ) -> torch.Tensor:
-    "Cut leading/trailing silence (below `threshold` x peak), keep `margin` samples around, centre in `length` samples."
+    """Cut leading/trailing silence (below `threshold` x peak), keep `margin` samples around,
+    centre in `length` samples."""
     peak = w.abs().max()
     if peak > 0:
         loud = torch.nonzero(w.abs() > threshold * peak).flatten()
@@ -127,7 +130,8 @@ def trim_and_center(
 
 # %% ../nbs/18_wav2vec2.ipynb #6bab8f54
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-# The 25 non-digit keywords of Speech Commands v0.02 (Warden 2018): unlabelled pretraining material besides the digits.
+# The 25 non-digit keywords of Speech Commands v0.02 (Warden 2018): unlabelled pretraining
+# material besides the digits.
 COMMAND_WORDS = [
     "yes",
     "no",
@@ -192,7 +196,8 @@ DEBIAN_PACKAGE = {"espeak-ng": "espeak-ng", "flite": "flite"}
 
 @dataclass(frozen=True)
 class VoiceConfig:
-    "One synthetic speaker: engine, voice, speed (words per minute for espeak-ng, a duration stretch for flite), pitch."
+    """One synthetic speaker: engine, voice, speed (words per minute for espeak-ng,
+    a duration stretch for flite), pitch."""
 
     engine: str
     voice: str
@@ -205,7 +210,8 @@ class VoiceConfig:
 
 
 def voice_configs(n: int, seed: int = 0, flite_share: float = 0.25) -> list[VoiceConfig]:
-    "`n` distinct voice configurations drawn deterministically from `seed` (about `flite_share` of them flite)."
+    """`n` distinct voice configurations drawn deterministically from `seed`
+    (about `flite_share` of them flite)."""
     rng, out, seen = np.random.default_rng(seed), [], set()
     while len(out) < n:
         if rng.random() < flite_share:
@@ -240,7 +246,8 @@ def find_binary(engine: str) -> str:
 
 
 def synthesize(text: str, voice: VoiceConfig, path: str | Path) -> Path:
-    "Say `text` with `voice` into the WAV file `path` (atomic: temporary file + rename). Returns `path`."
+    """Say `text` with `voice` into the WAV file `path` (atomic: temporary file + rename).
+    Returns `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     exe = find_binary(voice.engine)
@@ -279,7 +286,8 @@ def synthesize(text: str, voice: VoiceConfig, path: str | Path) -> Path:
         r = subprocess.run(cmd, capture_output=True, timeout=60)
         if r.returncode != 0 or os.path.getsize(tmp) <= 44:
             raise DataError(
-                f"{voice.engine} failed for {text!r} ({voice}): {r.stderr.decode(errors='ignore')[-300:]}"
+                f"{voice.engine} failed for {text!r} ({voice}): "
+                f"{r.stderr.decode(errors='ignore')[-300:]}"
             )
         os.replace(tmp, path)
         return path
@@ -289,7 +297,8 @@ def synthesize(text: str, voice: VoiceConfig, path: str | Path) -> Path:
 
 # %% ../nbs/18_wav2vec2.ipynb #d1b14c0c
 class AudioDataset(LabelledDataset):
-    "Mono 16 kHz clips `(N, T)` with int64 labels (-1 = unlabelled). Items are `(waveform (T,), label)`."
+    """Mono 16 kHz clips `(N, T)` with int64 labels (-1 = unlabelled).
+    Items are `(waveform (T,), label)`."""
 
     def __init__(
         self,
@@ -332,7 +341,10 @@ class AudioDataset(LabelledDataset):
 
     def __repr__(self):
         lab = f"{self.num_classes} classes" if self.is_labeled else "unlabelled"
-        return f"AudioDataset({self.name or '?'}:{self.split or '?'}, n={len(self)}, {self.waves.shape[1] / self.sample_rate:.2f} s @ {self.sample_rate} Hz, {lab})"
+        return (
+            f"AudioDataset({self.name or '?'}:{self.split or '?'}, n={len(self)}, "
+            f"{self.waves.shape[1] / self.sample_rate:.2f} s @ {self.sample_rate} Hz, {lab})"
+        )
 
     def subset(self, indices) -> "AudioDataset":
         idx = torch.as_tensor(indices, dtype=torch.long)
@@ -382,7 +394,8 @@ def synthesize_corpus(
     data_dir: str | Path | None = None,
     workers: int = 4,
 ) -> torch.Tensor:
-    "All `words` x `voices` clips as a `(len(voices) * len(words), 16000)` tensor (voice-major), synthesised once and cached."
+    """All `words` x `voices` clips as a `(len(voices) * len(words), 16000)` tensor (voice-major),
+    synthesised once and cached."""
     root = dataset_dir("synthetic_speech", data_dir)
     spec = (
         "|".join(w for w in words) + "#" + "|".join(v.key for v in voices) + f"#v1-{CLIP_SAMPLES}"
@@ -421,7 +434,8 @@ def _n_voices(voices: int | None) -> int:
     "audio",
     ("train", "test"),
     "synthesised locally (Debian espeak-ng, flite)",
-    "spoken digits 0-9 from espeak-ng/flite voices; train and test use disjoint voice configurations",
+    "spoken digits 0-9 from espeak-ng/flite voices; "
+    "train and test use disjoint voice configurations",
     "Dudley et al., espeak-ng; Black & Lenzo, Flite (CMU, 2001)",
 )
 def _load_synth_digits(split, data_dir=None, download=None, voices: int | None = None):
@@ -439,7 +453,8 @@ def _load_synth_digits(split, data_dir=None, download=None, voices: int | None =
     "audio",
     ("train",),
     "synthesised locally (Debian espeak-ng, flite)",
-    "35 keywords (10 digits + the 25 other Speech Commands words) from the training voice configurations",
+    "35 keywords (10 digits + the 25 other Speech Commands words) from the training "
+    "voice configurations",
     "Dudley et al., espeak-ng; Black & Lenzo, Flite (CMU, 2001)",
 )
 def _load_synth_words(split, data_dir=None, download=None, voices: int | None = None):
@@ -468,8 +483,9 @@ def _asterisk_root(data_dir=None) -> Path:
         if (d / "digits" / "0.wav").is_file():
             return d
     raise DatasetUnavailableError(
-        f"the Asterisk English prompts are not available: looked in "
-        f"{', '.join(str(d) for d in [dataset_dir('asterisk_sounds', data_dir), *ASTERISK_DIRS])}. Fix: {ASTERISK_FIX}"
+        "the Asterisk English prompts are not available: looked in "
+        f"{', '.join(str(d) for d in [dataset_dir('asterisk_sounds', data_dir), *ASTERISK_DIRS])}. "
+        f"Fix: {ASTERISK_FIX}"
     )
 
 
@@ -478,7 +494,8 @@ def _asterisk_root(data_dir=None) -> Path:
     "audio",
     ("test",),
     "Debian package asterisk-core-sounds-en-wav",
-    "real human speech: one professional speaker (Allison) saying 0-9, 8 kHz resampled to 16 kHz (10 clips)",
+    "real human speech: one professional speaker (Allison) saying 0-9, 8 kHz resampled to 16 kHz "
+    "(10 clips)",
     "Digium/Sangoma, Asterisk core sound prompts (CC BY-SA 3.0)",
 )
 def _load_asterisk_digits(split, data_dir=None, download=None):
@@ -495,7 +512,8 @@ def _load_asterisk_digits(split, data_dir=None, download=None):
     "audio",
     ("train",),
     "Debian package asterisk-core-sounds-en-wav",
-    "real human speech without labels: Allison's telephone prompts cut into 1 s windows (no digits)",
+    "real human speech without labels: Allison's telephone prompts cut into 1 s windows "
+    "(no digits)",
     "Digium/Sangoma, Asterisk core sound prompts (CC BY-SA 3.0)",
 )
 def _load_asterisk_prompts(split, data_dir=None, download=None, max_files: int | None = None):
@@ -519,7 +537,9 @@ def _load_asterisk_prompts(split, data_dir=None, download=None, max_files: int |
 # %% ../nbs/18_wav2vec2.ipynb #434d2823
 SPEECH_COMMANDS_URL = "http://download.tensorflow.org/data/"
 SPEECH_COMMANDS_ARCHIVE = {
-    "speech_commands_v0.02.tar.gz": "af14739ee7dc311471de98f5f9d2c9191b18aedfe957f4a6ff791c709868ff58"
+    "speech_commands_v0.02.tar.gz": (
+        "af14739ee7dc311471de98f5f9d2c9191b18aedfe957f4a6ff791c709868ff58"
+    )
 }
 FSDD_GIT = "https://github.com/Jakobovski/free-spoken-digit-dataset"
 FSDD_HF = "mteb/free-spoken-digit-dataset"
@@ -540,7 +560,8 @@ def _clips_from_files(files, labels, name, split, classes):
     ("train", "validation", "test"),
     "online only (download 2.3 GB, SHA-256 checked)",
     "Speech Commands v0.02, the ten digit words (about 38,000 1 s clips, 2,600 speakers)",
-    "Warden, Speech Commands: A Dataset for Limited-Vocabulary Speech Recognition, arXiv:1804.03209, 2018",
+    "Warden, Speech Commands: A Dataset for Limited-Vocabulary Speech Recognition, "
+    "arXiv:1804.03209, 2018",
 )
 def _load_speech_commands(split, data_dir=None, download=None, max_per_class: int | None = None):
     root = dataset_dir("speech_commands", data_dir)
@@ -582,8 +603,10 @@ def _load_speech_commands(split, data_dir=None, download=None, max_per_class: in
     "audio",
     ("train", "test"),
     "online only (git clone, or Hugging Face datasets)",
-    "Free Spoken Digit Dataset: 3,000 recordings of 0-9 by 6 speakers at 8 kHz; test = recordings 0-4 of each",
-    "Jackson et al., Free Spoken Digit Dataset, https://github.com/Jakobovski/free-spoken-digit-dataset",
+    "Free Spoken Digit Dataset: 3,000 recordings of 0-9 by 6 speakers at 8 kHz; "
+    "test = recordings 0-4 of each",
+    "Jackson et al., Free Spoken Digit Dataset, "
+    "https://github.com/Jakobovski/free-spoken-digit-dataset",
 )
 def _load_fsdd(split, data_dir=None, download=None):
     root = dataset_dir("fsdd", data_dir)
@@ -631,7 +654,8 @@ PAPER_STRIDES = (5, 2, 2, 2, 2, 2, 2)
 
 
 def conv_output_length(num_samples: int, kernels=PAPER_KERNELS, strides=PAPER_STRIDES) -> int:
-    "Frames produced from `num_samples` by the valid convolution stack (0 when the clip is shorter than the receptive field)."
+    """Frames produced from `num_samples` by the valid convolution stack (0 when the clip is shorter
+    than the receptive field)."""
     n = int(num_samples)
     for k, s in zip(kernels, strides):
         if n < k:
@@ -649,7 +673,8 @@ def receptive_field(kernels=PAPER_KERNELS, strides=PAPER_STRIDES) -> tuple[int, 
 
 
 class GradMultiply(torch.autograd.Function):
-    "Identity forward, gradient times `scale` backward (fairseq scales the feature encoder's gradient by 0.1)."
+    """Identity forward, gradient times `scale` backward (fairseq scales the feature encoder's
+    gradient by 0.1)."""
 
     @staticmethod
     def forward(ctx, x, scale):
@@ -700,13 +725,14 @@ class ConvFeatureEncoder(nn.Module):
             wave = wave[None]
         if wave.ndim != 2:
             raise AudioError(
-                f"expected mono audio (B, T) at 16 kHz, got shape {tuple(wave.shape)}; mix stereo down and "
-                "resample with prepare_waveform(wave, sample_rate)"
+                f"expected mono audio (B, T) at 16 kHz, got shape {tuple(wave.shape)}; "
+                "mix stereo down and resample with prepare_waveform(wave, sample_rate)"
             )
         if wave.shape[1] < self.field:
             raise AudioError(
-                f"clips have {wave.shape[1]} samples, fewer than the encoder's receptive field of {self.field} "
-                f"samples ({1000 * self.field / SAMPLE_RATE:.0f} ms at 16 kHz); pad them"
+                f"clips have {wave.shape[1]} samples, fewer than the encoder's receptive field "
+                f"of {self.field} samples ({1000 * self.field / SAMPLE_RATE:.0f} ms at 16 kHz); "
+                "pad them"
             )
         return wave
 
@@ -720,7 +746,8 @@ class ConvFeatureEncoder(nn.Module):
 
 # %% ../nbs/18_wav2vec2.ipynb #3ec04617
 class Wav2Vec2Encoder(nn.Module):
-    """Feature encoder + projection + convolutional position embedding + transformer (Baevski et al. 2020).
+    """Feature encoder + projection + convolutional position embedding + transformer
+    (Baevski et al. 2020).
 
     `forward(wave)` returns utterance features (B, D) (mean over frames) for probes and fine-tuning;
     `frames(wave)` returns the per-frame context vectors (B, T, D)."""
@@ -744,7 +771,8 @@ class Wav2Vec2Encoder(nn.Module):
         heads = heads or max(1, embed_dim // 64)
         if embed_dim % heads or embed_dim % pos_conv_groups:
             raise ValueError(
-                f"embed_dim {embed_dim} must be divisible by heads ({heads}) and pos_conv_groups ({pos_conv_groups})"
+                f"embed_dim {embed_dim} must be divisible by heads ({heads}) "
+                f"and pos_conv_groups ({pos_conv_groups})"
             )
         self.feature_extractor = ConvFeatureEncoder(conv_dim, kernels, strides, normalize)
         self.feature_grad_mult, self.conv_dim, self.out_dim = feature_grad_mult, conv_dim, embed_dim
@@ -777,7 +805,8 @@ class Wav2Vec2Encoder(nn.Module):
         self.norm = nn.LayerNorm(embed_dim)
 
     def features(self, wave: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        "Conv features (B, T, C) after layer norm, and the L2 feature penalty (mean square before the norm)."
+        """Conv features (B, T, C) after layer norm, and the L2 feature penalty
+        (mean square before the norm)."""
         f = self.feature_extractor(wave)
         if self.feature_grad_mult != 1.0 and self.training and f.requires_grad:
             f = GradMultiply.apply(f, self.feature_grad_mult)
@@ -789,7 +818,8 @@ class Wav2Vec2Encoder(nn.Module):
         mask: torch.Tensor | None = None,
         mask_emb: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        "Projected features (B, T, D) -> context (B, T, D); frames where `mask` is True are replaced by `mask_emb` first."
+        """Projected features (B, T, D) -> context (B, T, D); frames where `mask` is True are
+        replaced by `mask_emb` first."""
         if mask is not None:
             x = torch.where(mask[..., None], mask_emb.to(x.dtype), x)
         p = self.pos_conv(x.transpose(1, 2))
@@ -813,9 +843,10 @@ def compute_span_mask(
     min_masks: int = 2,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """wav2vec 2.0 span mask (fairseq's `compute_mask_indices`, static lengths): for each of the B rows of length T draw
-    int(mask_prob * T / mask_length + U[0,1)) span starts (at least `min_masks`, at most the number of start positions)
-    without replacement and mask `mask_length` frames from each. Returns a bool (B, T) tensor, True = masked.
+    """wav2vec 2.0 span mask (fairseq's `compute_mask_indices`, static lengths):
+    for each of the B rows of length T draw int(mask_prob * T / mask_length + U[0,1))
+    span starts (at least `min_masks`, at most the number of start positions) without replacement
+    and mask `mask_length` frames from each. Returns a bool (B, T) tensor, True = masked.
     Spans never run past the end; a row shorter than `mask_length` is masked entirely."""
     b, t = int(shape[0]), int(shape[1])
     if not 0 <= mask_prob <= 1:
@@ -842,29 +873,33 @@ def compute_span_mask(
 def gumbel_temperature_decay(
     total_steps: int, max_temp: float = 2.0, min_temp: float = 0.5, fraction: float = 0.69
 ) -> float:
-    "Per-update decay so that max_temp * decay**(fraction * total_steps) = min_temp (fairseq: 0.999995 for 400k updates)."
+    """Per-update decay so that max_temp * decay**(fraction * total_steps) = min_temp
+    (fairseq: 0.999995 for 400k updates)."""
     if total_steps < 1:
         raise ValueError("total_steps must be >= 1")
     return (min_temp / max_temp) ** (1.0 / max(1.0, fraction * total_steps))
 
 
 def codebook_perplexity(probs: torch.Tensor) -> torch.Tensor:
-    "exp(entropy) of the batch-averaged code distribution, summed over groups; `probs` (N, G, V). Between G and G*V."
+    """exp(entropy) of the batch-averaged code distribution, summed over groups;
+    `probs` (N, G, V). Between G and G*V."""
     avg = probs.reshape(-1, *probs.shape[-2:]).float().mean(0)
     return torch.exp(-(avg * torch.log(avg + 1e-7)).sum(-1)).sum()
 
 
 def codebook_diversity_loss(probs: torch.Tensor) -> torch.Tensor:
-    """wav2vec 2.0's diversity loss (G*V - perplexity) / (G*V) of the softmax code probabilities `probs` (N, G, V):
-    0 when the codewords are used uniformly on average, 1 - 1/V when every frame picks the same codeword (collapse)."""
+    """wav2vec 2.0's diversity loss (G*V - perplexity) / (G*V) of the softmax code
+    probabilities `probs` (N, G, V): 0 when the codewords are used uniformly on average,
+    1 - 1/V when every frame picks the same codeword (collapse)."""
     g, v = probs.shape[-2:]
     return (g * v - codebook_perplexity(probs)) / (g * v)
 
 
 class GumbelVectorQuantizer(nn.Module):
-    """Product quantiser with G groups of V codewords and a straight-through hard Gumbel-softmax (Baevski et al. 2020;
-    Jang et al. 2017). Input (..., dim) -> dict with `x` (..., vq_dim) quantised vectors, `onehot` (..., G, V),
-    `probs` (..., G, V) softmax of the logits, `codes` (..., G), `prob_perplexity`, `code_perplexity`, `temp`."""
+    """Product quantiser with G groups of V codewords and a straight-through hard Gumbel-softmax
+    (Baevski et al. 2020; Jang et al. 2017). Input (..., dim) -> dict with `x` (..., vq_dim)
+    quantised vectors, `onehot` (..., G, V), `probs` (..., G, V) softmax of the logits, `codes`
+    (..., G), `prob_perplexity`, `code_perplexity`, `temp`."""
 
     def __init__(
         self,
@@ -918,13 +953,14 @@ class GumbelVectorQuantizer(nn.Module):
 def sample_negatives(
     mask: torch.Tensor, num_negatives: int = 100, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """Indices (N, K) of distractors for the N masked frames of `mask` (B, T) enumerated row by row (the order of
-    `x[mask]`): uniform with replacement over the *other* masked frames of the same row, never the frame itself."""
+    """Indices (N, K) of distractors for the N masked frames of `mask` (B, T) enumerated row by row
+    (the order of `x[mask]`): uniform with replacement over the *other* masked frames of the same
+    row, never the frame itself."""
     counts = mask.sum(1)
     if (counts < 2).any():
         raise ValueError(
-            f"every utterance needs at least 2 masked frames to draw distractors; got {counts.min().item()} "
-            "(use longer clips or more min_masks)"
+            "every utterance needs at least 2 masked frames to draw distractors; "
+            f"got {counts.min().item()} (use longer clips or more min_masks)"
         )
     n = int(counts.sum())
     row = torch.repeat_interleave(torch.arange(len(counts), device=mask.device), counts)
@@ -943,8 +979,9 @@ def contrastive_logits(
     temperature: float = 0.1,
     same: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Logits (N, 1 + K): cosine similarity / temperature to the positive (column 0) and the K distractors; -inf where a
-    distractor equals the positive (`same` (N, K) can pass that test precomputed, e.g. from code indices)."""
+    """Logits (N, 1 + K): cosine similarity / temperature to the positive (column 0)
+    and the K distractors; -inf where a distractor equals the positive (`same` (N, K)
+    can pass that test precomputed, e.g. from code indices)."""
     c = F.normalize(context.float(), dim=-1, eps=1e-8)
     cands = F.normalize(torch.cat([targets[:, None], negatives], 1).float(), dim=-1, eps=1e-8)
     logits = torch.einsum("nd,nkd->nk", c, cands) / temperature
@@ -960,8 +997,9 @@ def contrastive_logits_by_index(
     temperature: float = 0.1,
     same: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """`contrastive_logits` with the distractors given as row indices (N, K) into `targets`: one (N, N) similarity
-    matrix and a gather instead of an (N, K, D) tensor — the same numbers, many times cheaper for K = 100."""
+    """`contrastive_logits` with the distractors given as row indices (N, K) into `targets`:
+    one (N, N) similarity matrix and a gather instead of an (N, K, D) tensor — the same numbers,
+    many times cheaper for K = 100."""
     sim = (
         F.normalize(context.float(), dim=-1, eps=1e-8)
         @ F.normalize(targets.float(), dim=-1, eps=1e-8).T
@@ -976,8 +1014,9 @@ def contrastive_logits_by_index(
 def wav2vec2_contrastive_loss(
     context: torch.Tensor, targets: torch.Tensor, negatives: torch.Tensor, temperature: float = 0.1
 ) -> torch.Tensor:
-    """wav2vec 2.0's contrastive loss L_m (Baevski et al. 2020, eq. 3), averaged over the N masked frames.
-    `context` (N, D): predictions at masked frames; `targets` (N, D): their quantised vectors; `negatives` (N, K, D)."""
+    """wav2vec 2.0's contrastive loss L_m (Baevski et al. 2020, eq. 3), averaged over the N masked
+    frames. `context` (N, D): predictions at masked frames; `targets` (N, D): their quantised
+    vectors; `negatives` (N, K, D)."""
     if (
         context.shape != targets.shape
         or negatives.shape[0] != context.shape[0]
@@ -992,11 +1031,13 @@ def wav2vec2_contrastive_loss(
 
 # %% ../nbs/18_wav2vec2.ipynb #fe40c7e8
 class Wav2Vec2(SSLMethod):
-    """wav2vec 2.0 pretraining (Baevski et al., NeurIPS 2020): masked contrastive prediction of Gumbel-quantised features.
+    """wav2vec 2.0 pretraining (Baevski et al., NeurIPS 2020): masked contrastive prediction of
+    Gumbel-quantised features.
 
-    `feature_grad_mult` scales the gradient that reaches the conv feature encoder (the paper, sec. 4.2, and fairseq's
-    `feature_grad_mult=0.1` for BASE and LARGE pretraining); it is set on the encoder, given or built, whose own default
-    (1.0, no scaling) is the one for probes and fine-tuning."""
+    `feature_grad_mult` scales the gradient that reaches the conv feature encoder (the paper,
+    sec. 4.2, and fairseq's `feature_grad_mult=0.1` for BASE and LARGE pretraining);
+    it is set on the encoder, given or built, whose own default (1.0, no scaling)
+    is the one for probes and fine-tuning."""
 
     def __init__(
         self,
@@ -1042,7 +1083,8 @@ class Wav2Vec2(SSLMethod):
         mask: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> dict:
-        "Loss terms and diagnostics for a batch of 16 kHz clips (B, T); `mask` (B, frames) defaults to a fresh span mask."
+        """Loss terms and diagnostics for a batch of 16 kHz clips (B, T); `mask` (B, frames)
+        defaults to a fresh span mask."""
         feats, pen = self.encoder.features(wave)  # (B, T, C), layer-normed
         b, t, _ = feats.shape
         if mask is None:
@@ -1058,9 +1100,10 @@ class Wav2Vec2(SSLMethod):
         q = self.quantizer(unmasked[mask])  # targets at masked frames only, (N, vq_dim)
         y = self.project_q(q["x"])
         neg_idx = sample_negatives(mask, self.num_negatives, generator)
-        # a distractor identical to the positive is masked to -inf, tested on the sampled target vectors y themselves
-        # (fairseq `compute_preds`: neg_is_pos = (y == negatives).all(-1)); in training the Gumbel-sampled codeword
-        # can differ from the noise-free argmax code, so comparing `q["codes"]` would mask the wrong distractors
+        # a distractor identical to the positive is masked to -inf, tested on the sampled target
+        # vectors y themselves (fairseq `compute_preds`: neg_is_pos = (y == negatives).all(-1));
+        # in training the Gumbel-sampled codeword can differ from the noise-free argmax code,
+        # so comparing `q["codes"]` would mask the wrong distractors
         logits = contrastive_logits_by_index(self.final_proj(c[mask]), y, neg_idx, self.logit_temp)
         contrastive = F.cross_entropy(
             logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device)
@@ -1109,8 +1152,9 @@ def wav2vec2_small(
     feature_grad_mult: float = 0.1,
     **kw,
 ) -> Wav2Vec2:
-    """A small wav2vec 2.0 for CPU: `conv_dim` channels, `layers` blocks of width `embed_dim`; the paper's position
-    convolution (kernel 128, 16 groups), which also tells frames inside a long masked span apart."""
+    """A small wav2vec 2.0 for CPU: `conv_dim` channels, `layers` blocks of width `embed_dim`;
+    the paper's position convolution (kernel 128, 16 groups), which also tells frames inside
+    a long masked span apart."""
     enc = Wav2Vec2Encoder(
         conv_dim=conv_dim,
         embed_dim=embed_dim,
@@ -1143,9 +1187,10 @@ def build_wav2vec2(
     layers: int | None = None,
     **kw,
 ) -> Wav2Vec2:
-    """Sizes and the knobs that differ between profiles from the `wav2vec2_*` settings (the full profile uses the paper's
-    values); the Gumbel temperature reaches 0.5 at 69% of `total_steps` when given. Keyword arguments (the sizes
-    `conv_dim`, `embed_dim`, `layers` included: the zoo pins them) override."""
+    """Sizes and the knobs that differ between profiles from the `wav2vec2_*` settings
+    (the full profile uses the paper's values); the Gumbel temperature reaches 0.5 at 69%
+    of `total_steps` when given. Keyword arguments (the sizes `conv_dim`, `embed_dim`,
+    `layers` included: the zoo pins them) override."""
     b = get_settings().budget
     if total_steps is None and data is not None:
         steps = b.get("wav2vec2_steps", 0) or b.get("wav2vec2_epochs", 1) * max(
@@ -1175,7 +1220,8 @@ def build_wav2vec2(
 def mfcc_features(
     waves: torch.Tensor, n_mfcc: int = 20, segments: int = 4, sample_rate: int = SAMPLE_RATE
 ) -> torch.Tensor:
-    "Per clip: MFCCs (25 ms windows, 10 ms hop, 40 mel bands) averaged over `segments` time segments, plus their std: (N, n_mfcc * (segments + 1))."
+    """Per clip: MFCCs (25 ms windows, 10 ms hop, 40 mel bands) averaged over `segments` time
+    segments, plus their std: (N, n_mfcc * (segments + 1))."""
     import torchaudio.transforms as T
 
     mfcc = T.MFCC(sample_rate, n_mfcc, melkwargs={"n_fft": 400, "hop_length": 160, "n_mels": 40})

@@ -54,7 +54,8 @@ __all__ = ['ZOO_FORMAT', 'ZOO_ENV', 'MAX_FILE_BYTES', 'MAX_ZOO_BYTES', 'RECIPES'
 
 # %% ../nbs/24_zoo.ipynb #e1e462c6
 class ZooError(RuntimeError):
-    "A zoo file is missing, tampered with, truncated, too large, or its card is malformed; the message names the fix."
+    """A zoo file is missing, tampered with, truncated, too large, or its card is malformed; the
+    message names the fix."""
 
 
 ZOO_FORMAT = 1
@@ -206,8 +207,11 @@ RECIPES: dict[str, Recipe] = {
             lr=5e-4,
             weight_decay=0.04,
             method_kwargs={"out_dim": 1024, "n_local": 4},
-            description="DINO with the course's ViT-tiny (patch 4, fixed sin-cos positions: the same ViT as MAE's, so "
-            "both share one set of ViT baselines), 2 global + 4 local crops",
+            description=(
+                "DINO with the course's ViT-tiny (patch 4, fixed sin-cos positions: "
+                "the same ViT as MAE's, so both share one set of ViT baselines), "
+                "2 global + 4 local crops"
+            ),
         ),
         Recipe(
             "mae-fmnist-vit",
@@ -288,7 +292,8 @@ RECIPES: dict[str, Recipe] = {
 def get_recipe(name: str) -> Recipe:
     if name not in RECIPES:
         raise ZooError(
-            f"unknown zoo recipe {name!r}; available: {', '.join(RECIPES)} (see `ssl-course zoo list`)"
+            f"unknown zoo recipe {name!r}; available: {', '.join(RECIPES)} "
+            "(see `ssl-course zoo list`)"
         )
     return RECIPES[name]
 
@@ -298,7 +303,8 @@ def list_recipes() -> list[Recipe]:
 
 # %% ../nbs/24_zoo.ipynb #81563834
 def zoo_dir(path: str | Path | None = None) -> Path:
-    "The zoo folder: `path`, else $SSL_COURSE_ZOO, else the repository's `zoo/`, else `<data_dir>/zoo`."
+    """The zoo folder: `path`, else $SSL_COURSE_ZOO, else the repository's `zoo/`, else
+    `<data_dir>/zoo`."""
     if path is not None:
         return Path(path)
     if os.environ.get(ZOO_ENV):
@@ -313,7 +319,8 @@ sha256_of = sha256_file  # the data module's streaming SHA-256, under the name t
 
 
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    "Write through a temporary file in the same folder, fsync, then rename: a crash never leaves half a file."
+    """Write through a temporary file in the same folder, fsync, then rename: a crash never leaves
+    half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".tmp-", dir=path.parent)
     os.close(fd)
@@ -366,7 +373,8 @@ def read_card(name: str, zoo: str | Path | None = None) -> dict:
     if not p.is_file():
         raise ZooError(
             f"no model card {p}: the zoo model {name!r} is not trained here. Train it with "
-            f"`ssl-course zoo train {name}`, or set {ZOO_ENV} to a folder holding the repository's zoo/ files"
+            f"`ssl-course zoo train {name}`, "
+            f"or set {ZOO_ENV} to a folder holding the repository's zoo/ files"
         )
     try:
         card = json.loads(p.read_text())
@@ -445,7 +453,8 @@ def build_model(
 
 
 def _tied_aliases(model: nn.Module) -> set[str]:
-    "State-dict keys that name a tensor an earlier key already holds (tied weights, e.g. BERT's decoder = embedding)."
+    """State-dict keys that name a tensor an earlier key already holds (tied weights, e.g. BERT's
+    decoder = embedding)."""
     seen, aliases = set(), set()
     for k, v in model.state_dict(keep_vars=True).items():
         ptr = (v.data_ptr(), v.shape, v.dtype)
@@ -456,7 +465,8 @@ def _tied_aliases(model: nn.Module) -> set[str]:
 
 
 def _saved_tensors(recipe: Recipe, model: nn.Module) -> dict[str, torch.Tensor]:
-    "Image recipes keep the encoder (what transfer uses); the others keep the whole model, each tied tensor once."
+    """Image recipes keep the encoder (what transfer uses); the others keep the whole model, each
+    tied tensor once."""
     m = model.encoder if recipe.protocol == "image" else model
     skip = _tied_aliases(m)
     return {
@@ -497,7 +507,8 @@ def train_recipe(
 ) -> dict:
     """Train recipe `name` and write `zoo/<name>.safetensors` and its card; returns the card.
 
-    `steps`/`max_items` shorten the run (tests, smoke runs); the card then records what was really done."""
+    `steps`/`max_items` shorten the run (tests, smoke runs); the card then records what was really
+    done."""
     from safetensors.torch import save_file
 
     recipe = get_recipe(name)
@@ -517,8 +528,9 @@ def train_recipe(
         shutil.rmtree(work)
     unlabelled = data.without_labels() if hasattr(data, "without_labels") else data
     say(
-        f"ssl-course zoo train {name} | {recipe.method} on {recipe.dataset} ({len(data)} items) | {n_steps} steps, "
-        f"batch {recipe.batch_size}, lr {recipe.lr} | {dev} | checkpoints in {work}"
+        f"ssl-course zoo train {name} | {recipe.method} on {recipe.dataset} ({len(data)} items) | "
+        f"{n_steps} steps, batch {recipe.batch_size}, lr {recipe.lr} | {dev} | "
+        f"checkpoints in {work}"
     )
     t0 = time.perf_counter()
     hist = fit(
@@ -544,8 +556,8 @@ def train_recipe(
     zdir.mkdir(parents=True, exist_ok=True)
     wpath = weights_path(name, zdir)
     tensors = _saved_tensors(recipe, model)
-    # One metadata key: safetensors writes a metadata map in an order that can change from process to process, and the
-    # card's SHA-256 must be reproducible byte for byte.
+    # One metadata key: safetensors writes a metadata map in an order that can change from process
+    # to process, and the card's SHA-256 must be reproducible byte for byte.
     _atomic_write(
         wpath,
         lambda p: save_file(
@@ -555,8 +567,8 @@ def train_recipe(
     size = wpath.stat().st_size
     if size > MAX_FILE_BYTES:
         raise ZooError(
-            f"{wpath} is {size / 2**20:.1f} MB, over the zoo's {MAX_FILE_BYTES // 2**20} MB per file; "
-            "shrink the recipe's encoder"
+            f"{wpath} is {size / 2**20:.1f} MB, "
+            f"over the zoo's {MAX_FILE_BYTES // 2**20} MB per file; shrink the recipe's encoder"
         )
     extra = {}
     if (
@@ -583,7 +595,8 @@ def train_recipe(
             "dataset": recipe.dataset,
             "split": "train",
             "items": len(data),
-            # the fashion captions are written from the class names: CLIP's text is weak supervision by the labels
+            # the fashion captions are written from the class names: CLIP's text is weak supervision
+            # by the labels
             "labels_used": "through the captions (made from the class names)"
             if recipe.protocol == "image-text"
             else False,
@@ -611,14 +624,16 @@ def train_recipe(
     }
     write_json_atomic(card_path(name, zdir), card)
     say(
-        f"{name}: {card['steps']} steps in {wall / 60:.1f} min, loss {card['training']['first_loss']:.3f} -> "
-        f"{card['training']['last_loss']:.3f}; wrote {wpath} ({size / 2**20:.2f} MB) and its card"
+        f"{name}: {card['steps']} steps in {wall / 60:.1f} min, "
+        f"loss {card['training']['first_loss']:.3f} -> {card['training']['last_loss']:.3f}; "
+        f"wrote {wpath} ({size / 2**20:.2f} MB) and its card"
     )
     return card
 
 # %% ../nbs/24_zoo.ipynb #06a3e874
 def verify_weights(name: str, zoo: str | Path | None = None) -> dict:
-    "Check the weights file against its card (exists, size, SHA-256); return the card. One clear `ZooError` otherwise."
+    """Check the weights file against its card (exists, size, SHA-256); return the card. One clear
+    `ZooError` otherwise."""
     card = read_card(name, zoo)
     w = weights_path(name, zoo)
     if not w.is_file():
@@ -630,8 +645,9 @@ def verify_weights(name: str, zoo: str | Path | None = None) -> dict:
     if size != rec["bytes"] or sha256_of(w) != rec["sha256"]:
         what = "truncated" if size < rec["bytes"] else "tampered with or replaced"
         raise ZooError(
-            f"{w} does not match the SHA-256 in its card ({size} bytes, card says {rec['bytes']}): it was {what}. "
-            f"Restore it (git checkout zoo/{w.name}) or retrain with `ssl-course zoo train {name}`; it is not loaded"
+            f"{w} does not match the SHA-256 in its card ({size} bytes, card says {rec['bytes']}): "
+            f"it was {what}. Restore it (git checkout zoo/{w.name}) or retrain with "
+            f"`ssl-course zoo train {name}`; it is not loaded"
         )
     if size > MAX_FILE_BYTES:
         raise ZooError(f"{w} is over the {MAX_FILE_BYTES // 2**20} MB limit of a zoo file")
@@ -654,8 +670,9 @@ def _load_verified_tensors(name: str, zoo=None) -> tuple[dict, dict]:
 def load_pretrained(name: str, zoo: str | Path | None = None, device="cpu", data=None) -> nn.Module:
     """The trained model of zoo recipe `name`, verified by SHA-256, in eval mode.
 
-    Image recipes return the encoder (`(N, C, H, W) -> (N, D)` features). Text, audio and image-text recipes return
-    the whole method model; building it needs its training data (`data=`, loaded for you when omitted)."""
+    Image recipes return the encoder (`(N, C, H, W) -> (N, D)` features). Text, audio and image-text
+    recipes return the whole method model; building it needs its training data (`data=`, loaded for
+    you when omitted)."""
     recipe = get_recipe(name)
     tensors, card = _load_verified_tensors(name, zoo)
     if recipe.protocol == "image":
@@ -673,12 +690,13 @@ def load_pretrained(name: str, zoo: str | Path | None = None, device="cpu", data
         missing, unexpected = model.load_state_dict(tensors, strict=False)
         if unexpected or set(missing) - _tied_aliases(model):
             raise RuntimeError(
-                f"missing keys {sorted(set(missing) - _tied_aliases(model))[:5]}, unexpected {unexpected[:5]}"
+                f"missing keys {sorted(set(missing) - _tied_aliases(model))[:5]}, "
+                f"unexpected {unexpected[:5]}"
             )
     except RuntimeError as e:
         raise ZooError(
-            f"{weights_path(name, zoo)} does not fit the recipe's architecture ({str(e)[:300]}); the recipe "
-            f"changed since it was trained: retrain with `ssl-course zoo train {name}`"
+            f"{weights_path(name, zoo)} does not fit the recipe's architecture ({str(e)[:300]}); "
+            f"the recipe changed since it was trained: retrain with `ssl-course zoo train {name}`"
         ) from None
     return model.to(get_device(device)).eval()
 
@@ -697,10 +715,15 @@ PROTOCOL = {
     "labels_per_class": [1, 5, 10, 100],
     "draws": [0, 1, 2],
     "probe": "StandardScaler + LogisticRegression(C=0.1, lbfgs, max_iter 2000) on frozen features",
-    "supervised": "same architecture from random init, AdamW, random shift +-2 px and horizontal flip, batch <= 64, "
-    "steps = max(min_steps, epochs x batches per epoch); lr and min_steps chosen on a 5,000-image "
-    "validation split of the pool at 10 labels/class",
-    "subset_check": "2,000 pool and 500 test images (stratified, seed 0): kNN with all 2,000 labels, probe at 10/class draw 0",
+    "supervised": (
+        "same architecture from random init, AdamW, random shift +-2 px and horizontal flip, "
+        "batch <= 64, steps = max(min_steps, epochs x batches per epoch); "
+        "lr and min_steps chosen on a 5,000-image validation split of the pool at 10 labels/class"
+    ),
+    "subset_check": (
+        "2,000 pool and 500 test images (stratified, seed 0): "
+        "kNN with all 2,000 labels, probe at 10/class draw 0"
+    ),
 }
 PROBE_C = 0.1
 SUP_GRID = {"lr": (1e-3, 3e-3), "min_steps": (300, 1000)}
@@ -710,7 +733,8 @@ SUP_EPOCHS = 30
 def supervised_steps(
     n_labelled: int, min_steps: int, batch: int = 64, epochs: int = SUP_EPOCHS
 ) -> int:
-    "Steps for a supervised run on `n_labelled` images: enough for `epochs` passes, never fewer than `min_steps`."
+    """Steps for a supervised run on `n_labelled` images: enough for `epochs` passes, never fewer
+    than `min_steps`."""
     return max(int(min_steps), epochs * math.ceil(n_labelled / min(batch, n_labelled)))
 
 
@@ -737,7 +761,8 @@ def _mean_std(v):
 
 
 def probe_curve(ftr, ytr, fte, yte, labels_per_class=(1, 5, 10, 100), draws=(0, 1, 2)) -> dict:
-    "Linear-probe accuracy at each label count, mean +- std over the labelled draws (`sample_per_class(k, seed)`)."
+    """Linear-probe accuracy at each label count, mean +- std over the labelled draws
+    (`sample_per_class(k, seed)`)."""
     out = {}
     for k in labels_per_class:
         accs = [
@@ -772,7 +797,8 @@ def _sup_run(make_encoder, train, test, steps, lr, seed, device):
 
 
 def choose_supervised_hparams(make_encoder, pool, device=None, verbose=True) -> dict:
-    "Pick lr and min_steps from `SUP_GRID` by accuracy on 5,000 validation images of the pool (10 labels/class, drawn from the rest)."
+    """Pick lr and min_steps from `SUP_GRID` by accuracy on 5,000 validation images of the pool
+    (10 labels/class, drawn from the rest)."""
     g = torch.Generator().manual_seed(1234)
     perm = torch.randperm(len(pool), generator=g)
     n_val = min(5000, len(pool) // 4)  # small pools (e.g. digits) keep three quarters for training
@@ -803,7 +829,8 @@ def supervised_curve(
     init: nn.Module | None = None,
     verbose=True,
 ) -> dict:
-    "The same network trained with labels only (`init=None`) or fine-tuned from `init`, on the protocol's draws."
+    """The same network trained with labels only (`init=None`) or fine-tuned from `init`, on the
+    protocol's draws."""
     out = {}
     for k in labels_per_class:
         accs = []
@@ -824,15 +851,16 @@ def supervised_curve(
         out[str(k)] = _mean_std(accs)
         if verbose:
             print(
-                f"  {'fine-tuned' if init is not None else 'supervised'} k={k}: {out[str(k)]['mean']:.4f} "
-                f"+- {out[str(k)]['std']:.4f}"
+                f"  {'fine-tuned' if init is not None else 'supervised'} k={k}: "
+                f"{out[str(k)]['mean']:.4f} +- {out[str(k)]['std']:.4f}"
             )
     return out
 
 # %% ../nbs/24_zoo.ipynb #7aad2c5e
 @torch.no_grad()
 def object_attention_ratio(vit: nn.Module, images: torch.Tensor, threshold: float = 0.1) -> float:
-    "Mean over images of (attention mass on object patches / object area share), [CLS] row of the last block."
+    """Mean over images of (attention mass on object patches / object area share), [CLS] row of the
+    last block."""
     att = vit.last_self_attention(images)[:, :, 0, 1:].mean(1)  # (N, L): heads averaged
     att = att / att.sum(1, keepdim=True)
     p = vit.patch_size
@@ -857,7 +885,8 @@ def compute_baselines(
     test_items=None,
     write: bool = True,
 ) -> dict:
-    "Raw pixels, the random-init encoder and the network trained from scratch, on the protocol's labelled draws."
+    """Raw pixels, the random-init encoder and the network trained from scratch, on the protocol's
+    labelled draws."""
     dev = get_device(device)
     commit = _git_commit()
     pool, test = _eval_data(recipe.dataset, pool_items, test_items, get_settings().data_dir)
@@ -992,7 +1021,8 @@ def image_targets(recipe: Recipe, m: dict, b: dict) -> list[dict]:
 
 # %% ../nbs/24_zoo.ipynb #eecc5583
 def subset_figures(encoder: nn.Module, dataset: str = "fashion_mnist", device="cpu") -> dict:
-    "The card's fixed small check: 2,000 pool / 500 test images; a test recomputes these exactly from the weights."
+    """The card's fixed small check: 2,000 pool / 500 test images; a test recomputes these exactly
+    from the weights."""
     pool, test = _eval_data(dataset, 2000, 500, get_settings().data_dir)
     ftr, ytr = embed(encoder, pool, device=device)
     fte, yte = embed(encoder, test, device=device)
@@ -1006,7 +1036,8 @@ def subset_figures(encoder: nn.Module, dataset: str = "fashion_mnist", device="c
 def evaluate_recipe(
     name: str, device=None, zoo=None, recompute_baselines: bool = False, verbose: bool = True
 ) -> dict:
-    "Run the protocol on zoo model `name` (and its baselines when missing); write the metrics into its card; return it."
+    """Run the protocol on zoo model `name` (and its baselines when missing); write the metrics into
+    its card; return it."""
     recipe = get_recipe(name)
     if recipe.protocol == "text":
         return evaluate_text_recipe(name, device, zoo, verbose)
@@ -1016,8 +1047,8 @@ def evaluate_recipe(
         return evaluate_clip_recipe(name, device, zoo, verbose)
     if recipe.protocol != "image":
         raise ZooError(
-            f"{name} is a {recipe.protocol} recipe; its evaluation lives in chapter {recipe.chapter} "
-            "(the zoo has image, text, speech and image-text protocols)"
+            f"{name} is a {recipe.protocol} recipe; its evaluation lives in chapter "
+            f"{recipe.chapter} (the zoo has image, text, speech and image-text protocols)"
         )
     dev = get_device(device)
     t0 = time.perf_counter()
@@ -1064,7 +1095,8 @@ def evaluate_recipe(
 
 
 def comparison_rows(card: dict) -> list[dict]:
-    "Rows (labels/class, the model's probe, each baseline) of a card's metrics: the table a chapter shows."
+    """Rows (labels/class, the model's probe, each baseline) of a card's metrics: the table a
+    chapter shows."""
     m = card["metrics"]
     if m["protocol"]["name"].startswith("ssl-course text"):
         f = lambda d, k: f"{d[str(k)]['mean']:.3f} +- {d[str(k)]['std']:.3f}"
@@ -1148,7 +1180,8 @@ def card_curves(card: dict) -> tuple[list[int], dict[str, dict]]:
 
 
 def plot_card(card: dict, ax=None, title: str | None = None):
-    "Label-efficiency plot of a card: the model's probe (and fine-tuning) against each baseline, mean +- std over draws."
+    """Label-efficiency plot of a card: the model's probe (and fine-tuning) against each baseline,
+    mean +- std over draws."""
     import matplotlib.pyplot as plt
 
     ax = ax or plt.subplots(figsize=(5.5, 3.5))[1]
@@ -1173,7 +1206,10 @@ def plot_card(card: dict, ax=None, title: str | None = None):
     )
     ax.set_title(
         title
-        or f"{card['name']}: mean +- std over {len(card['metrics']['protocol']['draws'])} labelled draws",
+        or (
+            f"{card['name']}: mean +- std over "
+            f"{len(card['metrics']['protocol']['draws'])} labelled draws"
+        ),
         fontsize=9,
     )
     ax.legend(fontsize=7)
@@ -1182,8 +1218,9 @@ def plot_card(card: dict, ax=None, title: str | None = None):
 
 
 def compare_cards(names: Sequence[str], zoo=None, metric: str = "probe") -> list[dict]:
-    """One row per label count: each image card's `metric` ('probe' or 'finetune') as mean +- std, then the baselines
-    (from the first card; every card must share its baselines file, i.e. the same labelled images and architecture)."""
+    """One row per label count: each image card's `metric` ('probe' or 'finetune') as mean +- std,
+    then the baselines (from the first card; every card must share its baselines file, i.e. the same
+    labelled images and architecture)."""
     cards = [load_card(n, zoo) for n in names]
     files = {c["metrics"].get("baselines_file") for c in cards}
     if len(files) != 1:
@@ -1265,14 +1302,16 @@ def format_comparison(card: dict) -> str:
     m = card["metrics"]
     if "knn_all_labels" in m:
         lines.append(
-            f"kNN with all labels: {m['knn_all_labels']:.3f} (raw pixels {m['baselines']['pixels']['knn_all_labels']:.3f}, "
+            f"kNN with all labels: {m['knn_all_labels']:.3f} "
+            f"(raw pixels {m['baselines']['pixels']['knn_all_labels']:.3f}, "
             f"random init {m['baselines']['random_init']['knn_all_labels']:.3f})"
         )
     if "zero_shot_ensemble" in m:
         q = m["quick_run"]
         lines.append(
-            f"zero-shot: {m['zero_shot_ensemble']:.3f} with the prompt ensemble, {m['zero_shot_one_prompt']:.3f} with "
-            f"one prompt (the chapter's quick recipe, rerun by zoo evaluate on the full data: {q['zero_shot_ensemble']:.3f}, "
+            f"zero-shot: {m['zero_shot_ensemble']:.3f} with the prompt ensemble, "
+            f"{m['zero_shot_one_prompt']:.3f} with one prompt (the chapter's quick recipe, "
+            f"rerun by zoo evaluate on the full data: {q['zero_shot_ensemble']:.3f}, "
             f"{q['zero_shot_one_prompt']:.3f})"
         )
         for d in ("text_to_image", "image_to_text"):
@@ -1285,7 +1324,8 @@ def format_comparison(card: dict) -> str:
             )
     if "code_perplexity" in m:
         lines.append(
-            f"code perplexity on held-out voices: {m['code_perplexity']:.1f} of G*V = {m['codebook_size']}"
+            "code perplexity on held-out voices: "
+            f"{m['code_perplexity']:.1f} of G*V = {m['codebook_size']}"
         )
     if "perplexity" in m:
         lines.append(
@@ -1303,17 +1343,29 @@ def format_comparison(card: dict) -> str:
 TEXT_PROTOCOL = {
     "name": "ssl-course text protocol v1",
     "pretraining": "wordnet_glosses train split",
-    "perplexity": "masked-LM perplexity on the wordnet_glosses test split (held-out synsets), 15% masking 80/10/10, "
-    "masks from seed 0; trained network vs the same network at initialisation",
-    "task": "wordnet_categories (10 noun categories): pool = train split, test = 200 per class of the test split (seed 0)",
+    "perplexity": (
+        "masked-LM perplexity on the wordnet_glosses test split (held-out synsets), "
+        "15% masking 80/10/10, masks from seed 0; "
+        "trained network vs the same network at initialisation"
+    ),
+    "task": (
+        "wordnet_categories (10 noun categories): pool = train split, "
+        "test = 200 per class of the test split (seed 0)"
+    ),
     "labels_per_class": [5, 20, 100],
     "draws": [0, 1, 2],
     "bow": "TF-IDF (sublinear tf) + LogisticRegression; C from (1, 10, 100) chosen on validation",
     "probe": "mean-pooled frozen features, StandardScaler + LogisticRegression(C=0.1)",
-    "finetune": "whole network + linear head, AdamW (weight decay 0.01), batch <= 32, steps = max(min_steps, 30 epochs); "
-    "lr and min_steps chosen on 2,000 validation texts of the pool at 20 labels/class, separately for the "
-    "pretrained network and the network from scratch",
-    "subset_check": "perplexity on the first 500 test glosses; probe at 20/class (draw 0) on 500 test definitions",
+    "finetune": (
+        "whole network + linear head, AdamW (weight decay 0.01), batch <= 32, "
+        "steps = max(min_steps, 30 epochs); "
+        "lr and min_steps chosen on 2,000 validation texts of the pool at 20 labels/class, "
+        "separately for the pretrained network and the network from scratch"
+    ),
+    "subset_check": (
+        "perplexity on the first 500 test glosses; "
+        "probe at 20/class (draw 0) on 500 test definitions"
+    ),
 }
 TEXT_GRID = {"lr": (1e-4, 3e-4, 1e-3), "min_steps": (200, 600)}
 BOW_GRID = (1.0, 10.0, 100.0)
@@ -1324,7 +1376,8 @@ def tokenizer_path(name: str, zoo=None) -> Path:
 
 
 def load_tokenizer(name: str, zoo=None):
-    "The tokenizer text recipe `name` was trained with (a `tokenizers.Tokenizer`), checked against the SHA-256 in its card."
+    """The tokenizer text recipe `name` was trained with (a `tokenizers.Tokenizer`), checked against
+    the SHA-256 in its card."""
     from tokenizers import Tokenizer
 
     if get_recipe(name).protocol != "text":
@@ -1337,8 +1390,8 @@ def load_tokenizer(name: str, zoo=None):
         )
     if sha256_of(p) != card["tokenizer"]["sha256"]:
         raise ZooError(
-            f"{p} does not match the SHA-256 in its card: it was changed. Restore it (git checkout zoo/{p.name}) "
-            f"or retrain with `ssl-course zoo train {name}`"
+            f"{p} does not match the SHA-256 in its card: it was changed. "
+            f"Restore it (git checkout zoo/{p.name}) or retrain with `ssl-course zoo train {name}`"
         )
     return Tokenizer.from_file(str(p))
 
@@ -1420,7 +1473,8 @@ def _text_curve(evaluate, pool, ks, draws) -> dict:
 
 
 def evaluate_text_recipe(name: str, device=None, zoo=None, verbose: bool = True) -> dict:
-    "Run the text protocol on zoo recipe `name` (BERT MLM); write the metrics into its card; return it."
+    """Run the text protocol on zoo recipe `name` (BERT MLM); write the metrics into its card;
+    return it."""
     from .mlm import evaluate_mlm, text_features, bow_logistic_regression
 
     recipe = get_recipe(name)
@@ -1435,7 +1489,8 @@ def evaluate_text_recipe(name: str, device=None, zoo=None, verbose: bool = True)
     )  # the same network at initialisation (same seed)
     ppl = {"trained": evaluate_mlm(model, corpus_test), "init": evaluate_mlm(init, corpus_test)}
     say(
-        f"held-out perplexity: trained {ppl['trained']['perplexity']:.1f}, at initialisation {ppl['init']['perplexity']:.1f}"
+        f"held-out perplexity: trained {ppl['trained']['perplexity']:.1f}, "
+        f"at initialisation {ppl['init']['perplexity']:.1f}"
     )
     pool = text_data(name, "wordnet_categories", "train", zoo, tok)
     test_all = text_data(name, "wordnet_categories", "test", zoo, tok)
@@ -1514,7 +1569,8 @@ def evaluate_text_recipe(name: str, device=None, zoo=None, verbose: bool = True)
 
 
 def text_subset_figures(model, corpus_test, pool, test_all) -> dict:
-    "The text card's fixed small check, recomputed exactly by a test: perplexity on 500 glosses, a probe on 500 texts."
+    """The text card's fixed small check, recomputed exactly by a test: perplexity on 500 glosses, a
+    probe on 500 texts."""
     from .mlm import evaluate_mlm, text_features
 
     model = model.cpu()
@@ -1532,23 +1588,38 @@ def text_subset_figures(model, corpus_test, pool, test_all) -> dict:
 AUDIO_PROTOCOL = {
     "name": "ssl-course speech protocol v1",
     "pretraining": "synth_words train split (no labels)",
-    "code_perplexity": "perplexity of the argmax codes over all frames of the held-out voices, summed over groups; ceiling G*V",
+    "code_perplexity": (
+        "perplexity of the argmax codes over all frames of the held-out voices, "
+        "summed over groups; ceiling G*V"
+    ),
     "pool": "synth_digits train (the training voices)",
     "test": "synth_digits test (held-out voices)",
     "real": "asterisk_digits (10 real recorded digits, one speaker)",
     "labels_per_class": [1, 5, 20],
     "draws": [0, 1, 2],
-    "probe": "mean over frames of the context network's output, StandardScaler + LogisticRegression(C=0.1)",
-    "mfcc": "20 MFCCs averaged over 4 segments + their std, StandardScaler + LogisticRegression(C=0.1)",
-    "supervised": "same encoder + linear head, AdamW, batch <= 16, steps = max(min_steps, 30 epochs); lr and min_steps "
-    "chosen at 5 labels/word on the digits of 10 validation voices (voice seed 2, disjoint from train and test)",
-    "subset_check": "probe at 5/word (draw 0) on the held-out voices, and the code perplexity of the first 50 test clips",
+    "probe": (
+        "mean over frames of the context network's output, "
+        "StandardScaler + LogisticRegression(C=0.1)"
+    ),
+    "mfcc": (
+        "20 MFCCs averaged over 4 segments + their std, StandardScaler + LogisticRegression(C=0.1)"
+    ),
+    "supervised": (
+        "same encoder + linear head, AdamW, batch <= 16, steps = max(min_steps, 30 epochs); "
+        "lr and min_steps chosen at 5 labels/word on the digits of 10 validation voices "
+        "(voice seed 2, disjoint from train and test)"
+    ),
+    "subset_check": (
+        "probe at 5/word (draw 0) on the held-out voices, "
+        "and the code perplexity of the first 50 test clips"
+    ),
 }
 AUDIO_GRID = {"lr": (3e-4, 1e-3), "min_steps": (200, 600)}
 
 
 def hard_code_perplexity(codes: torch.Tensor, num_vars: int) -> float:
-    "exp(entropy) of the empirical distribution of hard codes (N..., G), summed over the G groups; between G and G*V."
+    """exp(entropy) of the empirical distribution of hard codes (N..., G), summed over the G groups;
+    between G and G*V."""
     c = codes.reshape(-1, codes.shape[-1])
     total = 0.0
     for g in range(c.shape[1]):
@@ -1576,7 +1647,8 @@ def _audio_sets(recipe: Recipe):
     real = load_dataset("asterisk_digits", "test", data_dir=dd)
     if set(pool.speakers) & set(test.speakers):
         raise ZooError(
-            "the held-out test voices overlap the training voices; choose another voice count for the recipe"
+            "the held-out test voices overlap the training voices; "
+            "choose another voice count for the recipe"
         )
     vs = [
         v for v in voice_configs(40, seed=2) if v.key not in set(pool.speakers) | set(test.speakers)
@@ -1614,7 +1686,8 @@ def _audio_sup_run(make, train, test, steps, lr, seed, device, freeze_cnn: bool)
 
 
 def evaluate_audio_recipe(name: str, device=None, zoo=None, verbose: bool = True) -> dict:
-    "Run the speech protocol on zoo recipe `name` (wav2vec 2.0); write the metrics into its card; return it."
+    """Run the speech protocol on zoo recipe `name` (wav2vec 2.0); write the metrics into its card;
+    return it."""
     from .wav2vec2 import mfcc_features
     from .evaluate import accuracy
 
@@ -1664,7 +1737,8 @@ def evaluate_audio_recipe(name: str, device=None, zoo=None, verbose: bool = True
                 )
                 grid.append({"lr": lr, "min_steps": ms, "val_accuracy": r.accuracy})
                 say(
-                    f"  {label} grid: lr {lr:g} min_steps {ms}: validation accuracy {r.accuracy:.4f}"
+                    f"  {label} grid: lr {lr:g} min_steps {ms}: "
+                    f"validation accuracy {r.accuracy:.4f}"
                 )
         best = max(grid, key=lambda s: s["val_accuracy"])
         hps[label] = {"lr": best["lr"], "min_steps": best["min_steps"], "grid": grid}
@@ -1754,13 +1828,25 @@ def audio_subset_figures(model, pool, test) -> dict:
 CLIP_PROTOCOL = {
     "name": "ssl-course image-text protocol v1",
     "pretraining": "fashion_captions train split (60,000 images, template captions)",
-    "zero_shot": "10,000 test images; one prompt ('a photo of the {}.') and the ensemble of the held-out prompts",
-    "retrieval": "class-level Recall@1/5/10: text -> image (held-out prompts x class names vs 1,000 test images, 100 "
-    "per class, seed 0) and image -> text (those images vs the 200 training captions)",
-    "probe": "image tower + the image protocol's probe at 1/5/10/100 labels per class, 3 draws, vs its baselines file",
+    "zero_shot": (
+        "10,000 test images; "
+        "one prompt ('a photo of the {}.') and the ensemble of the held-out prompts"
+    ),
+    "retrieval": (
+        "class-level Recall@1/5/10: "
+        "text -> image (held-out prompts x class names vs 1,000 test images, 100 per class, "
+        "seed 0) and image -> text (those images vs the 200 training captions)"
+    ),
+    "probe": (
+        "image tower + the image protocol's probe at 1/5/10/100 labels per class, 3 draws, "
+        "vs its baselines file"
+    ),
     "labels_per_class": [1, 5, 10, 100],
     "draws": [0, 1, 2],
-    "reference": "the chapter's quick run (clip_steps, clip_batch_size, clip_lr of the quick profile), same code",
+    "reference": (
+        "the chapter's quick run "
+        "(clip_steps, clip_batch_size, clip_lr of the quick profile), same code"
+    ),
     "subset_check": "zero-shot (prompt ensemble) on the first 500 test images",
 }
 
@@ -1799,7 +1885,8 @@ def clip_metrics(model, train, test, ks=(1, 5, 10)) -> dict:
 
 
 def evaluate_clip_recipe(name: str, device=None, zoo=None, verbose: bool = True) -> dict:
-    "Run the image-text protocol on zoo recipe `name` (CLIP); write the metrics into its card; return it."
+    """Run the image-text protocol on zoo recipe `name` (CLIP); write the metrics into its card;
+    return it."""
     recipe = get_recipe(name)
     dev = get_device(device)
     say = print if verbose else (lambda *a, **k: None)
@@ -1811,7 +1898,8 @@ def evaluate_clip_recipe(name: str, device=None, zoo=None, verbose: bool = True)
     model = load_pretrained(name, zoo, device=dev, data=train)
     m = clip_metrics(model, train, test)
     say(
-        f"zoo model: zero-shot {m['zero_shot_ensemble']:.3f} (one prompt {m['zero_shot_one_prompt']:.3f}), "
+        f"zoo model: zero-shot {m['zero_shot_ensemble']:.3f} "
+        f"(one prompt {m['zero_shot_one_prompt']:.3f}), "
         f"R@1 text->image {m['text_to_image']['1']:.3f}, image->text {m['image_to_text']['1']:.3f}"
     )
     quick = get_settings(profile="quick").budget
@@ -1832,8 +1920,8 @@ def evaluate_clip_recipe(name: str, device=None, zoo=None, verbose: bool = True)
     )
     r = clip_metrics(ref, train, test)
     say(
-        f"quick run: zero-shot {r['zero_shot_ensemble']:.3f}, R@1 text->image {r['text_to_image']['1']:.3f}, "
-        f"image->text {r['image_to_text']['1']:.3f}"
+        f"quick run: zero-shot {r['zero_shot_ensemble']:.3f}, "
+        f"R@1 text->image {r['text_to_image']['1']:.3f}, image->text {r['image_to_text']['1']:.3f}"
     )
     img_tr, img_te = _eval_data("fashion_mnist", None, None, dd)
     ftr, ytr = embed(model.encoder, img_tr, device=dev)
@@ -1882,7 +1970,8 @@ def evaluate_clip_recipe(name: str, device=None, zoo=None, verbose: bool = True)
 
 
 def build_recipe_like(recipe: Recipe) -> Recipe:
-    "The image recipe whose baselines apply to `recipe`'s image tower (same dataset and architecture)."
+    """The image recipe whose baselines apply to `recipe`'s image tower
+    (same dataset and architecture)."""
     return dataclasses.replace(recipe, protocol="image", dataset="fashion_mnist")
 
 
@@ -1895,7 +1984,8 @@ def clip_subset_figure(model, test) -> float:
 
 # %% ../nbs/24_zoo.ipynb #3e37b0c6
 def recompute_subset_check(name: str, zoo=None) -> dict:
-    "The card's `subset_check` figures recomputed from the verified weights (what the tests compare with the card)."
+    """The card's `subset_check` figures recomputed from the verified weights
+    (what the tests compare with the card)."""
     recipe = get_recipe(name)
     importlib.import_module(f"ssl_course.{recipe.module}")
     if recipe.protocol == "text":
@@ -1918,7 +2008,8 @@ def recompute_subset_check(name: str, zoo=None) -> dict:
 
 # %% ../nbs/24_zoo.ipynb #99232d3d
 def verify_zoo(zoo=None, names: Sequence[str] | None = None, load: bool = True) -> list[dict]:
-    "Check every card present (or `names`): schema, hash, size, load round trip; and the zoo's total size."
+    """Check every card present (or `names`): schema, hash, size, load round trip; and the zoo's
+    total size."""
     zdir = zoo_dir(zoo)
     present = [n for n in RECIPES if card_path(n, zdir).is_file()] if names is None else list(names)
     rows = []
@@ -1937,7 +2028,8 @@ def verify_zoo(zoo=None, names: Sequence[str] | None = None, load: bool = True) 
     total = sum(p.stat().st_size for p in zdir.glob("*") if p.is_file()) if zdir.is_dir() else 0
     if total > MAX_ZOO_BYTES:
         raise ZooError(
-            f"{zdir} holds {total / 2**20:.1f} MB, over the {MAX_ZOO_BYTES // 2**20} MB the zoo may take"
+            f"{zdir} holds {total / 2**20:.1f} MB, "
+            f"over the {MAX_ZOO_BYTES // 2**20} MB the zoo may take"
         )
     return rows
 
@@ -1947,9 +2039,15 @@ def headline(card: dict) -> str:
     m = card["metrics"]
     kind = m["protocol"]["name"].split()[1]
     if kind == "text":
-        return f"fine-tuned@20 {m['finetune']['20']['mean']:.3f}, ppl {m['perplexity']['trained']['perplexity']:.0f}"
+        return (
+            f"fine-tuned@20 {m['finetune']['20']['mean']:.3f}, "
+            f"ppl {m['perplexity']['trained']['perplexity']:.0f}"
+        )
     if kind == "speech":
-        return f"probe@5 {m['probe']['heldout_voices']['5']['mean']:.3f} (real {m['probe']['real']['5']['mean']:.2f})"
+        return (
+            f"probe@5 {m['probe']['heldout_voices']['5']['mean']:.3f} "
+            f"(real {m['probe']['real']['5']['mean']:.2f})"
+        )
     if kind == "image-text":
         return f"zero-shot {m['zero_shot_ensemble']:.3f}, probe@10 {m['probe']['10']['mean']:.3f}"
     return f"probe@10 {m['probe']['10']['mean']:.3f}, kNN {m['knn_all_labels']:.3f}"

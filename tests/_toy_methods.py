@@ -1,4 +1,5 @@
-"Tiny deterministic methods shared by the DDP and resume tests (no batch norm: DDP must match one process)."
+"""Tiny deterministic methods shared by the DDP and resume tests (no batch norm: DDP must match one
+process)."""
 
 import torch
 import torch.nn as nn
@@ -19,7 +20,8 @@ class Regression(SSLMethod):
 
 
 class PairContrast(SSLMethod):
-    "NT-Xent over two fixed views: under DDP the negatives come from every process (all_gather_with_grad)."
+    """NT-Xent over two fixed views: under DDP the negatives come from every process
+    (all_gather_with_grad)."""
 
     def __init__(self):
         super().__init__()

@@ -9,7 +9,8 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 
 @pytest.fixture(autouse=True)
 def _isolated_env(monkeypatch, tmp_path):
-    "Each test sees the repo's settings.ini, no profile/device overrides, and its own reports folder."
+    """Each test sees the repo's settings.ini, no profile/device overrides, and its own reports
+    folder."""
     for var in ("SSL_COURSE_PROFILE", "SSL_COURSE_DEVICE", "SSL_COURSE_SETTINGS", "IN_TEST"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.chdir(tmp_path)

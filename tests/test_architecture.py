@@ -1,5 +1,6 @@
-"""The one-way layering of the library, checked by parsing every module's imports (top-level and inside functions):
-core -> data -> building blocks (augment, backbones, vit) -> train -> methods -> evaluate/transfer/zoo -> cli."""
+"""The one-way layering of the library, checked by parsing every module's imports
+(top-level and inside functions): core -> data -> building blocks (augment, backbones, vit) ->
+train -> methods -> evaluate/transfer/zoo -> cli."""
 
 import ast
 from pathlib import Path
@@ -104,10 +105,12 @@ def test_only_the_command_line_imports_cli_and_classroom():
 
 
 def test_the_checker_sees_every_kind_of_import(tmp_path):
-    "The parser is not blind: each import form is found (a checker that finds nothing would pass every test above)."
+    """The parser is not blind: each import form is found (a checker that finds nothing would pass
+    every test above)."""
     f = tmp_path / "m.py"
     f.write_text(
-        "from .core import x\nfrom . import data\nimport ssl_course.vit\nfrom ssl_course import train\n"
+        "from .core import x\nfrom . import data\n"
+        "import ssl_course.vit\nfrom ssl_course import train\n"
         "def g():\n    from ssl_course.cli import main\n"
     )
     assert imports_of(f) == {"core", "data", "vit", "train", "cli"}

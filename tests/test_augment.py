@@ -1,4 +1,5 @@
-"Augmentations: per-transform rates measured on many images, against the SimCLR/DINO recipes and torchvision."
+"""Augmentations: per-transform rates measured on many images, against the SimCLR/DINO recipes and
+torchvision."""
 
 import pytest
 import torch
@@ -8,7 +9,8 @@ from ssl_course.augment import BatchAugment, MultiCrop, simclr_augment
 
 
 def _colourful(n, size=8, seed=0):
-    "n constant-colour images (n, 3, size, size): a random permutation of three well separated channel levels."
+    """n constant-colour images (n, 3, size, size): a random permutation of three well separated
+    channel levels."""
     g = torch.Generator().manual_seed(seed)
     levels = torch.stack(
         [
@@ -25,7 +27,8 @@ def _colourful(n, size=8, seed=0):
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    "Thousands of tiny per-image transforms: intra-op threads only add contention (10x slower on 2 shared cores)."
+    """Thousands of tiny per-image transforms: intra-op threads only add contention
+    (10x slower on 2 shared cores)."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -36,8 +39,9 @@ LUMA = torch.tensor([0.299, 0.587, 0.114])
 
 
 def _rates(x, y):
-    """Fraction of grey outputs; of the colour outputs, the fraction whose colour changed (jitter fired); of the grey
-    outputs, the fraction whose luminance changed (brightness, hence jitter, fired): for constant-colour inputs."""
+    """Fraction of grey outputs; of the colour outputs, the fraction whose colour changed
+    (jitter fired); of the grey outputs, the fraction whose luminance changed
+    (brightness, hence jitter, fired): for constant-colour inputs."""
     cx, cy = x.mean((2, 3)), y.mean((2, 3))
     grey = (cy.amax(1) - cy.amin(1)) < 1e-4
     changed = (cy - cx).abs().amax(1) > 1e-3
@@ -51,7 +55,8 @@ def _rates(x, y):
 
 @pytest.mark.parametrize("jitter_p, gray_p", [(0.8, 0.2), (0.5, 0.5), (0.0, 0.3)])
 def test_batch_grayscale_is_independent_of_colour_jitter(jitter_p, gray_p):
-    "SimCLR (Chen et al. 2020, appendix A): RandomApply(ColorJitter, p=0.8) then RandomGrayscale(p=0.2), independent."
+    """SimCLR (Chen et al. 2020, appendix A): RandomApply(ColorJitter, p=0.8) then
+    RandomGrayscale(p=0.2), independent."""
     torch.manual_seed(0)
     x = _colourful(20_000)
     y = BatchAugment(8, crop_scale=(0.3, 1.0), jitter_p=jitter_p, gray_p=gray_p)(x)
@@ -64,7 +69,8 @@ def test_batch_grayscale_is_independent_of_colour_jitter(jitter_p, gray_p):
 
 
 def test_batch_augment_matches_torchvision_pipeline_statistically():
-    "The same per-transform rates as `simclr_augment` (torchvision v2), measured on the same kind of images."
+    """The same per-transform rates as `simclr_augment` (torchvision v2), measured on the same
+    kind of images."""
     torch.manual_seed(0)
     x = _colourful(20_000)
     ours = _rates(x, BatchAugment(8, crop_scale=(0.3, 1.0))(x))
@@ -110,8 +116,9 @@ def test_simclr_augment_blur_p_and_legacy_blur_flag():
 
 
 def test_multicrop_blur_and_solarize_rates_follow_dino():
-    """DINO (Caron et al. 2021; DataAugmentationDINO): global crop 1 blurred with p=1.0, global crop 2 with p=0.1 and
-    solarised with p=0.2, local crops blurred with p=0.5 (and never solarised)."""
+    """DINO (Caron et al. 2021; DataAugmentationDINO): global crop 1 blurred with p=1.0, global
+    crop 2 with p=0.1 and solarised with p=0.2, local crops blurred with p=0.5
+    (and never solarised)."""
     mc = MultiCrop(16, 8, n_local=1, channels=1)
     assert [a.p for a in _blur_applies(mc.g1)] == [1.0]
     assert [a.p for a in _blur_applies(mc.g2)] == [0.1]
@@ -139,7 +146,8 @@ def test_multicrop_blur_and_solarize_rates_follow_dino():
 
 
 def test_multicrop_global_view_1_is_smoother_than_view_2():
-    "Behaviour, not bookkeeping: on noise images the always-blurred first global view has much less high-frequency energy."
+    """Behaviour, not bookkeeping: on noise images the always-blurred first global view has much
+    less high-frequency energy."""
     torch.manual_seed(0)
     mc = MultiCrop(28, 12, n_local=0, channels=1)
     lap = torch.tensor([[0.0, 1, 0], [1, -4, 1], [0, 1, 0]])[None, None]

@@ -1,4 +1,5 @@
-"Autoencoders (ssl_course.autoencoders): closed-form KL, reparameterisation, noise models, learning on real data, bad input."
+"""Autoencoders (ssl_course.autoencoders): closed-form KL, reparameterisation, noise models,
+learning on real data, bad input."""
 
 import math
 

@@ -1,4 +1,5 @@
-"Classroom kit: decks build and open offline in a real browser, student notebooks are in sync, every lesson is complete."
+"""Classroom kit: decks build and open offline in a real browser, student notebooks are in sync,
+every lesson is complete."""
 
 import os
 import re
@@ -25,13 +26,14 @@ from ssl_course.classroom import (
 from ssl_course.cli import CHAPTERS
 
 REPO = Path(__file__).resolve().parents[1]
-# CI sets this to the executed copies of the chapters (written by scripts/test.sh), so the decks carry their figures.
+# CI sets this to the executed copies of the chapters (written by scripts/test.sh), so the decks
+# carry their figures.
 EXECUTED = Path(os.environ.get("SSL_COURSE_EXECUTED_NBS", REPO / "build" / "no-executed-copies"))
 
 
 def expected_slides(nb_path: Path, executed: Path | None) -> int:
-    """Slides a chapter's deck must have, counted straight from the notebook: title, objectives, one per `##` section
-    (two when the executed chapter drew a figure in it), exercises, summary."""
+    """Slides a chapter's deck must have, counted straight from the notebook: title, objectives, one
+    per `##` section (two when the executed chapter drew a figure in it), exercises, summary."""
     nb = nbformat.read(nb_path, as_version=4)
     ex = executed / nb_path.name if executed else None
     if ex and ex.is_file():
@@ -187,7 +189,8 @@ def test_the_check_catches_what_is_missing(tmp_path):
     nbformat.write(nb, tmp_path / "12_broken.ipynb")
     probs = " ".join(check_chapter(tmp_path / "12_broken.ipynb"))
     assert "no quiz" in probs and "no solution cell" in probs and "exercises under" not in probs
-    # expected results: asserted claims about the run, or quoted numbers; a lesson with neither is flagged
+    # expected results: asserted claims about the run, or quoted numbers; a lesson with neither is
+    # flagged
     nb = nbformat.read(REPO / "nbs" / "01_why_ssl.ipynb", as_version=4)
     assert check_chapter(REPO / "nbs" / "01_why_ssl.ipynb") == []
     for c in nb.cells:

@@ -63,7 +63,8 @@ def test_helpers():
 
 
 def test_demo_end_to_end_on_digits(tmp_path):
-    "A shortened demo on the bundled digits: pretrains, compares, writes plot + report + encoder; --resume works."
+    """A shortened demo on the bundled digits: pretrains, compares, writes plot + report + encoder;
+    --resume works."""
     out = tmp_path / "demo"
     args = [
         "demo",
@@ -138,7 +139,8 @@ def test_pretrain_every_joint_embedding_method(method, tmp_path, capsys):
 
 
 def test_committed_demo_report_has_the_live_and_zoo_rows_and_their_multipliers():
-    "reports/demo_quick.json (what chapter 08 prints) holds both SimCLR rows on the same draws, and claims that add up."
+    """reports/demo_quick.json (what chapter 08 prints) holds both SimCLR rows on the same draws,
+    and claims that add up."""
     rep = json.loads(
         (Path(__file__).resolve().parents[1] / "reports" / "demo_quick.json").read_text()
     )

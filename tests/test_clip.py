@@ -1,4 +1,5 @@
-"CLIP: loss closed forms and symmetry, logit-scale clamp, tokenizer and text encoder, Recall@K, data, a quick real run."
+"""CLIP: loss closed forms and symmetry, logit-scale clamp, tokenizer and text encoder, Recall@K,
+data, a quick real run."""
 
 import math
 
@@ -68,7 +69,8 @@ def test_loss_symmetric_under_swapping_modalities_and_transposed_logits():
         == pytest.approx(by_hand.item(), rel=1e-6)
         == pytest.approx(by_hand_t.item(), rel=1e-6)
     )
-    # a non-symmetric variant (image -> text only) would differ: the symmetry is not a trivial identity
+    # a non-symmetric variant (image -> text only) would differ: the symmetry is not a trivial
+    # identity
     assert abs(F.cross_entropy(logits, t).item() - F.cross_entropy(logits.T, t).item()) > 1e-4
 
 
@@ -87,7 +89,8 @@ def test_random_features_at_init_give_about_log_n():
     for n in (16, 64, 256):
         loss = clip_loss(torch.randn(n, 512), torch.randn(n, 512), 1.0).item()
         assert loss == pytest.approx(math.log(n), abs=0.05)
-    # and through an untrained model at its init scale 1/0.07, still near log N (features are not yet aligned)
+    # and through an untrained model at its init scale 1/0.07, still near log N
+    # (features are not yet aligned)
     tok = WordTokenizer(["a", "photo", "bag", "shoe"], 8)
     torch.manual_seed(0)
     m = build_clip(tokenizer=tok, image_size=28, channels=1, image_tower="small_cnn").eval()
@@ -137,7 +140,8 @@ def test_logit_scale_init_and_clamp_inside_fit():
     m.on_step_end(0, 1)
     assert m.logit_scale.exp().item() == pytest.approx(100.0, rel=1e-5)
 
-    # within fit(): a loss that always wants a larger scale, a big learning rate; fit() must call the clamp every step
+    # within fit(): a loss that always wants a larger scale, a big learning rate; fit() must call
+    # the clamp every step
     class Greedy(CLIP):
         def training_step(self, batch):
             return -self.logit_scale * 1.0

@@ -27,7 +27,8 @@ def test_knn_on_a_hand_built_case():
     labels = torch.tensor([0, 0, 1, 1, 2])
     test = torch.tensor([[1.0, 0.05], [0.05, 1.0], [-1.0, 0.1]])
     assert knn_accuracy(train, labels, test, torch.tensor([0, 1, 2]), k=1) == 1.0
-    # weighted vote, closed form: with k=3 the query [1, 0] sees sims 1, cos(0.1107), 0 -> class 0 wins
+    # weighted vote, closed form: with k=3 the query [1, 0] sees sims 1, cos(0.1107), 0 -> class 0
+    # wins
     scores = knn_predict(train, labels, torch.tensor([[1.0, 0.0]]), k=3, temperature=0.5)
     c = torch.nn.functional.cosine_similarity(
         torch.tensor([[0.9, 0.1]]), torch.tensor([[1.0, 0.0]])
@@ -101,7 +102,8 @@ def test_alignment_uniformity_rank_closed_forms():
 
 
 def test_knn_vote_is_stable_at_tiny_temperatures():
-    "exp(sim / T) overflows for T ~ 0.01; the vote must still pick the class of the most similar neighbours."
+    """exp(sim / T) overflows for T ~ 0.01; the vote must still pick the class of the most similar
+    neighbours."""
     import torch
     from ssl_course.evaluate import knn_predict
 

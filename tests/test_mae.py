@@ -1,4 +1,5 @@
-"MAE: patchify round trip, exact masking, order restoration, loss on masked patches only, bad input."
+"""MAE: patchify round trip, exact masking, order restoration, loss on masked patches only, bad
+input."""
 
 import pytest
 import torch
@@ -59,7 +60,8 @@ def test_loss_ignores_visible_patches():
 
 
 def _reference_loss(pred, imgs, mask, norm_pix_loss, p=4):
-    "He et al. 2022 (MAE), written out: mean over the masked patches of the per-patch MSE to the (normalised) pixels."
+    """He et al. 2022 (MAE), written out: mean over the masked patches of the per-patch MSE to the
+    (normalised) pixels."""
     target = patchify(imgs, p).double()
     total, count = 0.0, 0
     for i, j in torch.nonzero(mask).tolist():
@@ -73,14 +75,16 @@ def _reference_loss(pred, imgs, mask, norm_pix_loss, p=4):
 
 @pytest.mark.parametrize("norm_pix_loss", [True, False])
 def test_model_loss_ignores_visible_patches(norm_pix_loss):
-    """End to end, with fixed noise: changing the decoder's prediction on the *visible* patches leaves the loss exactly
-    unchanged; changing it on one *masked* patch changes the loss by what the formula says."""
+    """End to end, with fixed noise: changing the decoder's prediction on the *visible* patches
+    leaves the loss exactly unchanged; changing it on one *masked* patch changes the loss by what
+    the formula says."""
     torch.manual_seed(0)
     m = build_mae(image_size=28, channels=1, norm_pix_loss=norm_pix_loss).eval()
     x, noise = torch.rand(2, 1, 28, 28), torch.rand(2, 49)
 
     def run(edit=None):
-        "The model's (loss, pred, mask), with `edit` applied to the decoder's output (positions 1.. are the patches)."
+        """The model's (loss, pred, mask), with `edit` applied to the decoder's output
+        (positions 1.. are the patches)."""
         hook = (
             m.decoder_pred.register_forward_hook(lambda mod, inp, out: edit(out.clone()))
             if edit

@@ -23,7 +23,7 @@ from ssl_course.moco import (
 from ssl_course.train import build_method, fit
 
 
-# --- MoCo -------------------------------------------------------------------------------------------
+# --- MoCo -----------------------------------------------------------------------------------------
 def test_moco_loss_closed_forms_and_reference():
     e = torch.eye(8)
     K, tau = 12, 0.2
@@ -86,8 +86,9 @@ def test_ema_update_equals_formula_and_schedule():
 
 
 def test_ema_update_averages_parameters_only_and_keeps_the_target_batchnorm_statistics():
-    """MoCo (`_momentum_update_key_encoder`), BYOL and DINO average parameters only; the target's batch-norm running
-    statistics are its own, updated by its own forward passes (He et al. 2020; Grill et al. 2020; Caron et al. 2021)."""
+    """MoCo (`_momentum_update_key_encoder`), BYOL and DINO average parameters only; the target's
+    batch-norm running statistics are its own, updated by its own forward passes
+    (He et al. 2020; Grill et al. 2020; Caron et al. 2021)."""
     torch.manual_seed(0)
     online = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3))
     target = momentum_copy(online)
@@ -110,7 +111,8 @@ def test_ema_update_averages_parameters_only_and_keeps_the_target_batchnorm_stat
 
 @pytest.mark.parametrize("name", ["moco", "byol", "dino"])
 def test_target_network_keeps_its_own_batchnorm_statistics_in_training(name):
-    "In a real training step the target runs in training mode and its BN buffers come from its own forward pass."
+    """In a real training step the target runs in training mode and its BN buffers come from its own
+    forward pass."""
     torch.manual_seed(0)
     kw = {"moco": dict(queue_size=32), "byol": {}, "dino": {}}[name]
     m = build_method(name, encoder=SmallConvNet(1, width=8), **kw).train()
@@ -149,7 +151,7 @@ def test_moco_method_moves_the_key_encoder_by_ema():
         torch.testing.assert_close(a, 0.5 * b + 0.5 * c)
 
 
-# --- BYOL -------------------------------------------------------------------------------------------
+# --- BYOL -----------------------------------------------------------------------------------------
 def test_byol_loss_closed_forms_symmetry_and_stopgrad():
     v = torch.randn(6, 5)
     assert byol_loss(v, 2 * v).item() == pytest.approx(0.0, abs=1e-6)
@@ -178,7 +180,7 @@ def test_byol_without_stop_gradient_collapses():
     assert h["loss"][-1] < 0.05
 
 
-# --- DINO -------------------------------------------------------------------------------------------
+# --- DINO -----------------------------------------------------------------------------------------
 def test_dino_loss_uniform_is_log_k_and_matches_reference():
     K = 50
     flat = [torch.zeros(3, K)] * 4
@@ -232,7 +234,8 @@ def test_all_methods_registered_for_the_cli():
 
 
 def test_moco_loss_falls_in_50_real_steps_once_the_queue_is_full():
-    "The queue starts with random (easy) negatives, so the loss first jumps; after that it must fall."
+    """The queue starts with random (easy) negatives, so the loss first jumps; after that it must
+    fall."""
     torch.manual_seed(0)
     tr = load_dataset("digits", "train", image_size=28)
     m = build_moco(SmallConvNet(1, width=16), queue_size=128, momentum=0.9)

@@ -1,4 +1,5 @@
-"BERT MLM (chapter 17): masking statistics, closed forms, padding, tokenizer, save/load, learning on WordNet, bad input."
+"""BERT MLM (chapter 17): masking statistics, closed forms, padding, tokenizer, save/load,
+learning on WordNet, bad input."""
 
 import math
 import sys
@@ -75,7 +76,7 @@ def tok():
     return train_wordpiece(texts, vocab_size=2000, cache=False)
 
 
-# --- masking -------------------------------------------------------------------------------------------------
+# --- masking --------------------------------------------------------------------------------------
 
 
 def test_masking_statistics():
@@ -136,7 +137,7 @@ def test_masking_bad_input():
         mask_tokens_for_mlm(ids, V, 4, SPECIAL, mask_fraction=0.8, random_fraction=0.3)
 
 
-# --- loss and model -------------------------------------------------------------------------------------------
+# --- loss and model -------------------------------------------------------------------------------
 
 
 def test_uniform_prediction_costs_log_vocab():
@@ -196,7 +197,7 @@ def test_model_refuses_bad_input():
         TinyBert(vocab_size=V, pooling="max")
 
 
-# --- tokenizer, datasets, save/load ------------------------------------------------------------------------------
+# --- tokenizer, datasets, save/load ---------------------------------------------------------------
 
 
 @needs_wordnet
@@ -279,7 +280,7 @@ def test_save_load_round_trip(tok, tmp_path):
         load_bert(tmp_path)
 
 
-# --- learning on real data ----------------------------------------------------------------------------------------
+# --- learning on real data ------------------------------------------------------------------------
 
 
 @needs_wordnet

@@ -1,4 +1,5 @@
-"Packaging: the pins in environment.yml repeat pyproject.toml; the console script and nbdev config exist."
+"""Packaging: the pins in environment.yml repeat pyproject.toml; the console script and nbdev config
+exist."""
 
 import re
 import tomllib

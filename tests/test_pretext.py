@@ -1,4 +1,5 @@
-"Pretext tasks (ssl_course.pretext): exact pseudo-labels, Hamming-distance permutation sets, masked-only losses, chance at init, colour, bad input."
+"""Pretext tasks (ssl_course.pretext): exact pseudo-labels, Hamming-distance permutation sets,
+masked-only losses, chance at init, colour, bad input."""
 
 import math
 
@@ -38,7 +39,7 @@ from ssl_course.pretext import (
 from ssl_course.train import build_method, fit, list_methods
 
 
-# --- rotation ---------------------------------------------------------------------------------------------------
+# --- rotation -------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("shape", [(3, 1, 28, 28), (2, 3, 32, 32), (1, 2, 5, 5)])
@@ -68,7 +69,7 @@ def test_rotation_refuses_non_square_images():
         rotate_batch(torch.rand(2, 1, 28, 30))
 
 
-# --- jigsaw -----------------------------------------------------------------------------------------------------
+# --- jigsaw ---------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("k, promised", [(4, 9), (10, 8), (30, 7), (100, 6)])
@@ -137,7 +138,7 @@ def test_images_too_small_for_the_grid_get_a_clear_error():
     )  # the smallest size that works
 
 
-# --- inpainting -------------------------------------------------------------------------------------------------
+# --- inpainting -----------------------------------------------------------------------------------
 
 
 def test_inpainting_loss_counts_only_the_masked_region():
@@ -176,7 +177,7 @@ def test_context_encoder_output_and_gradient_come_from_the_hole():
     assert loss.ndim == 0 and ce.decoder.fc[0].weight.grad is not None
 
 
-# --- chance level at initialisation -----------------------------------------------------------------------------
+# --- chance level at initialisation ---------------------------------------------------------------
 
 
 def test_uniform_predictions_cost_exactly_log_k():
@@ -209,7 +210,7 @@ def test_untrained_models_start_near_chance(task, k):
     assert abs(loss.item() - math.log(k)) < 0.1 * math.log(k)
 
 
-# --- colorization -----------------------------------------------------------------------------------------------
+# --- colorization ---------------------------------------------------------------------------------
 
 
 def test_lab_conversion_reference_values_and_round_trip():
@@ -255,7 +256,8 @@ def test_colorization_refuses_grey_images_with_the_fix():
         col.training_step((torch.rand(4, 1, 28, 28), None))
     with pytest.raises(ValueError, match="1 or 3"):
         LightnessInput(SmallConvNet(1))(torch.rand(2, 2, 28, 28))
-    # the kept encoder sees lightness only, from colour or grey images; a 3-channel backbone gets L three times
+    # the kept encoder sees lightness only, from colour or grey images; a 3-channel backbone gets L
+    # three times
     enc = LightnessInput(SmallConvNet(3))
     x = torch.rand(2, 3, 28, 28)
     assert torch.allclose(enc(x), enc.backbone(lightness(x).expand(-1, 3, -1, -1)))
@@ -280,7 +282,7 @@ def test_colour_shapes_dataset():
     assert len(test) == 2000 and test.channels == 3 and test.image_size == 16
 
 
-# --- learning and registration ----------------------------------------------------------------------------------
+# --- learning and registration --------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")

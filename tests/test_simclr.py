@@ -13,7 +13,8 @@ from ssl_course.train import fit
 
 
 def nt_xent_reference(z1, z2, t):
-    "Straight from the paper: l(i, j) = -log exp(s_ij/t) / sum_{k != i} exp(s_ik/t), averaged over 2N anchors."
+    """Straight from the paper: l(i, j) = -log exp(s_ij/t) / sum_{k != i} exp(s_ik/t), averaged
+    over 2N anchors."""
     z = F.normalize(torch.cat([z1, z2]).double(), dim=1)
     n = len(z1)
     sim = z @ z.T / t

@@ -1,5 +1,6 @@
-"""The times the chapters state come from the run of record (CI's timing file, reports/notebook_times.json): a number
-typed by hand, or a notebook over the quick budget, fails here."""
+"""The times the chapters state come from the run of record (CI's timing file,
+reports/notebook_times.json): a number typed by hand, or a notebook over the quick budget, fails
+here."""
 
 import json
 import re
@@ -15,7 +16,8 @@ NOTEBOOKS = sorted(p.stem for p in (ROOT / "nbs").glob("[0-9][0-9]*.ipynb"))
 def stated_time(name: str) -> int | None:
     cells = json.loads((ROOT / "nbs" / f"{name}.ipynb").read_text())["cells"][:4]
     m = re.search(
-        r"Time: (under 1|\d+) s \(quick profile, 2 CPU cores; run of record in `reports/notebook_times.json`\)",
+        r"Time: (under 1|\d+) s \(quick profile, 2 CPU cores; "
+        r"run of record in `reports/notebook_times.json`\)",
         "".join("".join(c["source"]) for c in cells),
     )
     return None if m is None else 0 if m.group(1) == "under 1" else int(m.group(1))

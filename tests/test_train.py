@@ -196,7 +196,8 @@ def _free_port() -> int:
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
 def test_ddp_two_processes_match_one_process(tmp_path):
-    "2 CPU processes (gloo, torchrun) end at the same weights as one process with the same global batch."
+    """2 CPU processes (gloo, torchrun) end at the same weights as one process with the same global
+    batch."""
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
@@ -238,7 +239,8 @@ def test_ddp_two_processes_match_one_process(tmp_path):
         ddp_loss = [
             float(v) for v in (tmp_path / f"{kind}.loss").read_text().strip("[]\n").split(",")
         ]
-        # rank 0 logs the mean over its half of the batch; the first step's loss is still close to the global one
+        # rank 0 logs the mean over its half of the batch; the first step's loss is still close to
+        # the global one
         assert len(ddp_loss) == 6 and all(math.isfinite(x) for x in ddp_loss)
     # DINO's center is all-reduced and MoCo's queue enqueues the gathered global batch
     from ssl_course.dino import update_center
@@ -257,7 +259,7 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     assert int(st["ptr"][0]) == int(q.ptr) == 6
 
 
-# --- synchronised batch norm under DDP ---------------------------------------------------------------
+# --- synchronised batch norm under DDP ------------------------------------------------------------
 class _BNMethod(nn.Module):
     sync_batchnorm = True
 
@@ -282,7 +284,8 @@ def _bn_types(m):
 
 
 def test_sync_batchnorm_is_used_on_cuda_ddp_for_methods_that_ask(monkeypatch):
-    "SimCLR's global BN (Chen et al. 2020), BYOL (Grill et al. 2020) and DINO (Caron et al. 2021); MoCo uses shuffle BN."
+    """SimCLR's global BN (Chen et al. 2020), BYOL (Grill et al. 2020) and DINO (Caron et al. 2021);
+    MoCo uses shuffle BN."""
     import warnings
     import ssl_course.byol
     import ssl_course.dino

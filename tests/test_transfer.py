@@ -1,4 +1,5 @@
-"Tests for the transfer-learning chapters 20-23: transfer, finetune, label_efficiency, case_studies."
+"""Tests for the transfer-learning chapters 20-23: transfer, finetune, label_efficiency,
+case_studies."""
 
 import json
 import math
@@ -36,7 +37,7 @@ load_chapter_modules()
 IMAGE_METHODS = sorted(m.name for m in METHODS.values() if m.modality == "image")
 
 
-# ---------------------------------------------------------------- load_backbone round trip, every method
+# ----------------------------------------------------------- load_backbone round trip, every method
 @pytest.fixture(scope="module")
 def pretrain_runs(tmp_path_factory):
     "One `ssl-course pretrain` run (1 step, digits) per registered image method."
@@ -44,7 +45,8 @@ def pretrain_runs(tmp_path_factory):
     runs = {}
     for name in IMAGE_METHODS:
         out = root / name
-        # colorization needs colour images; run_pretrain's kNN check needs >= 100 labelled images per class
+        # colorization needs colour images; run_pretrain's kNN check needs >= 100 labelled images
+        # per class
         data, chans, n = ("colour_shapes", 3, 2000) if name == "colorization" else ("digits", 1, 0)
         run_pretrain(
             name,
@@ -77,7 +79,8 @@ def test_load_backbone_round_trip(pretrain_runs, method):
 
 
 def test_load_backbone_from_training_checkpoint(pretrain_runs):
-    "The step-* checkpoint (whole method, prefix 'encoder.') gives the same encoder as encoder.safetensors."
+    """The step-* checkpoint (whole method, prefix 'encoder.') gives the same encoder as
+    encoder.safetensors."""
     out = pretrain_runs["simclr"][0]
     a, b = load_backbone(out), load_backbone(out / "checkpoints", method="simclr")
     x = torch.rand(2, 1, 28, 28)
@@ -204,7 +207,8 @@ def test_label_multiplier_known_answer():
 
 
 def test_label_curve_on_a_toy_problem_with_known_answer():
-    "Evaluators whose accuracy is a known function of the labelled set: the curve and the multiplier recover it."
+    """Evaluators whose accuracy is a known function of the labelled set: the curve and the
+    multiplier recover it."""
     labels = torch.arange(10).repeat(200)  # 10 classes x 200 items
     seen = []
 

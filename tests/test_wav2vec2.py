@@ -1,4 +1,5 @@
-"wav2vec 2.0: frame counts, span masks, negatives, quantiser, losses (closed forms), learning, audio I/O and bad input."
+"""wav2vec 2.0: frame counts, span masks, negatives, quantiser, losses (closed forms), learning,
+audio I/O and bad input."""
 
 import math
 import shutil
@@ -278,7 +279,8 @@ def test_contrastive_loss_closed_forms():
 
 # ---------------------------------------------------------------- the model
 def _speech(n=48):
-    "Real structured audio without synthesis: chirps with formant-like harmonics (for the fast tests)."
+    """Real structured audio without synthesis: chirps with formant-like harmonics
+    (for the fast tests)."""
     g = torch.Generator().manual_seed(0)
     t = torch.arange(16_000) / 16_000
     f0 = 100 + 150 * torch.rand(n, 1, generator=g)
@@ -314,7 +316,8 @@ def test_model_gradients_reach_encoder_quantizer_and_mask_embedding():
 
 @needs_espeak
 def test_loss_falls_over_real_steps_on_synthetic_speech(tmp_path):
-    "40 AdamW steps on one batch of real (synthesised) speech with a fixed span mask: the model learns the batch."
+    """40 AdamW steps on one batch of real (synthesised) speech with a fixed span mask: the model
+    learns the batch."""
     voices = voice_configs(4, seed=5)
     waves = synthesize_corpus(["zero", "one", "yes", "no"], voices, data_dir=tmp_path)[:8]
     torch.manual_seed(0)
@@ -389,9 +392,10 @@ def test_audio_datasets_are_registered_and_online_ones_fail_clearly(tmp_path):
 
 
 def test_distractors_equal_to_the_positive_are_found_by_target_vector(monkeypatch):
-    """fairseq's `compute_preds`: `neg_is_pos = (y == negatives).all(-1)` on the sampled (Gumbel, hence noisy) target
-    vectors y. A distractor is masked to -inf exactly when its target vector equals the positive's - not when the
-    noise-free argmax codes agree (in training mode the two differ)."""
+    """fairseq's `compute_preds`: `neg_is_pos = (y == negatives).all(-1)` on the sampled
+    (Gumbel, hence noisy) target vectors y. A distractor is masked to -inf exactly when its target
+    vector equals the positive's - not when the noise-free argmax codes agree
+    (in training mode the two differ)."""
     import ssl_course.wav2vec2 as w2v
 
     seen = {}
@@ -447,7 +451,8 @@ def _grads_with(**kw):
 
 
 def test_feature_encoder_gradient_is_scaled_by_0_1_by_default():
-    "Baevski et al. 2020 (sec. 4.2) / fairseq `feature_grad_mult=0.1`: the conv encoder's gradient is scaled down 10x."
+    """Baevski et al. 2020 (sec. 4.2) / fairseq `feature_grad_mult=0.1`: the conv encoder's
+    gradient is scaled down 10x."""
     m, g_default = _grads_with()
     _, g_one = _grads_with(feature_grad_mult=1.0)
     fe = [n for n in g_one if n.startswith("encoder.feature_extractor.")]

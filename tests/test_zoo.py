@@ -1,5 +1,6 @@
-"""The model zoo: card schema, hash verification and tamper refusal, load round trips, reproducible training, the
-protocol's pieces in closed form, and the committed cards' subset figures recomputed from their weights."""
+"""The model zoo: card schema, hash verification and tamper refusal, load round trips, reproducible
+training, the protocol's pieces in closed form, and the committed cards' subset figures recomputed
+from their weights."""
 
 import json
 import shutil
@@ -93,7 +94,8 @@ def test_tampered_or_truncated_weights_are_refused(tiny_zoo, tmp_path, damage):
         raw[len(raw) // 2] ^= 0x01
     elif damage == "truncate":
         raw = raw[: len(raw) - 100]
-    else:  # a pickle (torch.save) file put in its place: refused by the hash before anything reads it
+    else:
+        # a pickle (torch.save) file put in its place: refused by the hash before anything reads it
         import io
         import pickle
 
@@ -131,7 +133,8 @@ def test_card_edits_and_missing_files_are_clear_errors(tiny_zoo, tmp_path):
 
 @pytest.mark.parametrize("name", [r.name for r in zoo.list_recipes() if r.protocol == "image"])
 def test_every_image_recipe_builds_saves_and_loads(name, tmp_path):
-    "Round trip for every image recipe: the saved tensors are the encoder's, and load_pretrained rebuilds it exactly."
+    """Round trip for every image recipe: the saved tensors are the encoder's, and load_pretrained
+    rebuilds it exactly."""
     recipe = zoo.get_recipe(name)
     model = zoo.build_model(recipe, channels=1)
     tensors = zoo._saved_tensors(recipe, model)
@@ -238,11 +241,12 @@ def _evaluated_cards():
 
 @pytest.mark.parametrize("name", _evaluated_cards())
 def test_subset_figures_reproduce_the_card(name):
-    """`zoo evaluate` on the fixed small subset, recomputed from the committed weights, gives the card's figures:
-    accuracies to one test item in a hundred; perplexities to float summation order, which changes with the thread
-    count: an MLM perplexity in the 6th digit, a code perplexity (exp of the entropy of argmax codes) by the few frames
-    whose argmax flips. Accuracies are not compared bit for bit because the CPU's kernels change the float sums too:
-    the wav2vec2 card, evaluated on an Intel Xeon, differs by one of its 200 clips on an AMD EPYC."""
+    """`zoo evaluate` on the fixed small subset, recomputed from the committed weights, gives the
+    card's figures: accuracies to one test item in a hundred; perplexities to float summation order,
+    which changes with the thread count: an MLM perplexity in the 6th digit, a code perplexity
+    (exp of the entropy of argmax codes) by the few frames whose argmax flips. Accuracies are not
+    compared bit for bit because the CPU's kernels change the float sums too: the wav2vec2 card,
+    evaluated on an Intel Xeon, differs by one of its 200 clips on an AMD EPYC."""
     card = zoo.load_card(name, REPO_ZOO)
     got, want = zoo.recompute_subset_check(name, REPO_ZOO), card["metrics"]["subset_check"]
     assert set(got) == set(want)
@@ -295,7 +299,8 @@ def test_evaluated_cards_exist_and_record_their_protocol():
 
 
 def test_zoo_trainer_killed_then_resumed_ends_bit_identical(tmp_path):
-    "kill -9 a real `train_recipe` process after its second checkpoint; `resume=True` ends at the same bytes."
+    """kill -9 a real `train_recipe` process after its second checkpoint; `resume=True` ends at the
+    same bytes."""
     import os
     import signal
     import subprocess
@@ -303,8 +308,10 @@ def test_zoo_trainer_killed_then_resumed_ends_bit_identical(tmp_path):
     import time
 
     code = (
-        "import sys; from ssl_course import zoo; zoo.train_recipe('rotation-fmnist-cnn', device='cpu', zoo=sys.argv[1], "
-        "steps=60, max_items=1024, progress=False, run_dir=sys.argv[2], resume=sys.argv[3] == '1', verbose=False)"
+        "import sys; from ssl_course import zoo; "
+        "zoo.train_recipe('rotation-fmnist-cnn', device='cpu', zoo=sys.argv[1], "
+        "steps=60, max_items=1024, progress=False, run_dir=sys.argv[2], "
+        "resume=sys.argv[3] == '1', verbose=False)"
     )
     subprocess.run(
         [sys.executable, "-c", code, str(tmp_path / "ref"), str(tmp_path / "ref-run"), "0"],
@@ -341,7 +348,8 @@ def test_check_at_most_and_text_targets_closed_form():
 
 
 def test_text_recipe_keeps_its_tokenizer_and_refuses_a_changed_one(tmp_path):
-    "A text model is saved with its tokenizer (hash in the card), loads with it, and a changed tokenizer is refused."
+    """A text model is saved with its tokenizer (hash in the card), loads with it, and a changed
+    tokenizer is refused."""
     name = "mlm-wordnet-bert"
     card = zoo.train_recipe(
         name,
