@@ -22,7 +22,8 @@ import torch
 # %% auto #0
 __all__ = ['PROFILE_ENV', 'DEVICE_ENV', 'DATA_DIR_ENV', 'SETTINGS_ENV', 'DEFAULT_SETTINGS', 'VALID_DEVICES', 'CHAPTERS',
            'SettingsError', 'parse_value', 'Budget', 'Settings', 'find_settings_file', 'load_settings', 'get_settings',
-           'get_device', 'seed_everything', 'Timer', 'hardware_summary', 'check_images', 'Chapter', 'format_table']
+           'get_device', 'seed_everything', 'Timer', 'hardware_summary', 'check_images', 'Chapter', 'format_table',
+           'draw_diagram']
 
 # %% ../nbs/02_core.ipynb #452f60b0
 class SettingsError(ValueError):
@@ -665,3 +666,106 @@ def format_table(rows: list[dict], columns: list[str] | None = None, floatfmt: s
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
     line = lambda vals: "  ".join(v.ljust(w) for v, w in zip(vals, widths)).rstrip()
     return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(r) for r in cells])
+
+# %% ../nbs/02_core.ipynb #429c9964
+def draw_diagram(boxes: dict, arrows: list, ax=None, title: str = "", figsize=(7.5, 2.8)):
+    """Draw a method's concept figure: labelled boxes joined by arrows, on a 10 x 4 canvas.
+
+    `boxes` maps a key to `(x, y, label)` or `(x, y, label, kind)`; `kind` colours the box:
+    "data" (inputs and views), "net" (trained by the loss), "frozen" (not trained by the loss:
+    an EMA copy, a fixed target), "head" (thrown away after pretraining), "loss".
+    `arrows` are `(from, to)`, `(from, to, label)` or `(from, to, label, style)` with style "-"
+    (forward pass, gradients flow back), "--" (no gradient: stop-gradient), ":" (a copy of the
+    weights, e.g. an EMA) or "~" (a link without direction, e.g. shared weights). A legend of the
+    box kinds used is drawn below. Returns the matplotlib axes."""
+    import matplotlib.pyplot as plt
+
+    colours = {
+        "data": "#e8eef7",
+        "net": "#cfe8cf",
+        "frozen": "#e3e3e3",
+        "head": "#fde8c8",
+        "loss": "#f7d0d0",
+    }
+    styles = {"-": "solid", "--": "dashed", ":": "dotted", "~": "dotted"}
+    names = {
+        "data": "data",
+        "net": "trained",
+        "frozen": "not trained by the loss",
+        "head": "discarded after pretraining",
+        "loss": "loss",
+    }
+    if ax is None:
+        ax = plt.subplots(figsize=figsize)[1]
+    ax.set_xlim(0, 10)
+    ax.set_ylim(0, 4)
+    ax.axis("off")
+    texts = {}
+    for key, spec in boxes.items():
+        if len(spec) not in (3, 4):
+            raise ValueError(
+                f"box {key!r}: give (x, y, label) or (x, y, label, kind), got {spec!r}"
+            )
+        x, y, label = spec[:3]
+        kind = spec[3] if len(spec) == 4 else "net"
+        if kind not in colours:
+            raise ValueError(f"box {key!r}: kind {kind!r} is not one of {sorted(colours)}")
+        box = dict(boxstyle="round,pad=0.4", fc=colours[kind], ec="#555555", lw=1)
+        texts[key] = ax.text(x, y, label, ha="center", va="center", fontsize=8, bbox=box, zorder=3)
+    for spec in arrows:
+        if len(spec) < 2 or len(spec) > 4:
+            raise ValueError(f"arrow {spec!r}: give (from, to[, label[, style]])")
+        src, dst = spec[0], spec[1]
+        label = spec[2] if len(spec) > 2 else ""
+        style = spec[3] if len(spec) > 3 else "-"
+        missing = [k for k in (src, dst) if k not in texts]
+        if missing:
+            raise ValueError(
+                f"arrow {src!r} -> {dst!r}: no box called {missing[0]!r}; boxes: {sorted(texts)}"
+            )
+        if style not in styles:
+            raise ValueError(
+                f"arrow {src!r} -> {dst!r}: style {style!r} is not one of {sorted(styles)}"
+            )
+        a, b = texts[src], texts[dst]
+        props = dict(
+            arrowstyle="-" if style == "~" else "-|>",
+            color="#333333",
+            lw=1.1,
+            ls=styles[style],
+            shrinkA=2,
+            shrinkB=2,
+            patchA=a.get_bbox_patch(),
+            patchB=b.get_bbox_patch(),
+        )
+        # drawn after the boxes (higher zorder), so that the arrow is clipped at the box outlines
+        # they have just laid out
+        ax.annotate("", xy=b.get_position(), xytext=a.get_position(), arrowprops=props, zorder=4)
+        if label:
+            (x0, y0), (x1, y1) = a.get_position(), b.get_position()
+            vertical = abs(x1 - x0) < 0.5 * abs(y1 - y0)
+            ax.text(
+                (x0 + x1) / 2 + (0.12 if vertical else 0),
+                (y0 + y1) / 2 + (0 if vertical else 0.18),
+                label,
+                ha="left" if vertical else "center",
+                va="center" if vertical else "bottom",
+                fontsize=7,
+                color="#333333",
+                style="italic",
+                zorder=4,
+            )
+    used = list(dict.fromkeys(spec[3] if len(spec) == 4 else "net" for spec in boxes.values()))
+    handles = [plt.Rectangle((0, 0), 1, 1, fc=colours[k], ec="#555555") for k in used]
+    ax.legend(
+        handles,
+        [names[k] for k in used],
+        loc="lower center",
+        bbox_to_anchor=(0.5, -0.12),
+        ncol=len(used),
+        fontsize=7,
+        frameon=False,
+    )
+    if title:
+        ax.set_title(title, fontsize=9)
+    return ax
