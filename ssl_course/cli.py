@@ -33,7 +33,14 @@ from ssl_course.data import (
     sample_per_class,
 )
 from .backbones import build_backbone
-from .train import CheckpointError, METHODS, build_method, fit, list_methods
+from ssl_course.train import (
+    CheckpointError,
+    METHODS,
+    TrainingInterrupted,
+    build_method,
+    fit,
+    list_methods,
+)
 from .zoo import ZooError
 from ssl_course.evaluate import (
     embed,
@@ -118,6 +125,24 @@ def _budget_get(b, key, default):
     return v if v else default
 
 
+def _write_atomic(path: Path, write) -> Path:
+    """Write `path` through `write(tmp_path)` and a rename in the same folder: whoever reads it (or
+    a run killed half-way) sees the old file or the new one, never half of one."""
+    import os
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".tmp-", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
 def _fresh_checkpoints(folder: Path, resume: bool, say) -> Path:
     """A run that does not resume starts from an empty checkpoint folder (a stale `latest` would
     confuse a later --resume)."""
@@ -176,6 +201,7 @@ def run_demo(
     progress: bool = True,
     verbose: bool = True,
     use_zoo: bool = True,
+    checkpoint_every: int | None = None,
 ) -> dict:
     """Pretrain SimCLR live on the profile's unlabelled images, then compare on the same few
     labelled images (mean +- std over labelled draws): its linear probe, the zoo's longer-trained
@@ -241,7 +267,6 @@ def run_demo(
         temperature=temperature,
     )
     t0 = time.perf_counter()
-    total = length.get("steps") or length["epochs"] * max(1, len(train) // batch)
     hist = fit(
         method,
         train.without_labels(),
@@ -254,7 +279,7 @@ def run_demo(
         num_workers=settings.num_workers,
         progress=progress,
         checkpoint_dir=_fresh_checkpoints(out / "checkpoints", resume, say),
-        checkpoint_every=max(50, total // 5),
+        checkpoint_every=checkpoint_every,
         resume=resume,
         desc="SimCLR pretraining",
     )
@@ -262,7 +287,7 @@ def run_demo(
 
     from safetensors.torch import save_model
 
-    save_model(method.encoder, str(out / "encoder.safetensors"))
+    _write_atomic(out / "encoder.safetensors", lambda p: save_model(method.encoder, str(p)))
 
     t0 = time.perf_counter()
     live, zoo_row = "SimCLR (this run) + linear probe", None
@@ -520,6 +545,7 @@ def run_pretrain(
     resume: bool = False,
     progress: bool = True,
     verbose: bool = True,
+    checkpoint_every: int | None = None,
 ) -> dict:
     """Pretrain registered `method` and save its encoder; returns a small report
     (also written as JSON)."""
@@ -586,14 +612,14 @@ def run_pretrain(
         num_workers=settings.num_workers,
         progress=progress,
         checkpoint_dir=_fresh_checkpoints(out / "checkpoints", resume, say),
+        checkpoint_every=checkpoint_every,
         resume=resume,
         desc=method,
     )
     seconds = time.perf_counter() - t0
     from safetensors.torch import save_model
 
-    out.mkdir(parents=True, exist_ok=True)
-    save_model(model.encoder, str(out / "encoder.safetensors"))
+    _write_atomic(out / "encoder.safetensors", lambda p: save_model(model.encoder, str(p)))
     report = {
         "method": method,
         "dataset": name,
@@ -622,7 +648,7 @@ def run_pretrain(
         report["knn_accuracy_100_per_class"] = knn_accuracy(
             ftr, ytr, fte, yte, k=b.knn_k, temperature=b.knn_temperature
         )
-    (out / "report.json").write_text(json.dumps(report, indent=2))
+    _write_atomic(out / "report.json", lambda p: p.write_text(json.dumps(report, indent=2)))
     say(
         f"done in {seconds:.0f} s; loss {report['first_loss']:.3f} -> {report['last_loss']:.3f}"
         + (
@@ -706,6 +732,12 @@ def _parser() -> argparse.ArgumentParser:
             "--resume", action="store_true", help="continue from the latest checkpoint in --out"
         )
         q.add_argument("--no-progress", action="store_true", help="no progress bars (logs, CI)")
+        q.add_argument(
+            "--checkpoint-every",
+            type=int,
+            metavar="N",
+            help="write a checkpoint every N steps into --out (default: every 5%% of the run)",
+        )
 
     pd = sub.add_parser("demo", help="pretrain SimCLR, then few-label probe vs supervised baseline")
     common(pd)
@@ -803,6 +835,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.out,
                 args.resume,
                 progress=not args.no_progress,
+                checkpoint_every=args.checkpoint_every,
             )
         elif args.command == "pretrain":
             run_pretrain(
@@ -818,6 +851,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.out,
                 args.resume,
                 progress=not args.no_progress,
+                checkpoint_every=args.checkpoint_every,
             )
         elif args.command == "zoo":
             return zoo_command(
@@ -891,6 +925,16 @@ def main(argv: list[str] | None = None) -> int:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"ssl-course {args.command}: error: {msg}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as e:
+        import signal
+
+        print(
+            f"\nssl-course {args.command}: stopped by {signal.Signals(e.signum).name} after step "
+            f"{e.step}; the checkpoint of that step is in {e.checkpoint_dir}. Run the same command "
+            "with --resume to continue from it.",
+            file=sys.stderr,
+        )
+        return 128 + e.signum
     except KeyboardInterrupt:
         print(
             "\ninterrupted; run the same command with --resume to continue from the "

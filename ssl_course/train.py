@@ -32,8 +32,9 @@ from .core import get_device, get_settings, seed_everything
 __all__ = ['METHODS', 'CKPT_FORMAT', 'SSLMethod', 'MethodInfo', 'register_method', 'list_methods', 'build_method', 'lr_at',
            'is_distributed', 'get_rank', 'get_world_size', 'setup_distributed', 'all_gather_with_grad',
            'all_reduce_mean', 'maybe_sync_batchnorm', 'CheckpointError', 'save_checkpoint', 'latest_checkpoint',
-           'load_weights', 'load_checkpoint', 'History', 'Callback', 'Trainer', 'NonFiniteLossError', 'epoch_batches',
-           'to_device', 'default_param_groups', 'make_optimizer', 'fit', 'load_chapter_modules']
+           'load_weights', 'load_checkpoint', 'History', 'Callback', 'Trainer', 'TrainingInterrupted',
+           'NonFiniteLossError', 'epoch_batches', 'to_device', 'default_param_groups', 'make_optimizer', 'fit',
+           'load_chapter_modules']
 
 # %% ../nbs/04_train.ipynb #4ce5f2b8
 class SSLMethod(nn.Module):
@@ -529,6 +530,19 @@ class Trainer:
     extra: dict = field(default_factory=dict)
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT (Ctrl-C) or SIGTERM (`timeout`, `docker stop`, a job scheduler) stopped `fit` at a
+    step boundary; when `fit` had a checkpoint folder, the checkpoint of that step is written, so
+    `resume=True` continues exactly where it stopped."""
+
+    def __init__(self, signum: int, step: int, checkpoint_dir: Path | None = None):
+        import signal
+
+        self.signum, self.step, self.checkpoint_dir = signum, step, checkpoint_dir
+        where = f"; checkpoint in {checkpoint_dir}" if checkpoint_dir else " (no checkpoint folder)"
+        super().__init__(f"{signal.Signals(signum).name} after step {step}{where}")
+
+
 class NonFiniteLossError(FloatingPointError):
     "The loss became NaN or infinite; the message says at which step and what to try."
 
@@ -563,6 +577,45 @@ def to_device(batch, device, non_blocking: bool = True):
     if isinstance(batch, dict):
         return {k: to_device(v, device, non_blocking) for k, v in batch.items()}
     return batch
+
+# %% ../nbs/04_train.ipynb #072852f8
+class _defer_signals:
+    """While `fit` runs in the main thread, SIGINT and SIGTERM only set a flag that the loop reads
+    at the end of a step; a second signal raises KeyboardInterrupt at once."""
+
+    def __init__(self):
+        import signal
+        import threading
+
+        self.received, self.previous = [], {}
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self.previous[sig] = signal.signal(sig, self._handle)
+            except (ValueError, OSError):  # e.g. an embedded interpreter that owns its signals
+                pass
+
+    def _handle(self, signum, frame):
+        import signal
+        import sys
+
+        if self.received:
+            raise KeyboardInterrupt
+        self.received.append(signum)
+        print(
+            f"\n{signal.Signals(signum).name}: stopping at the end of the current step and saving "
+            "a checkpoint (send it again to stop at once)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def restore(self):
+        import signal
+
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
 
 # %% ../nbs/04_train.ipynb #20ea61a8
 class _StepModule(nn.Module):
@@ -667,7 +720,12 @@ def fit(
     `batch_size` is the global batch (split across processes under torchrun); `warmup` is a fraction
     of the steps (< 1) or a step count; `amp='auto'` uses bf16 autocast on CUDA; `resume=True`
     continues from the newest checkpoint in `checkpoint_dir` and reaches the same weights as an
-    uninterrupted run (bit-exact on CPU with `num_workers=0`)."""
+    uninterrupted run (bit-exact on CPU with `num_workers=0`).
+
+    With a `checkpoint_dir`, a checkpoint is written every `checkpoint_every` steps (default: every
+    5% of the run, at least 10 steps apart) and at the end. SIGINT (Ctrl-C) and SIGTERM do not cut
+    a step in half: the current step finishes, its checkpoint is written, and `fit` raises
+    `TrainingInterrupted`; a second signal abandons the step at once (the last checkpoint stays)."""
     settings = get_settings()
     seed = settings.seed if seed is None else seed
     num_workers = settings.num_workers if num_workers is None else num_workers
@@ -699,10 +757,14 @@ def fit(
     opt = make_optimizer(method, optimizer, lr, weight_decay, momentum, betas)
     history, start = History(), 0
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else None
+    if ckpt_dir is not None and checkpoint_every is None:
+        checkpoint_every = max(10, total // 20)
     if resume:
         if ckpt_dir is None:
             raise ValueError("resume=True needs checkpoint_dir")
         found = latest_checkpoint(ckpt_dir)
+        if found is None and rank == 0:
+            print(f"resume: no checkpoint in {ckpt_dir}; starting from step 0", flush=True)
         if found is not None:
             meta = load_checkpoint(found, method, opt)
             start, history = int(meta["step"]), History(meta.get("history", []))
@@ -712,6 +774,8 @@ def fit(
                     f"this one has {total} steps; use the same steps/epochs/batch_size to resume, "
                     "or another checkpoint_dir"
                 )
+            if rank == 0:
+                print(f"resume: continuing from step {start} of {total} ({found})", flush=True)
     step_module = _StepModule(method)
     if world > 1:
         step_module = nn.parallel.DistributedDataParallel(
@@ -754,6 +818,7 @@ def fit(
         leave=True,
     )
     t0, step = time.perf_counter(), start
+    signals = _defer_signals()
     method.train()
     try:
         while step < total:
@@ -809,17 +874,16 @@ def fit(
                     cb.on_step_end(trainer, logs)
                 if checkpoint_every and step % checkpoint_every == 0 and step < total:
                     save(step)
-                if trainer.stop or step >= total:
+                if trainer.stop or step >= total or signals.received:
                     break
-            if trainer.stop:
+            if trainer.stop or signals.received:
                 break
-    except KeyboardInterrupt:
-        save(step)
+    finally:  # a KeyboardInterrupt here came mid-step: nothing is saved, the last checkpoint stays
         bar.close()
-        raise
-    finally:
-        bar.close()
+        signals.restore()
     save(step)
+    if signals.received:
+        raise TrainingInterrupted(signals.received[0], step, ckpt_dir)
     elapsed = time.perf_counter() - t0
     trainer.extra.update(wall_time=elapsed, steps_per_s=(step - start) / max(elapsed, 1e-9))
     history.wall_time, history.steps_per_s = elapsed, trainer.extra["steps_per_s"]
