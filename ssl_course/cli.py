@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -52,7 +54,8 @@ from ssl_course.evaluate import (
 )
 
 # %% auto #0
-__all__ = ['list_command', 'parse_label_counts', 'run_demo', 'run_pretrain', 'zoo_command', 'main']
+__all__ = ['list_command', 'parse_label_counts', 'check_run_args', 'check_out_dir', 'check_label_counts', 'run_demo',
+           'run_pretrain', 'zoo_command', 'main']
 
 # %% ../nbs/08_cli.ipynb #03096b81
 from .core import CHAPTERS  # the course map lives in core (the one-way layering)
@@ -109,6 +112,8 @@ def list_command(what: str = "all") -> str:
 def parse_label_counts(value) -> list[int]:
     "'1 5 10' / '1,5,10' / 10 / [1, 5] -> sorted unique positive ints."
     items = value if isinstance(value, (list, tuple)) else str(value).replace(",", " ").split()
+    if not items:
+        raise ValueError("no label counts given; give labels per class such as '1,5,10'")
     try:
         counts = sorted({int(v) for v in items})
     except ValueError:
@@ -123,6 +128,55 @@ def parse_label_counts(value) -> list[int]:
 def _budget_get(b, key, default):
     v = b.get(key, 0)
     return v if v else default
+
+
+def check_run_args(**values) -> None:
+    """Range-check a command's numeric arguments before any work; `None` means "the profile's
+    value". One `ValueError` names the flag, the bad value and what is allowed."""
+    lowest = {"steps": 1, "epochs": 1, "batch_size": 2, "seeds": 1, "train_images": 0,
+              "checkpoint_every": 1}  # fmt: skip
+    for key, value in values.items():
+        if value is None:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if key == "lr":
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{flag} must be a positive number (e.g. 3e-3), got {value!r}")
+            continue
+        if key not in lowest:
+            raise ValueError(f"check_run_args does not know {key!r}")
+        if isinstance(value, bool) or not isinstance(value, int) or value < lowest[key]:
+            raise ValueError(f"{flag} must be a whole number >= {lowest[key]}, got {value!r}")
+
+
+def check_out_dir(out: Path, flag: str = "--out") -> Path:
+    """Make sure the output folder can be written *before* training: a file in its place or a
+    folder without write access is one clear error, not a traceback after the work is done."""
+    import tempfile
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{flag} {out} is a file, not a folder; give a folder to write into")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise ValueError(
+            f"cannot write into {flag} {out} ({e.strerror}); choose a folder you can write to"
+        ) from None
+    return out
+
+
+def check_label_counts(labels, counts: list[int], dataset: str, flag: str = "--labels") -> None:
+    "Every class must hold at least the largest number of labelled images asked for."
+    per_class = torch.bincount(torch.as_tensor(labels))
+    smallest = int(per_class[per_class > 0].min())
+    if max(counts) > smallest:
+        raise ValueError(
+            f"{flag} asks for {max(counts)} labelled images per class, but the smallest class of "
+            f"{dataset} here has {smallest}; use counts <= {smallest} (or more training images)"
+        )
 
 
 def _write_atomic(path: Path, write) -> Path:
@@ -211,12 +265,17 @@ def run_demo(
     from ssl_course import zoo
     from ssl_course.label_efficiency import format_multiplier, label_multiplier
 
+    check_run_args(
+        steps=steps, seeds=seeds, train_images=train_images, checkpoint_every=checkpoint_every
+    )
+    if labels_per_class is not None:
+        parse_label_counts(labels_per_class)
     t_start = time.perf_counter()
     settings = load_settings(profile=profile, device=device)
     b, dev = settings.budget, get_device(settings.device)
     name = dataset or b.dataset
     seed_everything(settings.seed, settings.deterministic)
-    out = Path(out_dir) if out_dir else Path(settings.reports_dir) / "demo"
+    out = check_out_dir(Path(out_dir) if out_dir else Path(settings.reports_dir) / "demo")
     say = print if verbose else (lambda *a, **k: None)
 
     max_train = b.max_train_images if train_images is None else train_images
@@ -239,10 +298,15 @@ def run_demo(
     if not test.is_labeled:
         raise DataError(f"dataset {name!r} has no labelled test split; the demo needs one")
     out.mkdir(parents=True, exist_ok=True)
-    counts = parse_label_counts(labels_per_class or b.get("demo_labels", b.labels_per_class))
+    counts = parse_label_counts(
+        labels_per_class
+        if labels_per_class is not None
+        else b.get("demo_labels", b.labels_per_class)
+    )
     extra = [k for k in parse_label_counts(b.get("demo_multiplier_labels", 20)) if k > counts[-1]]
-    n_seeds = int(seeds or b.get("demo_seeds", b.seeds))
-    length = {"steps": int(steps)} if steps else b.length("demo")
+    check_label_counts(train.labels, counts, name)
+    n_seeds = int(seeds if seeds is not None else b.get("demo_seeds", b.seeds))
+    length = {"steps": int(steps)} if steps is not None else b.length("demo")
     batch = int(
         _budget_get(b, "demo_batch_size", _budget_get(b, "simclr_batch_size", b.batch_size))
     )
@@ -549,6 +613,14 @@ def run_pretrain(
 ) -> dict:
     """Pretrain registered `method` and save its encoder; returns a small report
     (also written as JSON)."""
+    check_run_args(
+        steps=steps,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        train_images=train_images,
+        checkpoint_every=checkpoint_every,
+    )
     load_chapter_modules()
     if method not in METHODS:
         raise KeyError(
@@ -567,7 +639,9 @@ def run_pretrain(
             f"but dataset {name!r} is {kind}; choose one of: "
             f"{', '.join(d.name for d in list_datasets(info.modality)) or 'none registered'}"
         )
-    out = Path(out_dir) if out_dir else Path(settings.reports_dir) / f"pretrain-{method}"
+    out = check_out_dir(
+        Path(out_dir) if out_dir else Path(settings.reports_dir) / f"pretrain-{method}"
+    )
     say = print if verbose else (lambda *a, **k: None)
     max_train = b.max_train_images if train_images is None else train_images
     train = load_dataset(
@@ -578,14 +652,19 @@ def run_pretrain(
         seed=settings.seed,
         **({"image_size": b.image_size} if info.modality == "image" else {}),
     )
-    if steps:
+    if steps is not None:
         length = {"steps": int(steps)}
-    elif epochs:
+    elif epochs is not None:
         length = {"epochs": int(epochs)}
     else:
         length = b.length(method)
     batch = int(batch_size or _budget_get(b, f"{method}_batch_size", b.batch_size))
     lr = float(lr or _budget_get(b, f"{method}_lr", b.lr))
+    if batch > len(train):
+        raise ValueError(
+            f"--batch-size {batch} is larger than the {len(train)} training items of {name}; "
+            f"use at most {len(train)}"
+        )
     if info.modality == "image":
         model = build_method(
             method,
@@ -699,6 +778,31 @@ def zoo_command(
     return 0
 
 # %% ../nbs/08_cli.ipynb #668aef34
+def _at_least(lowest: int):
+    "An argparse type: a whole number >= `lowest` (argparse turns the error into one line, exit 2)."
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < lowest:
+            raise argparse.ArgumentTypeError(f"must be >= {lowest}, got {value}")
+        return value
+
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number such as 3e-3, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ssl-course",
@@ -706,6 +810,11 @@ def _parser() -> argparse.ArgumentParser:
         "list chapters/methods/datasets, pretrain a method.",
     )
     p.add_argument("--version", action="version", version=f"ssl-course {ssl_course.__version__}")
+    p.add_argument(
+        "--debug",
+        action="store_true",
+        help="show the full traceback of an error (also: SSL_COURSE_DEBUG=1)",
+    )
     sub = p.add_subparsers(dest="command", required=True)
     pl = sub.add_parser("list", help="chapters, methods and datasets")
     pl.add_argument(
@@ -723,8 +832,12 @@ def _parser() -> argparse.ArgumentParser:
             "--dataset", help="a registered image dataset (see `ssl-course list datasets`)"
         )
         q.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps")
-        q.add_argument("--steps", type=int, help="pretraining steps (default: the profile's)")
-        q.add_argument("--train-images", type=int, help="use this many training images (0 = all)")
+        q.add_argument(
+            "--steps", type=_at_least(1), help="pretraining steps (default: the profile's)"
+        )
+        q.add_argument(
+            "--train-images", type=_at_least(0), help="use this many training images (0 = all)"
+        )
         q.add_argument(
             "--out", help="output folder (default: <reports_dir>/demo or /pretrain-METHOD)"
         )
@@ -734,7 +847,7 @@ def _parser() -> argparse.ArgumentParser:
         q.add_argument("--no-progress", action="store_true", help="no progress bars (logs, CI)")
         q.add_argument(
             "--checkpoint-every",
-            type=int,
+            type=_at_least(1),
             metavar="N",
             help="write a checkpoint every N steps into --out (default: every 5%% of the run)",
         )
@@ -744,13 +857,15 @@ def _parser() -> argparse.ArgumentParser:
     pd.add_argument(
         "--labels", help="labels per class to compare, e.g. '1,5,10' (default: the profile's)"
     )
-    pd.add_argument("--seeds", type=int, help="labelled subsets per count (default: the profile's)")
+    pd.add_argument(
+        "--seeds", type=_at_least(1), help="labelled subsets per count (default: the profile's)"
+    )
     pp = sub.add_parser("pretrain", help="pretrain a registered method and save its encoder")
     common(pp)
     pp.add_argument("--method", required=True, help="see `ssl-course list methods`")
-    pp.add_argument("--epochs", type=int)
-    pp.add_argument("--batch-size", type=int)
-    pp.add_argument("--lr", type=float)
+    pp.add_argument("--epochs", type=_at_least(1))
+    pp.add_argument("--batch-size", type=_at_least(2))
+    pp.add_argument("--lr", type=_positive_float)
     pk = sub.add_parser(
         "slides", help="build one offline reveal.js deck per chapter into slides/build/"
     )
@@ -805,7 +920,7 @@ def _parser() -> argparse.ArgumentParser:
     pe.add_argument(
         "--labels", help="labels per class, e.g. '1,10,100' (default: the profile's le_labels)"
     )
-    pe.add_argument("--seeds", type=int)
+    pe.add_argument("--seeds", type=_at_least(1))
     pe.add_argument("--out", help="output folder (default: reports_dir)")
     return p
 
@@ -921,9 +1036,13 @@ def main(argv: list[str] | None = None) -> int:
         ZooError,
         KeyError,
         ValueError,
+        OSError,
     ) as e:
+        if args.debug or os.environ.get("SSL_COURSE_DEBUG"):
+            raise
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"ssl-course {args.command}: error: {msg}", file=sys.stderr)
+        print("(--debug shows the full traceback)", file=sys.stderr)
         return 2
     except TrainingInterrupted as e:
         import signal

@@ -41,6 +41,8 @@ def embed(
         if device is not None
         else next(iter(encoder.parameters()), torch.empty(0)).device
     )
+    if len(data) == 0:
+        raise DataError("embed() got an empty dataset: nothing to compute features for")
     was_training = encoder.training
     encoder.eval()
     feats, labels = [], []
@@ -75,6 +77,18 @@ def knn_predict(
     without overflow at small temperatures."""
     if len(train_feats) == 0:
         raise DataError("kNN needs at least one labelled training feature")
+    if not (
+        isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0
+    ):
+        raise ValueError(
+            f"kNN temperature must be a positive number (0.07 is usual), got {temperature!r}"
+        )
+    for name, f in (("training", train_feats), ("test", test_feats)):
+        if not torch.isfinite(torch.as_tensor(f).float()).all():
+            raise DataError(
+                f"the {name} features contain NaN or infinite values: the encoder diverged or the "
+                "images were not normalised; check the encoder's training loss before evaluating it"
+            )
     if (train_labels < 0).any():
         raise DataError("kNN training labels contain -1 (unlabelled); pass a labelled set")
     num_classes = num_classes or int(train_labels.max()) + 1
@@ -131,6 +145,11 @@ def linear_probe(
         raise DataError("linear_probe needs at least two classes among the labels")
     Xtr = np.asarray(torch.as_tensor(train_feats).float().cpu())
     Xte = np.asarray(torch.as_tensor(test_feats).float().cpu())
+    if not (np.isfinite(Xtr).all() and np.isfinite(Xte).all()):
+        raise DataError(
+            "linear_probe got NaN or infinite features: the encoder diverged or the images were "
+            "not normalised; check the encoder's training loss before evaluating it"
+        )
     clf = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=max_iter))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # convergence chatter on tiny labelled sets

@@ -13,6 +13,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import tempfile
 import time
 import warnings
@@ -816,6 +817,9 @@ def fit(
         desc=desc or type(method).__name__,
         dynamic_ncols=True,
         leave=True,
+        # in a log (CI, nohup, a captured notebook) a bar redrawn ten times a second floods the
+        # file: there it prints at most every 30 s
+        mininterval=0.1 if sys.stderr.isatty() else 30.0,
     )
     t0, step = time.perf_counter(), start
     signals = _defer_signals()

@@ -166,3 +166,73 @@ def test_committed_demo_report_has_the_live_and_zoo_rows_and_their_multipliers()
     for c in rep["claims"]:
         assert c["met"] == (c["value"] >= c["required"])
         assert c["value"] == summary[(live, int(c["claim"].split(" at ")[1].split()[0]))]
+
+
+BAD_ARGUMENTS = [
+    (
+        ["pretrain", "--method", "simclr", "--batch-size", "-8"],
+        "--batch-size: must be >= 2, got -8",
+    ),
+    (["pretrain", "--method", "simclr", "--batch-size", "1"], "--batch-size: must be >= 2"),
+    (["pretrain", "--method", "simclr", "--steps", "0"], "--steps: must be >= 1, got 0"),
+    (["pretrain", "--method", "simclr", "--epochs", "-1"], "--epochs: must be >= 1"),
+    (["pretrain", "--method", "simclr", "--steps", "ten"], "expected a whole number, got 'ten'"),
+    (["pretrain", "--method", "simclr", "--lr", "-0.1"], "--lr: must be a positive number"),
+    (["pretrain", "--method", "simclr", "--lr", "nan"], "--lr: must be a positive number"),
+    (["pretrain", "--method", "simclr", "--train-images", "-5"], "--train-images: must be >= 0"),
+    (["demo", "--seeds", "0"], "--seeds: must be >= 1"),
+    (["demo", "--checkpoint-every", "0"], "--checkpoint-every: must be >= 1"),
+    (["label-efficiency", "--seeds", "-2"], "--seeds: must be >= 1"),
+]
+
+
+@pytest.mark.parametrize(
+    "argv, message", BAD_ARGUMENTS, ids=[" ".join(a[1:]) for a, _ in BAD_ARGUMENTS]
+)
+def test_bad_numbers_are_refused_before_any_work(argv, message, capsys):
+    "argparse refuses them: one line naming the flag and the value, exit code 2, nothing trained."
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_library_calls_check_their_numbers_too(tmp_path):
+    from ssl_course.cli import run_demo, run_pretrain
+
+    with pytest.raises(ValueError, match="--batch-size must be a whole number >= 2, got -8"):
+        run_pretrain("simclr", dataset="digits", batch_size=-8, out_dir=tmp_path)
+    with pytest.raises(ValueError, match="--steps must be a whole number >= 1, got 0"):
+        run_demo(dataset="digits", steps=0, out_dir=tmp_path)
+    with pytest.raises(ValueError, match="no label counts given"):
+        run_demo(dataset="digits", labels_per_class="", out_dir=tmp_path)
+
+
+def test_impossible_label_counts_fail_before_pretraining(capsys, tmp_path):
+    out = tmp_path / "demo"
+    assert main(["demo", "--dataset", "digits", "--labels", "1,1000", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "asks for 1000 labelled images per class" in err and "use counts <=" in err
+    assert not (out / "checkpoints").exists()  # nothing was trained
+
+
+def test_an_output_folder_that_cannot_be_written_fails_before_training(capsys, tmp_path):
+    a_file = tmp_path / "report.txt"
+    a_file.write_text("not a folder")
+    for out in (a_file, a_file / "inside"):
+        argv = ["pretrain", "--method", "simclr", "--dataset", "digits", "--out", str(out)]
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert str(a_file) in err and "Traceback" not in err
+    assert a_file.read_text() == "not a folder"
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    a_file = tmp_path / "f"
+    a_file.write_text("")
+    argv = ["pretrain", "--method", "simclr", "--dataset", "digits", "--out", str(a_file)]
+    p = run_cli("--debug", *argv)
+    assert p.returncode != 0 and "Traceback" in p.stderr and "is a file, not a folder" in p.stderr
+    p = run_cli(*argv)
+    assert p.returncode == 2 and "Traceback" not in p.stderr and "--debug" in p.stderr
