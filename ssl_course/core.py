@@ -8,6 +8,7 @@ Docs: https://ssl-course.github.io/ssl-course/core.html.md"""
 from __future__ import annotations
 
 import configparser
+import math
 import os
 import platform
 import random
@@ -389,6 +390,40 @@ def _check_device(spec: str, origin: str) -> str:
     return s
 
 
+def _check_budget(budget: dict, profile: str, src) -> None:
+    """Check a profile against the built-in profile of the same name (`quick` for a new one): no
+    key missing, numbers where numbers belong, no negative sizes. One `SettingsError` names the key,
+    the section, the file, the bad value and the fix."""
+    ref_cp = configparser.ConfigParser(inline_comment_prefixes=(";", "#"), interpolation=None)
+    ref_cp.read_string(DEFAULT_SETTINGS)
+    ref_name = profile if ref_cp.has_section(profile) else "quick"
+    course_keys = set(dict(ref_cp.items("course")))
+    ref = {k: parse_value(v) for k, v in ref_cp.items(ref_name) if k not in course_keys}
+    where = f"[{profile}] of {src or 'the built-in settings'}"
+    missing = sorted(set(ref) - set(budget))
+    if missing:
+        raise SettingsError(
+            f"{where} lacks {', '.join(missing)}; copy these keys from the [{ref_name}] section of "
+            "the course's settings.ini"
+        )
+    must_be_positive = ("image_size", "batch_size", "lr", "temperature")
+    for key, default in ref.items():
+        value = budget[key]
+        if isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise SettingsError(f"{key} = {value!r} in {where} must be true or false")
+        elif isinstance(default, (int, float)):
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not number or not math.isfinite(value) or value < 0:
+                raise SettingsError(
+                    f"{key} = {value!r} in {where} must be a number >= 0 (the default is {default})"
+                )
+            if isinstance(default, int) and isinstance(value, float) and not value.is_integer():
+                raise SettingsError(f"{key} = {value!r} in {where} must be a whole number")
+            if default > 0 and value == 0 and key.endswith(must_be_positive):
+                raise SettingsError(f"{key} = 0 in {where} must be > 0 (the default is {default})")
+
+
 def load_settings(
     path: str | Path | None = None,
     profile: str | None = None,
@@ -454,6 +489,13 @@ def load_settings(
                 f"{', '.join(sorted(budget))}"
             )
         budget[k] = v
+    _check_budget(budget, profile, src)
+    deterministic = parse_value(course.get("deterministic", "false"))
+    if not isinstance(deterministic, bool):
+        raise SettingsError(
+            f"deterministic = {deterministic!r} in [course] of {src or 'the built-in settings'} "
+            "must be true or false"
+        )
     data_dir = Path(
         os.environ.get(DATA_DIR_ENV) or course.get("data_dir", "~/.cache/ssl_course")
     ).expanduser()
@@ -465,7 +507,7 @@ def load_settings(
         seed=seed,
         device=dev,
         num_workers=num_workers,
-        deterministic=bool(parse_value(course.get("deterministic", "false"))),
+        deterministic=deterministic,
         budget=budget,
         profiles=profiles,
         source=Path(src) if src else None,

@@ -99,3 +99,45 @@ def test_seed_everything_is_reproducible():
     seed_everything(4)
     c = torch.randn(5)
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def _settings_with(tmp_path, section: str, key: str, value: str | None):
+    "The repository's settings.ini with one line of `section` changed (value None: removed)."
+    lines, current = [], None
+    for line in (REPO / "settings.ini").read_text().splitlines():
+        if line.startswith("["):
+            current = line.strip("[]")
+        if current == section and line.split("=")[0].strip() == key:
+            if value is None:
+                continue
+            line = f"{key} = {value}"
+        lines.append(line)
+    path = tmp_path / "settings.ini"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize(
+    "section, key, value, message",
+    [
+        ("course", "deterministic", "maybe", "deterministic = 'maybe' in [course]"),
+        ("quick", "simclr_batch_size", "lots", "simclr_batch_size = 'lots' in [quick] of"),
+        ("quick", "image_size", "-28", "image_size = -28 in [quick]"),
+        ("full", "batch_size", "0", "batch_size = 0 in [full]"),
+        ("quick", "steps", "12.5", "must be a whole number"),
+        ("quick", "steps", None, "[quick] of"),
+    ],
+    ids=["bool", "text-for-number", "negative", "zero-batch", "fraction", "missing"],
+)
+def test_bad_settings_name_the_key_the_file_and_the_fix(tmp_path, section, key, value, message):
+    path = _settings_with(tmp_path, section, key, value)
+    with pytest.raises(SettingsError) as e:
+        load_settings(path, profile=section if section != "course" else None)
+    assert message in str(e.value) and str(path) in str(e.value)
+    if value is None:
+        assert "lacks steps" in str(e.value) and "copy these keys" in str(e.value)
+
+
+def test_the_shipped_settings_pass_their_own_checks():
+    for profile in ("quick", "full"):
+        assert load_settings(profile=profile).budget.image_size > 0
