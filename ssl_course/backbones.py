@@ -41,6 +41,11 @@ class SmallConvNet(nn.Module):
 
     def forward_features(self, x):
         check_images(x, self.in_channels, "SmallConvNet")
+        if min(x.shape[-2:]) < 4:
+            raise ValueError(
+                f"SmallConvNet halves its input twice, so it needs images of at least 4x4 pixels; "
+                f"got {tuple(x.shape[-2:])}. Resize them (the course uses 28 or 32 px)"
+            )
         return self.features(x)
 
     def forward(self, x):

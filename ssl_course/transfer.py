@@ -39,7 +39,7 @@ def _read_report(folder: Path) -> dict:
         raise CheckpointError(f"{f} is unreadable ({e})") from None
 
 
-def _find_weights(path: Path) -> tuple[Path, str, dict]:
+def _find_weights(path: Path) -> tuple[Path, str | None, dict]:
     """(safetensors file, key prefix to strip, report) for an encoder file,
     a pretrain folder or a training checkpoint."""
     if path.is_file():
@@ -55,7 +55,7 @@ def _find_weights(path: Path) -> tuple[Path, str, dict]:
             or _read_report(folder.parent)
             or _read_report(folder.parent.parent)
         )
-        return path, ("" if path.name == "encoder.safetensors" else "encoder."), rep
+        return path, None, rep  # an encoder file under any name, or a checkpoint's model file
     if not path.is_dir():
         raise CheckpointError(f"no checkpoint at {path}: expected a folder or a .safetensors file")
     if (path / "encoder.safetensors").is_file():
@@ -74,13 +74,15 @@ def _find_weights(path: Path) -> tuple[Path, str, dict]:
     return ckpt / "model.safetensors", "encoder.", rep
 
 
-def _encoder_tensors(file: Path, prefix: str) -> dict:
+def _encoder_tensors(file: Path, prefix: str | None) -> dict:
     from safetensors.torch import load_file
 
     try:
         sd = load_file(str(file))
     except Exception as e:
         raise CheckpointError(f"{file} is corrupt or not a safetensors file ({e})") from None
+    if prefix is None:  # a file given by name: the whole method's tensors, or the encoder's alone
+        prefix = "encoder." if any(k.startswith("encoder.") for k in sd) else ""
     if prefix:
         sd = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
         if not sd:

@@ -46,3 +46,25 @@ def test_embed_refuses_an_empty_dataset():
     )
     with pytest.raises(DataError, match="empty dataset"):
         embed(torch.nn.Flatten(), empty)
+
+
+def test_small_convnet_names_the_minimum_image_size():
+    from ssl_course.backbones import SmallConvNet
+
+    with pytest.raises(ValueError, match="at least 4x4 pixels; got \\(3, 3\\)"):
+        SmallConvNet(1)(torch.zeros(2, 1, 3, 3))
+    assert SmallConvNet(1)(torch.zeros(2, 1, 4, 4)).shape == (2, 128)
+
+
+def test_load_backbone_reads_an_encoder_saved_under_any_name(tmp_path):
+    from safetensors.torch import save_model
+
+    from ssl_course.backbones import SmallConvNet
+    from ssl_course.transfer import load_backbone
+
+    torch.manual_seed(0)
+    enc = SmallConvNet(1).eval()
+    save_model(enc, str(tmp_path / "my_simclr_run.safetensors"))
+    loaded = load_backbone(tmp_path / "my_simclr_run.safetensors", method="simclr")
+    x = torch.rand(3, 1, 28, 28)
+    torch.testing.assert_close(loaded(x), enc(x))
