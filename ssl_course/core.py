@@ -23,8 +23,8 @@ import torch
 # %% auto #0
 __all__ = ['PROFILE_ENV', 'DEVICE_ENV', 'DATA_DIR_ENV', 'SETTINGS_ENV', 'DEFAULT_SETTINGS', 'VALID_DEVICES', 'CHAPTERS',
            'SettingsError', 'parse_value', 'Budget', 'Settings', 'find_settings_file', 'load_settings', 'get_settings',
-           'get_device', 'seed_everything', 'Timer', 'hardware_summary', 'check_images', 'Chapter', 'format_table',
-           'draw_diagram']
+           'get_device', 'seed_everything', 'Timer', 'hardware_summary', 'check_positive', 'check_images', 'Chapter',
+           'format_table', 'draw_diagram']
 
 # %% ../nbs/02_core.ipynb #452f60b0
 class SettingsError(ValueError):
@@ -607,6 +607,17 @@ def hardware_summary(device: torch.device | str | None = None) -> str:
     return ", ".join(parts)
 
 # %% ../nbs/02_core.ipynb #c8616dc1
+def check_positive(value, name: str = "temperature", usual: str = "") -> float:
+    """`value` as a float if it is a finite number > 0; otherwise one `ValueError` naming the
+    argument and its usual values. Temperatures and scales divide logits: 0 gives NaN, a negative
+    one turns the loss upside down, and neither raises by itself."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value <= 0:
+        hint = f" ({usual} is usual)" if usual else ""
+        raise ValueError(f"{name} must be a positive number{hint}, got {value!r}")
+    return float(value)
+
+
 def check_images(x: torch.Tensor, in_channels: int, name: str = "backbone") -> None:
     "Raise a clear error unless `x` is a float batch (N, in_channels, H, W)."
     if x.ndim != 4:

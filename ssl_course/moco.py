@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from .backbones import mlp
 from .backbones import feature_dim
+from .core import check_positive
 from .simclr import default_augment
 from .train import SSLMethod, all_gather_with_grad, register_method
 
@@ -36,6 +37,7 @@ def moco_loss(
     q = F.normalize(q.float(), dim=1)
     k = F.normalize(k.float(), dim=1).detach()
     neg = F.normalize(queue.float(), dim=1).detach()
+    check_positive(temperature, "MoCo temperature", "0.07-0.2")
     logits = torch.cat([(q * k).sum(1, keepdim=True), q @ neg.T], 1) / temperature
     return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
 

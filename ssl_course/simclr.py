@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from .augment import BatchAugment
 from .backbones import mlp
 from .backbones import feature_dim
+from .core import check_positive
 from ssl_course.train import (
     SSLMethod,
     all_gather_with_grad,
@@ -39,6 +40,7 @@ def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -
         raise ValueError(
             "NT-Xent needs at least 2 images per batch (otherwise there are no negatives)"
         )
+    check_positive(temperature, "NT-Xent temperature", "0.1-0.5")
     z1, z2 = F.normalize(z1.float(), dim=1), F.normalize(z2.float(), dim=1)
     n = z1.shape[0]
     k1, k2 = all_gather_with_grad(z1), all_gather_with_grad(z2)

@@ -68,3 +68,16 @@ def test_load_backbone_reads_an_encoder_saved_under_any_name(tmp_path):
     loaded = load_backbone(tmp_path / "my_simclr_run.safetensors", method="simclr")
     x = torch.rand(3, 1, 28, 28)
     torch.testing.assert_close(loaded(x), enc(x))
+
+
+@pytest.mark.parametrize("t", [0, 0.0, -0.5, math.nan, math.inf, True, "0.1"])
+def test_contrastive_losses_refuse_a_temperature_that_is_not_positive(t):
+    from ssl_course.moco import moco_loss
+    from ssl_course.simclr import nt_xent_loss
+
+    z = torch.randn(4, 8)
+    with pytest.raises(ValueError, match="NT-Xent temperature must be a positive number"):
+        nt_xent_loss(z, z.flip(0), temperature=t)
+    with pytest.raises(ValueError, match="MoCo temperature must be a positive number"):
+        moco_loss(z, z.flip(0), torch.randn(16, 8), temperature=t)
+    assert torch.isfinite(nt_xent_loss(z, z.flip(0), temperature=0.5))
