@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from .core import check_positive
 from ssl_course.data import (
     DataError,
     DatasetUnavailableError,
@@ -52,6 +53,8 @@ def clip_loss(
             f"clip_loss expects (N, D) features; got images {tuple(image_features.shape)}, "
             f"texts {tuple(text_features.shape)}"
         )
+    if not torch.is_tensor(logit_scale):  # a learned scale is a tensor, kept in range by the model
+        check_positive(logit_scale, "CLIP logit_scale", "1/0.07 at initialisation")
     if image_features.shape[0] != text_features.shape[0]:
         raise ValueError(
             f"mismatched batch sizes: {image_features.shape[0]} images but "
@@ -266,6 +269,8 @@ class CLIP(SSLMethod):
         self.text_proj = nn.Linear(text_encoder.out_dim, embed_dim, bias=False)
         nn.init.normal_(self.image_proj.weight, std=feature_dim(encoder) ** -0.5)
         nn.init.normal_(self.text_proj.weight, std=text_encoder.out_dim**-0.5)
+        check_positive(init_temperature, "CLIP init_temperature", "0.07")
+        check_positive(max_logit_scale, "CLIP max_logit_scale", "100")
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / init_temperature)))
         self.max_logit_scale = max_logit_scale
 

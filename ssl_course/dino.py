@@ -14,6 +14,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .core import check_positive
 from .augment import BatchAugment
 from .backbones import feature_dim
 from .moco import cosine_momentum, ema_update, momentum_copy
@@ -45,6 +46,8 @@ def dino_loss(
     k = teacher_out[0].shape[-1]
     if center.shape[-1] != k:
         raise ValueError(f"center has {center.shape[-1]} dimensions, the outputs {k}")
+    check_positive(student_temp, "DINO student_temp", "0.1")
+    check_positive(teacher_temp, "DINO teacher_temp", "0.04-0.07")
     log_p = [F.log_softmax(s.float() / student_temp, dim=-1) for s in student_out]
     q = [F.softmax((t.detach().float() - center) / teacher_temp, dim=-1) for t in teacher_out]
     total, pairs = 0.0, 0

@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .core import check_positive
 from .core import get_settings
 from ssl_course.data import (
     LabelledDataset,
@@ -1026,6 +1027,7 @@ def wav2vec2_contrastive_loss(
             f"shapes do not match: context {tuple(context.shape)}, targets {tuple(targets.shape)}, "
             f"negatives {tuple(negatives.shape)} (expected (N, D), (N, D), (N, K, D))"
         )
+    check_positive(temperature, "wav2vec 2.0 temperature", "0.1")
     logits = contrastive_logits(context, targets, negatives, temperature)
     return F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))
 

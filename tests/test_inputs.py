@@ -81,3 +81,22 @@ def test_contrastive_losses_refuse_a_temperature_that_is_not_positive(t):
     with pytest.raises(ValueError, match="MoCo temperature must be a positive number"):
         moco_loss(z, z.flip(0), torch.randn(16, 8), temperature=t)
     assert torch.isfinite(nt_xent_loss(z, z.flip(0), temperature=0.5))
+
+
+@pytest.mark.parametrize("t", [0, -1.0, math.nan])
+def test_every_other_loss_checks_its_temperature_or_scale(t):
+    from ssl_course.clip import clip_loss
+    from ssl_course.dino import dino_loss
+    from ssl_course.wav2vec2 import wav2vec2_contrastive_loss
+
+    views = [torch.randn(4, 16) for _ in range(4)]
+    with pytest.raises(ValueError, match="DINO student_temp must be a positive number"):
+        dino_loss(views, views[:2], torch.zeros(1, 16), student_temp=t)
+    with pytest.raises(ValueError, match="DINO teacher_temp must be a positive number"):
+        dino_loss(views, views[:2], torch.zeros(1, 16), teacher_temp=t)
+    c = torch.randn(5, 8)
+    with pytest.raises(ValueError, match="wav2vec 2.0 temperature must be a positive number"):
+        wav2vec2_contrastive_loss(c, c, torch.randn(5, 3, 8), temperature=t)
+    with pytest.raises(ValueError, match="CLIP logit_scale must be a positive number"):
+        clip_loss(c, c, t)
+    assert torch.isfinite(clip_loss(c, c, 10.0))
