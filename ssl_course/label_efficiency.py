@@ -32,8 +32,8 @@ from .transfer import _as_list, pretrained_encoder
 from .zoo import RECIPES
 
 # %% auto #0
-__all__ = ['labels_needed', 'label_multiplier', 'format_multiplier', 'supervised_steps', 'run_label_efficiency', 'main',
-           'zoo_supervised_evaluator', 'run_zoo_label_efficiency']
+__all__ = ['labels_needed', 'label_multiplier', 'format_multiplier', 'supervised_steps', 'save_label_efficiency',
+           'run_label_efficiency', 'main', 'zoo_supervised_evaluator', 'run_zoo_label_efficiency']
 
 # %% ../nbs/22_label_efficiency.ipynb #a6f3573f
 def labels_needed(
@@ -108,6 +108,30 @@ def supervised_steps(
             max(min_steps, math.ceil(epochs * n_labelled / max(1, min(batch_size, n_labelled)))),
         )
     )
+
+
+def save_label_efficiency(report: dict, out: Path, profile: str, title: str, say=print):
+    """Write `label_efficiency_<profile>.json` (atomically) and its plot into `out`, print the
+    multipliers at the reference count, and return the (closed) figure."""
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    ref = report["reference_labels_per_class"]
+    fig, ax = plt.subplots(figsize=(6.2, 3.9))
+    plot_label_efficiency(report["rows"], ax=ax, title=title)
+    ax.axvline(ref, color="grey", ls=":", lw=1)
+    fig.tight_layout()
+    fig.savefig(out / f"label_efficiency_{profile}.png", dpi=120)
+    plt.close(fig)
+    path = out / f"label_efficiency_{profile}.json"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2))
+    tmp.replace(path)
+    for m in report["label_multipliers"]:
+        if m["at_labels_per_class"] == ref:
+            say(f"label multiplier of {m['method']} at {ref} labels/class: {format_multiplier(m)}")
+    say(f"report: {path} | total {report['seconds']['total']:.0f} s")
+    return fig
 
 
 def run_label_efficiency(
@@ -244,19 +268,6 @@ def run_label_efficiency(
         label_multiplier(summary, "random encoder + linear probe", "supervised from scratch", ref)
     )
 
-    out = Path(out_dir) if out_dir else Path(s.reports_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.2, 3.9))
-    plot_label_efficiency(
-        rows,
-        ax=ax,
-        title=f"{b.le_dataset}, {s.profile} profile: test accuracy vs labels ({n_seeds} seeds)",
-    )
-    ax.axvline(ref, color="grey", ls=":", lw=1)
-    fig.tight_layout()
-    fig.savefig(out / f"label_efficiency_{s.profile}.png", dpi=120)
     report = {
         "profile": s.profile,
         "dataset": b.le_dataset,
@@ -280,16 +291,9 @@ def run_label_efficiency(
             "total": round(time.perf_counter() - t_start, 1),
         },
     }
-    tmp = out / f"label_efficiency_{s.profile}.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2))
-    tmp.replace(out / f"label_efficiency_{s.profile}.json")
-    report["figure"] = fig
-    plt.close(fig)
-    for m in mults:
-        say(f"label multiplier of {m['method']} at {ref} labels/class: {format_multiplier(m)}")
-    say(
-        f"report: {out / f'label_efficiency_{s.profile}.json'} | "
-        f"total {report['seconds']['total']:.0f} s"
+    title = f"{b.le_dataset}, {s.profile} profile: test accuracy vs labels ({n_seeds} seeds)"
+    report["figure"] = save_label_efficiency(
+        report, Path(out_dir) if out_dir else Path(s.reports_dir), s.profile, title, say
     )
     return report
 
@@ -445,18 +449,6 @@ def run_zoo_label_efficiency(
         for k in counts
         if k <= ref
     ]
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.2, 3.9))
-    plot_label_efficiency(
-        rows, ax=ax, title=f"{r0.dataset}, zoo encoders vs baselines ({len(draws)} labelled draws)"
-    )
-    ax.axvline(ref, color="grey", ls=":", lw=1)
-    fig.tight_layout()
-    fig.savefig(out / f"label_efficiency_{profile}.png", dpi=120)
-    plt.close(fig)
     report = {
         "profile": profile,
         "protocol": "zoo",
@@ -484,14 +476,6 @@ def run_zoo_label_efficiency(
             "total": round(time.perf_counter() - t_start, 1),
         },
     }
-    tmp = out / f"label_efficiency_{profile}.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2))
-    tmp.replace(out / f"label_efficiency_{profile}.json")
-    for m in mults:
-        if m["at_labels_per_class"] == ref:
-            say(f"label multiplier of {m['method']} at {ref} labels/class: {format_multiplier(m)}")
-    say(
-        f"report: {out / f'label_efficiency_{profile}.json'} | "
-        f"total {report['seconds']['total']:.0f} s"
-    )
+    title = f"{r0.dataset}, zoo encoders vs baselines ({len(draws)} labelled draws)"
+    save_label_efficiency(report, Path(out_dir), profile, title, say)
     return report
