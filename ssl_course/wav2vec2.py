@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,7 +112,27 @@ def load_audio(
         raise AudioError(
             f"{path}: not a readable audio file (corrupt or unsupported format): {e}"
         ) from None
+    promised = _wav_header_frames(path)
+    if promised is not None and len(data) < promised:
+        warnings.warn(
+            f"{path}: truncated WAV file: its header promises {promised} samples, the file holds "
+            f"{len(data)}; re-download or re-record it (loading what is there)",
+            stacklevel=2,
+        )
     return prepare_waveform(data, sr, target_rate, min_samples)
+
+
+def _wav_header_frames(path: Path) -> int | None:
+    "The frame count a PCM WAV file's header promises (None for other files and formats)."
+    import wave
+
+    if path.suffix.lower() != ".wav":
+        return None
+    try:
+        with wave.open(str(path), "rb") as w:
+            return w.getnframes()
+    except (wave.Error, EOFError, OSError):
+        return None
 
 
 def trim_and_center(

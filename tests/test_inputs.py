@@ -100,3 +100,24 @@ def test_every_other_loss_checks_its_temperature_or_scale(t):
     with pytest.raises(ValueError, match="CLIP logit_scale must be a positive number"):
         clip_loss(c, c, t)
     assert torch.isfinite(clip_loss(c, c, 10.0))
+
+
+def test_a_truncated_wav_warns_with_the_file_and_both_lengths(tmp_path):
+    import soundfile as sf
+
+    from ssl_course.wav2vec2 import load_audio
+
+    good = tmp_path / "one_second.wav"
+    sf.write(
+        str(good), (torch.sin(torch.arange(16_000) / 5.0) * 0.5).numpy(), 16_000, subtype="PCM_16"
+    )
+    cut = tmp_path / "cut.wav"
+    cut.write_bytes(good.read_bytes()[: 44 + 2 * 478])  # the header, then 478 of 16,000 samples
+    with pytest.warns(UserWarning, match=r"cut\.wav: truncated WAV file: .* 16000 samples, .* 478"):
+        w = load_audio(cut)
+    assert len(w) > 0
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a whole file loads without a word
+        assert len(load_audio(good)) == 16_000
