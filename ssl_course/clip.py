@@ -90,6 +90,11 @@ class WordTokenizer:
                 f"context_length must be >= 3 (<sos>, a word, <eos>); got {context_length}"
             )
         words = [w for w in dict.fromkeys(words) if w not in self.specials]
+        if not words:
+            raise ValueError(
+                "WordTokenizer needs at least one word: with an empty vocabulary every word maps "
+                "to <unk>; build it with WordTokenizer.from_texts(captions) from non-blank captions"
+            )
         self.itos = list(self.specials) + words
         self.stoi = {w: i for i, w in enumerate(self.itos)}
         self.context_length = context_length

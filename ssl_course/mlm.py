@@ -211,6 +211,11 @@ def train_wordpiece(
     texts = [str(t) for t in texts]
     if not texts:
         raise DataError("train_wordpiece needs at least one text")
+    if not any(t.strip() for t in texts):
+        raise DataError(
+            "train_wordpiece got only blank texts: a tokenizer trained on them would map every "
+            "word to [UNK]; pass the corpus' texts"
+        )
     if vocab_size <= len(SPECIAL_TOKENS):
         raise ValueError(f"vocab_size must exceed {len(SPECIAL_TOKENS)}, got {vocab_size}")
     params = {

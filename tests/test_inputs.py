@@ -121,3 +121,16 @@ def test_a_truncated_wav_warns_with_the_file_and_both_lengths(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a whole file loads without a word
         assert len(load_audio(good)) == 16_000
+
+
+def test_tokenizers_refuse_an_empty_vocabulary(tmp_path):
+    from ssl_course.clip import WordTokenizer
+    from ssl_course.mlm import train_wordpiece
+
+    with pytest.raises(DataError, match="only blank texts"):
+        train_wordpiece(["", "   ", "\n"], vocab_size=50, cache=False, data_dir=tmp_path)
+    with pytest.raises(ValueError, match="at least one word"):
+        WordTokenizer([])
+    with pytest.raises(ValueError, match="at least one word"):
+        WordTokenizer.from_texts(["", "  "])
+    assert len(WordTokenizer.from_texts(["a red shirt"])) == 4 + 3
