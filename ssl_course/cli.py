@@ -748,6 +748,7 @@ def zoo_command(
     resume: bool = False,
     recompute_baselines: bool = False,
     progress: bool = True,
+    checkpoint_every: int | None = None,
 ) -> int:
     "`ssl-course zoo list | train NAME | evaluate NAME | verify [NAME...]`."
     from ssl_course import zoo
@@ -762,7 +763,14 @@ def zoo_command(
             f"{', '.join(zoo.RECIPES)}"
         )
     if action == "train":
-        zoo.train_recipe(names[0], device=device, zoo=zoo_path, resume=resume, progress=progress)
+        zoo.train_recipe(
+            names[0],
+            device=device,
+            zoo=zoo_path,
+            resume=resume,
+            progress=progress,
+            checkpoint_every=checkpoint_every,
+        )
     elif action == "evaluate":
         zoo.evaluate_recipe(
             names[0], device=device, zoo=zoo_path, recompute_baselines=recompute_baselines
@@ -903,6 +911,12 @@ def _parser() -> argparse.ArgumentParser:
         help="evaluate: recompute the cached baselines",
     )
     pz.add_argument("--no-progress", action="store_true", help="no progress bars (logs, CI)")
+    pz.add_argument(
+        "--checkpoint-every",
+        type=_at_least(1),
+        metavar="N",
+        help="train: a checkpoint every N steps (default: every 5%% of the run)",
+    )
     sub.add_parser(
         "check-chapters",
         help="list what each lesson lacks (objectives, numbers, exercises, quiz, summary)",
@@ -977,6 +991,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.resume,
                 args.recompute_baselines,
                 progress=not args.no_progress,
+                checkpoint_every=args.checkpoint_every,
             )
         elif args.command == "label-efficiency":
             from ssl_course import label_efficiency

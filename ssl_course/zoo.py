@@ -504,11 +504,12 @@ def train_recipe(
     max_items: int | None = None,
     run_dir: str | Path | None = None,
     verbose: bool = True,
+    checkpoint_every: int | None = None,
 ) -> dict:
     """Train recipe `name` and write `zoo/<name>.safetensors` and its card; returns the card.
 
     `steps`/`max_items` shorten the run (tests, smoke runs); the card then records what was really
-    done."""
+    done. A checkpoint is written every `checkpoint_every` steps (default: every 5% of the run)."""
     from safetensors.torch import save_file
 
     recipe = get_recipe(name)
@@ -547,7 +548,7 @@ def train_recipe(
         num_workers=0,
         progress=progress,
         checkpoint_dir=work,
-        checkpoint_every=max(10, n_steps // 20),
+        checkpoint_every=checkpoint_every or max(10, n_steps // 20),
         resume=resume,
         desc=name,
     )

@@ -78,10 +78,11 @@ def test_demo_end_to_end_on_digits(tmp_path):
         "1",
         "--out",
         str(out),
-        "--no-progress",
     ]
-    p = run_cli(*args)
+    p = run_cli(*args)  # with its progress bars, into a pipe: what a CI log or nohup captures
     assert p.returncode == 0, p.stderr[-3000:]
+    log_lines = (p.stdout + p.stderr).replace("\r", "\n").splitlines()
+    assert len(log_lines) < 60, f"{len(log_lines)} log lines:\n" + "\n".join(log_lines[:80])
     rep = json.loads((out / "report.json").read_text())
     assert (
         rep["dataset"] == "digits"
