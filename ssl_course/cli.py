@@ -928,9 +928,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     pe.add_argument(
         "--profile",
-        help="quick (default) or full (all of Fashion-MNIST, 3 seeds: ~25 min on 2 CPU cores)",
+        help="quick (default: a live SimCLR run) or full (the zoo's encoders, all of "
+        "Fashion-MNIST)",
     )
-    pe.add_argument("--methods", help="e.g. 'simclr,byol' (default: the profile's le_methods)")
+    pe.add_argument(
+        "--methods",
+        help="methods to pretrain, e.g. 'simclr,byol', or zoo models, e.g. 'simclr-fmnist-cnn' "
+        "(default: the profile's le_methods)",
+    )
     pe.add_argument(
         "--labels", help="labels per class, e.g. '1,10,100' (default: the profile's le_labels)"
     )
