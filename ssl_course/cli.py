@@ -21,6 +21,7 @@ import torch
 import ssl_course
 from ssl_course.core import (
     SettingsError,
+    check_positive,
     get_device,
     hardware_summary,
     load_settings,
@@ -43,7 +44,7 @@ from ssl_course.train import (
     fit,
     list_methods,
 )
-from .zoo import ZooError
+from .zoo import ZooError, atomic_write
 from ssl_course.evaluate import (
     embed,
     knn_accuracy,
@@ -140,8 +141,7 @@ def check_run_args(**values) -> None:
             continue
         flag = "--" + key.replace("_", "-")
         if key == "lr":
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise ValueError(f"{flag} must be a positive number (e.g. 3e-3), got {value!r}")
+            check_positive(value, flag, "3e-3")
             continue
         if key not in lowest:
             raise ValueError(f"check_run_args does not know {key!r}")
@@ -177,24 +177,6 @@ def check_label_counts(labels, counts: list[int], dataset: str, flag: str = "--l
             f"{flag} asks for {max(counts)} labelled images per class, but the smallest class of "
             f"{dataset} here has {smallest}; use counts <= {smallest} (or more training images)"
         )
-
-
-def _write_atomic(path: Path, write) -> Path:
-    """Write `path` through `write(tmp_path)` and a rename in the same folder: whoever reads it (or
-    a run killed half-way) sees the old file or the new one, never half of one."""
-    import os
-    import tempfile
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".tmp-", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
 
 
 def _fresh_checkpoints(folder: Path, resume: bool, say) -> Path:
@@ -351,7 +333,7 @@ def run_demo(
 
     from safetensors.torch import save_model
 
-    _write_atomic(out / "encoder.safetensors", lambda p: save_model(method.encoder, str(p)))
+    atomic_write(out / "encoder.safetensors", lambda p: save_model(method.encoder, str(p)))
 
     t0 = time.perf_counter()
     live, zoo_row = "SimCLR (this run) + linear probe", None
@@ -698,7 +680,7 @@ def run_pretrain(
     seconds = time.perf_counter() - t0
     from safetensors.torch import save_model
 
-    _write_atomic(out / "encoder.safetensors", lambda p: save_model(model.encoder, str(p)))
+    atomic_write(out / "encoder.safetensors", lambda p: save_model(model.encoder, str(p)))
     report = {
         "method": method,
         "dataset": name,
@@ -727,7 +709,7 @@ def run_pretrain(
         report["knn_accuracy_100_per_class"] = knn_accuracy(
             ftr, ytr, fte, yte, k=b.knn_k, temperature=b.knn_temperature
         )
-    _write_atomic(out / "report.json", lambda p: p.write_text(json.dumps(report, indent=2)))
+    atomic_write(out / "report.json", lambda p: p.write_text(json.dumps(report, indent=2)))
     say(
         f"done in {seconds:.0f} s; loss {report['first_loss']:.3f} -> {report['last_loss']:.3f}"
         + (

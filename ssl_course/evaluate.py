@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from .core import get_device
+from .core import check_positive, get_device
 from .data import DataError, ImageDataset, sample_per_class
 from .train import Callback, SSLMethod, fit
 
@@ -77,12 +77,7 @@ def knn_predict(
     without overflow at small temperatures."""
     if len(train_feats) == 0:
         raise DataError("kNN needs at least one labelled training feature")
-    if not (
-        isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0
-    ):
-        raise ValueError(
-            f"kNN temperature must be a positive number (0.07 is usual), got {temperature!r}"
-        )
+    check_positive(temperature, "kNN temperature", "0.07")
     for name, f in (("training", train_feats), ("test", test_feats)):
         if not torch.isfinite(torch.as_tensor(f).float()).all():
             raise DataError(

@@ -29,7 +29,7 @@ from ssl_course.evaluate import (
     train_supervised,
 )
 from .transfer import _as_list, pretrained_encoder
-from .zoo import RECIPES
+from .zoo import RECIPES, atomic_write
 
 # %% auto #0
 __all__ = ['labels_needed', 'label_multiplier', 'format_multiplier', 'supervised_steps', 'save_label_efficiency',
@@ -124,9 +124,7 @@ def save_label_efficiency(report: dict, out: Path, profile: str, title: str, say
     fig.savefig(out / f"label_efficiency_{profile}.png", dpi=120)
     plt.close(fig)
     path = out / f"label_efficiency_{profile}.json"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    tmp.replace(path)
+    atomic_write(path, lambda p: p.write_text(json.dumps(report, indent=2)))
     for m in report["label_multipliers"]:
         if m["at_labels_per_class"] == ref:
             say(f"label multiplier of {m['method']} at {ref} labels/class: {format_multiplier(m)}")

@@ -41,7 +41,7 @@ from ssl_course.evaluate import (
 # %% auto #0
 __all__ = ['ZOO_FORMAT', 'ZOO_ENV', 'MAX_FILE_BYTES', 'MAX_ZOO_BYTES', 'RECIPES', 'sha256_of', 'CARD_KEYS', 'PROTOCOL', 'PROBE_C',
            'SUP_GRID', 'SUP_EPOCHS', 'AUDIO_LABELS', 'TEXT_PROTOCOL', 'TEXT_GRID', 'BOW_GRID', 'AUDIO_PROTOCOL',
-           'AUDIO_GRID', 'CLIP_PROTOCOL', 'ZooError', 'Recipe', 'get_recipe', 'list_recipes', 'zoo_dir',
+           'AUDIO_GRID', 'CLIP_PROTOCOL', 'ZooError', 'Recipe', 'get_recipe', 'list_recipes', 'zoo_dir', 'atomic_write',
            'write_json_atomic', 'card_path', 'weights_path', 'read_card', 'build_encoder', 'build_model',
            'train_recipe', 'verify_weights', 'load_pretrained', 'load_card', 'supervised_steps', 'probe_curve',
            'feature_metrics', 'choose_supervised_hparams', 'supervised_curve', 'object_attention_ratio',
@@ -318,7 +318,7 @@ def zoo_dir(path: str | Path | None = None) -> Path:
 sha256_of = sha256_file  # the data module's streaming SHA-256, under the name the zoo's API uses
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Write through a temporary file in the same folder, fsync, then rename: a crash never leaves
     half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -336,7 +336,7 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 
 
 def write_json_atomic(path: str | Path, obj) -> None:
-    _atomic_write(
+    atomic_write(
         Path(path), lambda p: p.write_text(json.dumps(obj, indent=1, sort_keys=False) + "\n")
     )
 
@@ -559,7 +559,7 @@ def train_recipe(
     tensors = _saved_tensors(recipe, model)
     # One metadata key: safetensors writes a metadata map in an order that can change from process
     # to process, and the card's SHA-256 must be reproducible byte for byte.
-    _atomic_write(
+    atomic_write(
         wpath,
         lambda p: save_file(
             tensors, str(p), metadata={"ssl-course-zoo": f"format {ZOO_FORMAT}, recipe {name}"}
@@ -576,7 +576,7 @@ def train_recipe(
         recipe.protocol == "text"
     ):  # a text model is only usable with its own tokenizer: it lives beside it
         tpath = tokenizer_path(name, zdir)
-        _atomic_write(tpath, lambda p: data.tokenizer.save(str(p)))
+        atomic_write(tpath, lambda p: data.tokenizer.save(str(p)))
         extra["tokenizer"] = {
             "file": tpath.name,
             "sha256": sha256_of(tpath),
