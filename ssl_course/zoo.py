@@ -82,6 +82,7 @@ class Recipe:
     weight_decay: float = 1e-4
     warmup: float = 0.05
     optimizer: str = "adamw"
+    grad_clip: float | None = None  # max global gradient norm (DINO's official code: 3.0)
     seed: int = 0
     train_images: int = 0  # 0 = every training image
     image_size: int = 28
@@ -543,6 +544,7 @@ def train_recipe(
         weight_decay=recipe.weight_decay,
         warmup=recipe.warmup,
         optimizer=recipe.optimizer,
+        grad_clip=recipe.grad_clip,
         device=dev,
         seed=recipe.seed,
         num_workers=0,
