@@ -65,6 +65,30 @@ def measure_speed(recipe, pool, dev, steps: int = 30) -> float:
     return steps / (time.perf_counter() - t0)
 
 
+def measure_fit_speed(recipe, pool, dev, steps: int = 120) -> float:
+    """Steps per second of `fit` itself (data loading, augmentation, logging included), start-up
+    counted in: a conservative figure."""
+    from ssl_course.train import fit
+
+    model = zoo.build_model(recipe, channels=pool.channels)
+    t0 = time.perf_counter()
+    fit(
+        model,
+        pool.without_labels(),
+        steps=steps,
+        batch_size=recipe.batch_size,
+        lr=recipe.lr,
+        device=dev,
+        seed=0,
+        num_workers=0,
+        progress=False,
+        grad_clip=recipe.grad_clip,
+    )
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    return steps / (time.perf_counter() - t0)
+
+
 def worker(a):
     "Train one variant into its own zoo folder, then score it on the validation split."
     dev = get_device(a.device)
@@ -77,7 +101,11 @@ def worker(a):
     log = {"variant": spec["variant"], "recipe": base.name, "overrides": over}
     pool = zoo._training_data(recipe, max_items=a.max_items or None)
     if a.budget_s:
-        sps = measure_speed(recipe, pool, dev)
+        sps = (
+            measure_fit_speed(recipe, pool, dev)
+            if a.fit_speed
+            else measure_speed(recipe, pool, dev)
+        )
         steps = int(sps * a.budget_s // 500 * 500)
         steps = max(spec.get("min_steps", 1000), min(spec.get("max_steps", 30000), steps))
         log.update(measured_steps_per_s=round(sps, 2), steps=steps)
@@ -125,6 +153,9 @@ def main():
     p.add_argument("--no-evaluate", action="store_true", help="skip the test-set evaluation")
     p.add_argument("--max-items", type=int, default=0, help="smoke runs: a smaller pool")
     p.add_argument("--val-per-class", type=int, default=500)
+    p.add_argument(
+        "--fit-speed", action="store_true", help="set steps from fit's own speed (safer)"
+    )
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
@@ -139,6 +170,7 @@ def main():
         cmd = [sys.executable, __file__, "--device", a.device, "--out", a.out]
         cmd += ["--budget-s", str(a.budget_s), "--zoo-src", a.zoo_src]
         cmd += ["--max-items", str(a.max_items), "--val-per-class", str(a.val_per_class)]
+        cmd += ["--fit-speed"] if a.fit_speed else []
         cmd += ["--worker", json.dumps(s)]
         logf = open(out / "logs" / f"{s['variant']}.log", "w")
         procs.append((s, subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env)))
