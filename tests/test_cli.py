@@ -237,3 +237,13 @@ def test_debug_shows_the_traceback(tmp_path):
     assert p.returncode != 0 and "Traceback" in p.stderr and "is a file, not a folder" in p.stderr
     p = run_cli(*argv)
     assert p.returncode == 2 and "Traceback" not in p.stderr and "--debug" in p.stderr
+
+
+def test_readme_demo_time_matches_the_committed_report():
+    """README's "about 1.5 min" for `ssl-course demo` is the committed run of record's total time
+    (within 30 s), so a slower or faster demo makes this go red until the README says so."""
+    root = Path(__file__).resolve().parents[1]
+    rep = json.loads((root / "reports" / "demo_quick.json").read_text())
+    readme = (root / "README.md").read_text()
+    assert "`ssl-course demo` (about 1.5 min on 2 CPU cores" in readme
+    assert abs(rep["total_seconds"] - 90) <= 30 and "2 cores" in rep["hardware"]
