@@ -298,9 +298,10 @@ def test_evaluated_cards_exist_and_record_their_protocol():
         assert all({"claim", "value", "required", "met"} <= set(t) for t in m["targets"])
 
 
-def test_zoo_trainer_killed_then_resumed_ends_bit_identical(tmp_path):
-    """kill -9 a real `train_recipe` process after its second checkpoint; `resume=True` ends at the
-    same bytes."""
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM"])
+def test_zoo_trainer_killed_then_resumed_ends_bit_identical(tmp_path, sig):
+    """kill -9 (or SIGTERM, what `timeout` and job schedulers send) a real `train_recipe` process
+    after its second checkpoint; `resume=True` ends at the same bytes."""
     import os
     import signal
     import subprocess
@@ -328,8 +329,9 @@ def test_zoo_trainer_killed_then_resumed_ends_bit_identical(tmp_path):
     ):
         time.sleep(0.05)
     assert proc.poll() is None, "the run finished before it could be killed; give it more steps"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    os.kill(proc.pid, getattr(signal, sig))
+    rc = proc.wait()
+    assert rc == -signal.SIGKILL if sig == "SIGKILL" else rc == 1  # SIGTERM: TrainingInterrupted
     assert not (tmp_path / "z" / "rotation-fmnist-cnn.safetensors").exists()
     subprocess.run(
         [sys.executable, "-c", code, str(tmp_path / "z"), str(tmp_path / "run"), "1"], check=True
