@@ -16,11 +16,31 @@ TIME_RE = re.compile(
     r"|Time: a few seconds(?: \([^)]*\))?"
 )
 RECORD = "reports/notebook_times.json"
+GUIDE = "slides/INSTRUCTOR_GUIDE.md"
 
 
 def time_phrase(seconds: int) -> str:
     shown = "under 1" if seconds < 1 else str(seconds)  # the timing file counts whole seconds
     return f"Time: {shown} s (quick profile, 2 CPU cores; run of record in `{RECORD}`)"
+
+
+def write_guide_times(rec: dict) -> None:
+    "The instructor guide's time table and its total, from the same record."
+    guide = ROOT / GUIDE
+    text = guide.read_text()
+    for name, secs in rec["seconds"].items():
+        shown = "under 1" if secs < 1 else str(secs)
+        row = re.compile(rf"^\| {re.escape(name)} \| [^|]*\|", re.M)
+        text, n = row.subn(f"| {name} | {shown} s |", text, count=1)
+        if not n:
+            print(f"note: {GUIDE} has no row for {name}")
+    total = sum(rec["seconds"].values())
+    text = re.sub(
+        r"machine, [0-9-]+; all notebooks together \d+ s",
+        f"machine, {rec['date']}; all notebooks together {total} s",
+        text,
+    )
+    guide.write_text(text)
 
 
 def main(path: str) -> None:
@@ -42,9 +62,10 @@ def main(path: str) -> None:
         else:
             print(f"note: {name} has no 'Time:' line in its first cells")
         nb_path.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
+    write_guide_times(rec)
     print(
-        f"wrote {RECORD} and the Time lines of {len(rec['seconds'])} notebooks; "
-        f"now run nbdev-clean and ssl-course student"
+        f"wrote {RECORD}, {GUIDE}'s time table and the Time lines of "
+        f"{len(rec['seconds'])} notebooks; now run nbdev-clean and ssl-course student"
     )
 
 

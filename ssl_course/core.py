@@ -653,6 +653,24 @@ CHAPTERS = (
     Chapter("02_core", "Settings, profiles, devices, seeding", "core", kind="reference"),
     Chapter("03_data", "Offline-first datasets and few-label splits", "data", kind="reference"),
     Chapter(
+        "03a_speech_data",
+        "Speech data: synthetic voices, real recordings, audio I/O",
+        "speech_data",
+        kind="reference",
+    ),
+    Chapter(
+        "03b_text_data",
+        "Text data: WordNet glosses, a WordPiece tokenizer, text datasets",
+        "text_data",
+        kind="reference",
+    ),
+    Chapter(
+        "03c_caption_data",
+        "Captioned images: a word-level tokenizer and image-text datasets",
+        "caption_data",
+        kind="reference",
+    ),
+    Chapter(
         "04_train", "One training loop: fit(), checkpoints, resume, DDP", "train", kind="reference"
     ),
     Chapter(

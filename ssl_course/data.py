@@ -606,6 +606,11 @@ def load_dataset(
     `max_items`: stratified subset size (0/None = all); `image_size`: resize images once."""
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; registered: {', '.join(sorted(DATASETS))}")
+    for key, value, least in (("max_items", max_items, 0), ("image_size", image_size, 1)):
+        whole = hasattr(value, "__index__") and not isinstance(value, bool)  # int, numpy int
+        if value is not None and (not whole or value < least):
+            what = "0 or None = every item" if key == "max_items" else "None = as stored"
+            raise DataError(f"{key} must be a whole number >= {least} ({what}), got {value!r}")
     info = DATASETS[name]
     if split not in info.splits:
         raise DataError(f"dataset {name!r} has splits {', '.join(info.splits)}; got {split!r}")

@@ -1650,7 +1650,7 @@ def _codes(model, waves, batch: int = 64) -> torch.Tensor:
 
 
 def _audio_sets(recipe: Recipe):
-    from .wav2vec2 import DIGIT_WORDS, AudioDataset, synthesize_corpus, voice_configs
+    from .speech_data import DIGIT_WORDS, AudioDataset, synthesize_corpus, voice_configs
 
     dd = get_settings().data_dir
     voices = recipe.data_kwargs.get("voices")

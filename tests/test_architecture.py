@@ -1,6 +1,6 @@
 """The one-way layering of the library, checked by parsing every module's imports
-(top-level and inside functions): core -> data -> building blocks (augment, backbones, vit) ->
-train -> methods -> evaluate/transfer/zoo -> cli."""
+(top-level and inside functions): core -> data (with the speech, text and caption data modules)
+-> building blocks (augment, backbones, vit) -> train -> methods -> evaluate/transfer/zoo -> cli."""
 
 import ast
 from pathlib import Path
@@ -23,6 +23,9 @@ METHOD_MODULES = (
 LEVELS = {
     "core": 0,
     "data": 1,
+    "speech_data": 1,
+    "text_data": 1,
+    "caption_data": 1,
     "augment": 2,
     "backbones": 2,
     "vit": 2,

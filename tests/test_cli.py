@@ -1,8 +1,10 @@
 "The ssl-course command line (ssl_course.cli)."
 
 import json
+import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -227,6 +229,27 @@ def test_an_output_folder_that_cannot_be_written_fails_before_training(capsys, t
         err = capsys.readouterr().err
         assert str(a_file) in err and "Traceback" not in err
     assert a_file.read_text() == "not a folder"
+
+
+def test_a_read_only_output_folder_fails_before_training(capsys, tmp_path, monkeypatch):
+    ro = tmp_path / "read-only"
+    ro.mkdir()
+    ro.chmod(0o555)
+    if os.access(ro, os.W_OK):  # root ignores the mode: give the error a normal user would get
+        real = tempfile.NamedTemporaryFile
+
+        def denied(*args, dir=None, **kwargs):
+            if dir is not None and Path(dir) == ro:
+                raise PermissionError(13, "Permission denied")
+            return real(*args, dir=dir, **kwargs)
+
+        monkeypatch.setattr(tempfile, "NamedTemporaryFile", denied)
+    argv = ["pretrain", "--method", "simclr", "--dataset", "digits", "--steps", "3"]
+    assert main([*argv, "--out", str(ro)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write into --out {ro} (Permission denied)" in err and "Traceback" not in err
+    assert list(ro.iterdir()) == []  # nothing was trained or written
+    ro.chmod(0o755)
 
 
 def test_debug_shows_the_traceback(tmp_path):

@@ -9,19 +9,21 @@ import torch.nn.functional as F
 
 from ssl_course.clip import (
     CLIP,
+    TextEncoder,
+    build_clip,
+    clip_loss,
+    recall_at_k,
+    zero_shot_accuracy,
+    zero_shot_classifier,
+)
+from ssl_course.caption_data import (
     FASHION_CLASSNAMES,
     FASHION_PROMPTS,
     HELDOUT_PAIRS,
     SHAPE_PAIRS,
     ImageTextDataset,
-    TextEncoder,
     WordTokenizer,
-    build_clip,
-    clip_loss,
-    recall_at_k,
     render_shapes,
-    zero_shot_accuracy,
-    zero_shot_classifier,
 )
 from ssl_course.data import DATASETS, DatasetUnavailableError, load_dataset
 from ssl_course.train import METHODS, Callback, fit

@@ -195,6 +195,21 @@ def test_fashion_mnist_from_system_copy_and_from_cache(tmp_path, monkeypatch):
 
 
 @needs_fashion
+@pytest.mark.parametrize(
+    "kwargs, bad",
+    [
+        (dict(max_items=-5), "max_items must be a whole number >= 0"),
+        (dict(max_items=2.5), "max_items must be a whole number >= 0"),
+        (dict(image_size=-28), "image_size must be a whole number >= 1"),
+        (dict(image_size=0), "image_size must be a whole number >= 1"),
+    ],
+)
+def test_a_negative_subset_or_size_is_refused_not_ignored(kwargs, bad):
+    with pytest.raises(DataError, match=bad):  # -5 used to load every item without a word
+        load_dataset("digits", "train", **kwargs)
+    assert len(load_dataset("digits", "train", max_items=0)) == 1438  # 0 = every item
+
+
 def test_max_items_is_a_stratified_subset():
     tr = load_dataset("fashion_mnist", "train", max_items=1000, download=False)
     assert len(tr) == 1000 and torch.bincount(tr.labels).tolist() == [100] * 10

@@ -105,7 +105,7 @@ def test_every_other_loss_checks_its_temperature_or_scale(t):
 def test_a_truncated_wav_warns_with_the_file_and_both_lengths(tmp_path):
     import soundfile as sf
 
-    from ssl_course.wav2vec2 import load_audio
+    from ssl_course.speech_data import load_audio
 
     good = tmp_path / "one_second.wav"
     sf.write(
@@ -124,8 +124,8 @@ def test_a_truncated_wav_warns_with_the_file_and_both_lengths(tmp_path):
 
 
 def test_tokenizers_refuse_an_empty_vocabulary(tmp_path):
-    from ssl_course.clip import WordTokenizer
-    from ssl_course.mlm import train_wordpiece
+    from ssl_course.caption_data import WordTokenizer
+    from ssl_course.text_data import train_wordpiece
 
     with pytest.raises(DataError, match="only blank texts"):
         train_wordpiece(["", "   ", "\n"], vocab_size=50, cache=False, data_dir=tmp_path)

@@ -17,25 +17,27 @@ from ssl_course.data import (
 from ssl_course.evaluate import fine_tune
 from ssl_course.train import METHODS, fit
 from ssl_course.mlm import (
-    SPECIAL_TOKENS,
     BertMLM,
-    TextDataset,
     TinyBert,
     build_mlm,
-    encode_texts,
     evaluate_mlm,
     fill_mask,
-    find_wordnet,
-    gloss_text,
     load_bert,
-    load_hf_text,
     mask_tokens_for_mlm,
     mlm_loss,
-    read_wordnet,
     save_bert,
+    trim_padding,
+)
+from ssl_course.text_data import (
+    SPECIAL_TOKENS,
+    TextDataset,
+    encode_texts,
+    find_wordnet,
+    gloss_text,
+    load_hf_text,
+    read_wordnet,
     special_token_ids,
     train_wordpiece,
-    trim_padding,
 )
 
 

@@ -38,3 +38,17 @@ def test_a_chapter_states_the_time_of_the_run_of_record(name):
         f"{name} must say 'Time: {secs} s ...' as measured; run "
         "`python scripts/update_times.py build/notebook_times.json` after scripts/test.sh"
     )
+
+
+def test_the_instructor_guide_states_the_same_times():
+    rec = json.loads(RECORD.read_text())
+    guide = (ROOT / "slides" / "INSTRUCTOR_GUIDE.md").read_text()
+    stated = {
+        m.group(1): 0 if m.group(2) == "under 1" else int(m.group(2))
+        for m in re.finditer(r"^\| (\S+) \| (under 1|\d+) s \|", guide, re.M)
+    }
+    assert set(NOTEBOOKS) <= set(stated), "every notebook has a row in the guide's time table"
+    wrong = {n: (s, rec["seconds"][n]) for n, s in stated.items() if s != rec["seconds"].get(n)}
+    assert not wrong, f"guide vs record {wrong}: run scripts/update_times.py"
+    total = re.search(r"all notebooks together (\d+) s", guide)
+    assert total and int(total.group(1)) == sum(rec["seconds"].values())

@@ -12,10 +12,8 @@ import torch.nn.functional as F
 
 from ssl_course.data import DATASETS, DatasetUnavailableError, load_dataset
 from ssl_course.wav2vec2 import (
-    AudioError,
     ConvFeatureEncoder,
     GumbelVectorQuantizer,
-    VoiceConfig,
     Wav2Vec2,
     Wav2Vec2Encoder,
     codebook_diversity_loss,
@@ -24,17 +22,21 @@ from ssl_course.wav2vec2 import (
     contrastive_logits,
     contrastive_logits_by_index,
     conv_output_length,
-    find_binary,
     gumbel_temperature_decay,
-    load_audio,
-    prepare_waveform,
     receptive_field,
     sample_negatives,
+    wav2vec2_contrastive_loss,
+    wav2vec2_small,
+)
+from ssl_course.speech_data import (
+    AudioError,
+    VoiceConfig,
+    find_binary,
+    load_audio,
+    prepare_waveform,
     synthesize,
     synthesize_corpus,
     voice_configs,
-    wav2vec2_contrastive_loss,
-    wav2vec2_small,
 )
 
 needs_espeak = pytest.mark.skipif(
