@@ -348,7 +348,8 @@ def evaluate_mlm(
 ) -> dict:
     """MLM loss, masked-token accuracy and perplexity (exp of the loss) on `data`, with masks drawn
     from `seed`."""
-    ids_all = data.input_ids if isinstance(data, TextDataset) else torch.as_tensor(data)
+    # any dataset with token ids (duck-typed: a notebook may have re-registered the class)
+    ids_all = data.input_ids if hasattr(data, "input_ids") else torch.as_tensor(data)
     if len(ids_all) == 0:
         raise DataError("evaluate_mlm got no sequences")
     device, pad = next(model.parameters()).device, model.encoder.config.pad_id
