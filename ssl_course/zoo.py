@@ -206,6 +206,34 @@ RECIPES: dict[str, Recipe] = {
             ),
         ),
         Recipe(
+            "barlow-fmnist-cnn",
+            "barlow_twins",
+            "redundancy",
+            "14a_redundancy_reduction",
+            steps=2400,
+            batch_size=256,
+            lr=1e-3,
+            method_kwargs={"dims": [1024, 1024, 1024], "lambd": 0.0051},
+            description=(
+                "Barlow Twins, lambda 0.0051, expander 1024-1024-1024 (the paper: 8192 x 3 on a "
+                "ResNet-50), 2,400 steps (about 10 epochs: the CPU budget of 30 min)"
+            ),
+        ),
+        Recipe(
+            "vicreg-fmnist-cnn",
+            "vicreg",
+            "redundancy",
+            "14a_redundancy_reduction",
+            steps=2400,
+            batch_size=256,
+            lr=1e-3,
+            method_kwargs={"dims": [1024, 1024, 1024]},
+            description=(
+                "VICReg, weights 25/25/1, expander 1024-1024-1024 (the paper: 8192 x 3 on a "
+                "ResNet-50), 2,400 steps (about 10 epochs: the CPU budget of 30 min)"
+            ),
+        ),
+        Recipe(
             "dino-fmnist-vit",
             "dino",
             "dino",
@@ -987,6 +1015,14 @@ def image_targets(recipe: Recipe, m: dict, b: dict) -> list[dict]:
                 b["pixels"]["knn_all_labels"] + 0.02,
             ),
         ]
+    elif recipe.method in ("barlow_twins", "vicreg"):
+        out.append(
+            _check(
+                "probe at 10 labels/class >= best baseline + 5 points",
+                probe(m, 10),
+                best_baseline(b, 10) + 0.05,
+            )
+        )
     elif recipe.method == "dino":
         out += [
             _check(
