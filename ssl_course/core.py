@@ -81,6 +81,12 @@ byol_steps = 100
 byol_batch_size = 128
 byol_lr = 0.003
 byol_momentum = 0.99
+barlow_twins_steps = 100
+barlow_twins_batch_size = 128
+barlow_twins_lr = 0.001
+vicreg_steps = 100
+vicreg_batch_size = 128
+vicreg_lr = 0.001
 dino_steps = 70
 dino_batch_size = 64
 dino_lr = 0.0002
@@ -199,6 +205,12 @@ byol_steps = 0
 byol_batch_size = 512
 byol_lr = 0.003
 byol_momentum = 0.996
+barlow_twins_steps = 0
+barlow_twins_batch_size = 512
+barlow_twins_lr = 0.001
+vicreg_steps = 0
+vicreg_batch_size = 512
+vicreg_lr = 0.001
 dino_steps = 0
 dino_batch_size = 256
 dino_lr = 0.0005
@@ -691,6 +703,11 @@ CHAPTERS = (
     Chapter("12_simclr", "SimCLR: contrastive learning from two views", "simclr"),
     Chapter("13_moco", "MoCo: a momentum encoder and a queue of negatives", "moco"),
     Chapter("14_byol", "BYOL: no negatives, a predictor and a moving target", "byol"),
+    Chapter(
+        "14a_redundancy_reduction",
+        "Redundancy reduction: Barlow Twins and VICReg",
+        "redundancy",
+    ),
     Chapter("15_dino", "DINO: self-distillation with multi-crop", "dino"),
     Chapter("16_mae", "Masked autoencoders with a small Vision Transformer", "mae"),
     Chapter("17_bert_mlm", "BERT masked language modeling", "mlm"),

@@ -13,6 +13,7 @@ from .pretext import inpainting_loss, colorization_loss
 from .simclr import nt_xent_loss
 from .moco import moco_loss
 from .byol import byol_loss
+from .redundancy import barlow_twins_loss, vicreg_loss
 from .dino import dino_loss, update_center
 from .mae import mae_loss, random_masking
 from .mlm import mlm_loss, mask_tokens_for_mlm
@@ -31,6 +32,8 @@ __all__ = [
     "nt_xent_loss",
     "moco_loss",
     "byol_loss",
+    "barlow_twins_loss",
+    "vicreg_loss",
     "dino_loss",
     "update_center",
     "mae_loss",

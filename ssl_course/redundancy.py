@@ -7,6 +7,8 @@ Docs: https://ssl-course.github.io/ssl-course/redundancy_reduction.html.md"""
 # %% ../nbs/14a_redundancy_reduction.ipynb #d413c543
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -37,6 +39,14 @@ def _check_pair(z1: torch.Tensor, z2: torch.Tensor, name: str) -> None:
             f"{name} got NaN or infinite embeddings: the network diverged; lower the learning "
             "rate or clip gradients"
         )
+
+
+def _check_weight(value, name: str, usual: str) -> float:
+    "A loss weight: a finite number >= 0 (0 switches its term off); otherwise one clear error."
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < 0:
+        raise ValueError(f"{name} must be a number >= 0 ({usual} is usual); got {value!r}")
+    return float(value)
 
 
 def off_diagonal(m: torch.Tensor) -> torch.Tensor:
@@ -71,7 +81,7 @@ def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, lambd: float = 0.0051)
     """Barlow Twins (Zbontar et al., ICML 2021, arXiv:2103.03230): drive the cross-correlation of
     two views' standardised embeddings to the identity. `lambd` weighs the off-diagonal
     (redundancy) term; 0.0051 is the official code's value (the paper: 5e-3)."""
-    check_positive(lambd, "Barlow Twins lambd", "0.0051")
+    _check_weight(lambd, "Barlow Twins lambd", "0.0051")
     t = barlow_twins_terms(z1, z2)
     return t["invariance"] + lambd * t["redundancy"]
 
@@ -105,9 +115,8 @@ def vicreg_loss(
     cov_coeff: float = 1.0,
 ) -> torch.Tensor:
     "VICReg's loss: the paper's weights lambda = mu = 25, nu = 1 on `vicreg_terms`."
-    for v, k in ((sim_coeff, "sim_coeff"), (std_coeff, "std_coeff"), (cov_coeff, "cov_coeff")):
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or not v >= 0:
-            raise ValueError(f"VICReg {k} must be a number >= 0 (the paper: 25, 25, 1); got {v!r}")
+    for v, k, usual in ((sim_coeff, "sim", 25), (std_coeff, "std", 25), (cov_coeff, "cov", 1)):
+        _check_weight(v, f"VICReg {k}_coeff", str(usual))
     t = vicreg_terms(z1, z2)
     return sim_coeff * t["invariance"] + std_coeff * t["variance"] + cov_coeff * t["covariance"]
 
@@ -117,7 +126,7 @@ def expander(in_dim: int, dims: tuple[int, ...], bias: bool = True) -> nn.Sequen
     width but the last, then a plain Linear. The papers use 8192-8192-8192 on a ResNet-50."""
     if not dims or any(int(h) < 1 for h in dims):
         raise ValueError(
-            f"expander dims must be positive widths, e.g. (1024, 1024, 1024); got {dims}"
+            f"expander dims must be positive widths, e.g. (1024, 1024, 1024); got {dims!r}"
         )
     mods, d = [], in_dim
     for h in dims[:-1]:
@@ -163,7 +172,7 @@ class BarlowTwins(_TwoViews):
         augment: nn.Module | None = None,
     ):
         super().__init__(encoder, image_size, channels, dims, False, augment)
-        self.lambd = check_positive(lambd, "Barlow Twins lambd", "0.0051")
+        self.lambd = _check_weight(lambd, "Barlow Twins lambd", "0.0051")
 
     def training_step(self, batch):
         t = barlow_twins_terms(*self.embed_views(batch))
@@ -187,8 +196,14 @@ class VICReg(_TwoViews):
         augment: nn.Module | None = None,
     ):
         super().__init__(encoder, image_size, channels, dims, True, augment)
-        vicreg_loss(torch.zeros(2, 1), torch.ones(2, 1), sim_coeff, std_coeff, cov_coeff)  # checks
-        self.coeffs = (sim_coeff, std_coeff, cov_coeff)
+        self.coeffs = tuple(
+            _check_weight(v, f"VICReg {k}_coeff", u)
+            for v, k, u in (
+                (sim_coeff, "sim", "25"),
+                (std_coeff, "std", "25"),
+                (cov_coeff, "cov", "1"),
+            )
+        )
 
     def training_step(self, batch):
         t = vicreg_terms(*self.embed_views(batch))

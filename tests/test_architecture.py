@@ -14,6 +14,7 @@ METHOD_MODULES = (
     "simclr",
     "moco",
     "byol",
+    "redundancy",
     "dino",
     "mae",
     "mlm",

@@ -159,13 +159,19 @@ def test_bad_input_gets_a_clear_error(loss):
 
 def test_bad_weights_get_a_clear_error():
     a, b = torch.randn(4, 3), torch.randn(4, 3)
-    for bad in (0, -0.1, float("nan")):
+    for bad in (-0.1, float("nan"), float("inf"), "0.005", True):
         with pytest.raises(ValueError, match="lambd"):
             barlow_twins_loss(a, b, bad)
+    # 0 is allowed: it switches the redundancy term off (an ablation of the chapter)
+    assert barlow_twins_loss(a, b, 0).item() == barlow_twins_terms(a, b)["invariance"].item()
     with pytest.raises(ValueError, match="std_coeff"):
         vicreg_loss(a, b, std_coeff=-1)
+    with pytest.raises(ValueError, match="cov_coeff"):
+        build_vicreg(SmallConvNet(1, width=8), cov_coeff=float("nan"))
     with pytest.raises(ValueError, match="lambd"):
-        build_barlow_twins(SmallConvNet(1, width=8), lambd=0)
+        build_barlow_twins(SmallConvNet(1, width=8), lambd=-1)
+    with pytest.raises(ValueError, match="expander dims"):
+        build_vicreg(SmallConvNet(1, width=8), dims=(64, 0))
 
 
 def test_methods_are_registered_with_their_papers():

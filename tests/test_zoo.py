@@ -162,6 +162,8 @@ def test_every_method_has_a_recipe():
         "simclr",
         "moco",
         "byol",
+        "barlow_twins",
+        "vicreg",
         "dino",
         "mae",
         "mlm",
@@ -191,6 +193,10 @@ def test_supervised_steps_and_targets_closed_form():
     assert t[0]["required"] == pytest.approx(0.75) and t[1]["required"] == pytest.approx(0.53)
     t = zoo.image_targets(zoo.get_recipe("rotation-fmnist-cnn"), mk(0.5, 0.70, 0.8), b)
     assert len(t) == 1 and t[0]["met"] and t[0]["required"] == pytest.approx(0.69)
+    for name in ("barlow-fmnist-cnn", "vicreg-fmnist-cnn"):  # best baseline + 5 at 10 labels/class
+        t = zoo.image_targets(zoo.get_recipe(name), mk(0.5, 0.749, 0.8), b)
+        assert len(t) == 1 and not t[0]["met"] and t[0]["required"] == pytest.approx(0.75)
+        assert zoo.image_targets(zoo.get_recipe(name), mk(0.5, 0.751, 0.8), b)[0]["met"]
 
 
 def test_object_attention_ratio_closed_form():
