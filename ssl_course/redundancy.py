@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from .backbones import feature_dim
 from .core import check_positive
-from .simclr import default_augment
+from .simclr import SimCLR, default_augment
 from .train import SSLMethod, all_gather_with_grad, register_method
 
 # %% auto #0
@@ -147,11 +147,7 @@ class _TwoViews(SSLMethod):
         self.projector = expander(feature_dim(encoder), tuple(int(h) for h in dims), bias=bias)
         self.augment = augment if augment is not None else default_augment(image_size, channels)
 
-    def views(self, batch):
-        x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        if isinstance(x, (tuple, list)):
-            return x[0], x[1]  # pre-made views (MultiViewDataset)
-        return self.augment(x), self.augment(x)
+    views = SimCLR.views  # two augmented views of the batch, or pre-made ones (MultiViewDataset)
 
     def embed_views(self, batch):
         v1, v2 = self.views(batch)

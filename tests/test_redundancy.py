@@ -3,15 +3,12 @@ re-derivations, bad input, the loss falling on real images, and the DDP gather o
 against one process."""
 
 import math
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from _torchrun import torchrun
 from ssl_course.backbones import SmallConvNet
 from ssl_course.data import load_dataset
 from ssl_course.redundancy import (
@@ -212,31 +209,11 @@ def test_vicreg_without_variance_and_covariance_collapses():
     assert raw[0.0] < 0.15 * raw[25.0] and spread[0.0] < 0.5 * spread[25.0], (raw, spread)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ddp_gather_on_two_processes_equals_one_process(tmp_path):
     """Each of 2 gloo processes holds half of the batch; the gathered Barlow Twins and VICReg
     losses (VICReg: averaged over the processes, as DDP averages gradients) and the gradients
     (divided by the world size, which DDP's averaging undoes) equal one process's on the whole."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(_free_port()),
-        str(HERE / "_ddp_redundancy.py"),
-        str(tmp_path),
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = torchrun(HERE / "_ddp_redundancy.py", str(tmp_path))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     from safetensors.torch import load_file
 

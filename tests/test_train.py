@@ -3,9 +3,6 @@
 import math
 import os
 import pickle
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +11,7 @@ import torch.nn as nn
 from safetensors.torch import load_file
 
 from _toy_methods import make_data, make_method
+from _torchrun import torchrun
 from ssl_course.train import (
     CheckpointError,
     Callback,
@@ -188,35 +186,12 @@ def test_build_method_names_the_registry():
         build_method("no_such_method", nn.Linear(2, 2))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
 def test_ddp_two_processes_match_one_process(tmp_path):
     """2 CPU processes (gloo, torchrun) end at the same weights as one process with the same global
     batch."""
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": str(HERE) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-    }
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(_free_port()),
-        str(HERE / "_ddp_worker.py"),
-        str(tmp_path),
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    path = str(HERE) + os.pathsep + os.environ.get("PYTHONPATH", "")
+    proc = torchrun(HERE / "_ddp_worker.py", str(tmp_path), env={"PYTHONPATH": path})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for kind in ("regression", "ntxent"):
         torch.manual_seed(0)
