@@ -73,14 +73,17 @@ def build_rotation(encoder, image_size: int = 28, channels: int = 1, **kw) -> Ro
     return RotationPrediction(encoder, **kw)
 
 # %% ../nbs/11_pretext_tasks.ipynb #fc0b07df
-@lru_cache(maxsize=2)
+@lru_cache(maxsize=4)
 def all_permutations(n: int) -> np.ndarray:
-    "Every permutation of range(n) as an (n!, n) int8 array (n <= 10)."
+    "Every permutation of range(n) as an (n!, n) int8 array (n <= 10), in lexicographic order."
     if not 1 <= n <= 10:
         raise ValueError(
             f"all permutations of {n} items is too many to list; use n <= 10 (a 3x3 grid is 9)"
         )
-    return np.array(list(itertools.permutations(range(n))), dtype=np.int8)
+    flat = itertools.chain.from_iterable(itertools.permutations(range(n)))
+    out = np.fromiter(flat, dtype=np.int8, count=n * math.factorial(n)).reshape(-1, n)
+    out.flags.writeable = False  # cached and shared: callers copy before changing it
+    return out
 
 
 def hamming_distances(perms: torch.Tensor) -> torch.Tensor:
@@ -92,11 +95,15 @@ def hamming_distances(perms: torch.Tensor) -> torch.Tensor:
 @lru_cache(maxsize=16)
 def _greedy_perms(n_perms: int, tiles: int, seed: int) -> tuple[np.ndarray, int]:
     cand = all_permutations(tiles)
+    # at[k, v]: 1 for the candidates that hold tile v at position k, so the number of positions a
+    # candidate shares with permutation p is sum_k at[k, p[k]] (9 vector adds, no (N, 9) compare)
+    at = np.zeros((tiles, tiles, len(cand)), dtype=np.uint8)
+    for k in range(tiles):
+        at[k, cand[:, k], np.arange(len(cand))] = 1
+    distance_to = lambda j: tiles - sum(at[k, cand[j, k]] for k in range(tiles)).astype(np.int64)
     rng = np.random.default_rng(seed)
     chosen = [int(rng.integers(len(cand)))]
-    dist = (cand != cand[chosen[0]]).sum(
-        1
-    )  # distance of every candidate to its nearest chosen permutation
+    dist = distance_to(chosen[0])  # distance of every candidate to its nearest chosen permutation
     d_min = tiles
     for _ in range(n_perms - 1):
         best = int(dist.max())
@@ -105,7 +112,7 @@ def _greedy_perms(n_perms: int, tiles: int, seed: int) -> tuple[np.ndarray, int]
         j = int(rng.choice(np.flatnonzero(dist == best)))
         chosen.append(j)
         d_min = min(d_min, best)
-        np.minimum(dist, (cand != cand[j]).sum(1), out=dist)
+        np.minimum(dist, distance_to(j), out=dist)
     return cand[chosen].astype(np.int64), d_min
 
 

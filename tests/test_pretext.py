@@ -337,3 +337,27 @@ def test_methods_are_registered():
     assert isinstance(
         build_method("inpainting", SmallConvNet(3), image_size=32, channels=3), ContextEncoder
     )
+
+
+def test_greedy_permutations_match_a_plain_loop_re_derivation():
+    # the vectorised distance (position-value index) must pick exactly what a per-pair loop picks
+    import itertools
+
+    import numpy as np
+
+    from ssl_course.pretext import _greedy_perms, all_permutations
+
+    cand = list(itertools.permutations(range(5)))
+    assert all_permutations(5).tolist() == [list(p) for p in cand]  # lexicographic, every one
+    assert not all_permutations(5).flags.writeable  # the cached array cannot be changed by a caller
+    for n_perms, seed in [(12, 0), (30, 3)]:
+        rng = np.random.default_rng(seed)
+        chosen = [int(rng.integers(len(cand)))]
+        dist = [sum(a != b for a, b in zip(c, cand[chosen[0]])) for c in cand]
+        for _ in range(n_perms - 1):
+            best = max(dist)
+            j = int(rng.choice([i for i, d in enumerate(dist) if d == best]))
+            chosen.append(j)
+            dist = [min(d, sum(a != b for a, b in zip(c, cand[j]))) for d, c in zip(dist, cand)]
+        got, _ = _greedy_perms(n_perms, 5, seed)
+        assert got.tolist() == [list(cand[j]) for j in chosen]
