@@ -87,6 +87,9 @@ barlow_twins_lr = 0.001
 vicreg_steps = 100
 vicreg_batch_size = 128
 vicreg_lr = 0.001
+simsiam_steps = 100
+simsiam_batch_size = 128
+simsiam_lr = 0.001
 dino_steps = 70
 dino_batch_size = 64
 dino_lr = 0.0002
@@ -211,6 +214,9 @@ barlow_twins_lr = 0.001
 vicreg_steps = 0
 vicreg_batch_size = 512
 vicreg_lr = 0.001
+simsiam_steps = 0
+simsiam_batch_size = 512
+simsiam_lr = 0.001
 dino_steps = 0
 dino_batch_size = 256
 dino_lr = 0.0005
@@ -708,6 +714,7 @@ CHAPTERS = (
         "Redundancy reduction: Barlow Twins and VICReg",
         "redundancy",
     ),
+    Chapter("14b_simsiam", "SimSiam: a stop-gradient is enough", "simsiam"),
     Chapter("15_dino", "DINO: self-distillation with multi-crop", "dino"),
     Chapter("16_mae", "Masked autoencoders with a small Vision Transformer", "mae"),
     Chapter("17_bert_mlm", "BERT masked language modeling", "mlm"),

@@ -559,8 +559,9 @@ class KNNMonitor(Callback):
 
 
 class CollapseMonitor(Callback):
-    """Log `emb_std` and `eff_rank` on a fixed batch every `every` steps; warn or stop when
-    std < threshold."""
+    """Log `emb_std` and `eff_rank` on a fixed batch every `every` steps; warn (once) or stop on
+    collapse: complete when the normalised std falls below `threshold`, dimensional when
+    `min_rank` is given and the effective rank falls below it (`kind` says which)."""
 
     def __init__(
         self,
@@ -569,7 +570,10 @@ class CollapseMonitor(Callback):
         threshold: float = 0.1,
         stop: bool = False,
         feature_fn: Callable | None = None,
+        min_rank: float | None = None,
     ):
+        if min_rank is not None:
+            check_positive(min_rank, "CollapseMonitor min_rank (an effective rank)", "2-10")
         self.x, self.every, self.threshold, self.stop, self.feature_fn = (
             batch,
             every,
@@ -577,7 +581,7 @@ class CollapseMonitor(Callback):
             stop,
             feature_fn,
         )
-        self.collapsed, self.results = False, []
+        self.min_rank, self.collapsed, self.kind, self.results = min_rank, False, None, []
 
     def on_step_end(self, trainer, logs):
         if trainer.step % self.every:
@@ -587,11 +591,18 @@ class CollapseMonitor(Callback):
         self.results.append((trainer.step, std, rank))
         if trainer.history.rows:
             trainer.history.rows[-1].update(emb_std=std, eff_rank=rank)
-        if std < self.threshold and not self.collapsed:
-            self.collapsed = True
+        low_std = std < self.threshold
+        low_rank = self.min_rank is not None and rank < self.min_rank
+        if (low_std or low_rank) and not self.collapsed:
+            self.collapsed, self.kind = True, "complete" if low_std else "dimensional"
+            what = (
+                f"normalised std {std:.3f} < {self.threshold}"
+                if low_std
+                else f"effective rank {rank:.2f} < {self.min_rank} (dimensional collapse)"
+            )
             warnings.warn(
-                f"embedding collapse at step {trainer.step}: "
-                f"normalised std {std:.3f} < {self.threshold} (effective rank {rank:.2f}); "
+                f"embedding collapse at step {trainer.step}: {what} "
+                f"(normalised std {std:.3f}, effective rank {rank:.2f}); "
                 "check the stop-gradient / predictor / temperature",
                 CollapseWarning,
             )

@@ -14,6 +14,7 @@ from .simclr import nt_xent_loss
 from .moco import moco_loss
 from .byol import byol_loss
 from .redundancy import barlow_twins_loss, vicreg_loss
+from .simsiam import negative_cosine, simsiam_loss
 from .dino import dino_loss, update_center
 from .mae import mae_loss, random_masking
 from .mlm import mlm_loss, mask_tokens_for_mlm
@@ -34,6 +35,8 @@ __all__ = [
     "byol_loss",
     "barlow_twins_loss",
     "vicreg_loss",
+    "simsiam_loss",
+    "negative_cosine",
     "dino_loss",
     "update_center",
     "mae_loss",

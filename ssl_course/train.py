@@ -839,8 +839,10 @@ def fit(
             )
             for batch in loader:
                 batch = to_device(batch, device)
+                cur = lr_at(step, total, lr, warmup_steps, min_lr, schedule)
                 for g in opt.param_groups:
-                    g["lr"] = g["lr_scale"] * lr_at(step, total, lr, warmup_steps, min_lr, schedule)
+                    # a group marked fixed_lr keeps its base rate (SimSiam's predictor)
+                    g["lr"] = g["lr_scale"] * (lr if g.get("fixed_lr") else cur)
                 with _autocast(device, amp):
                     out = step_module(batch)
                 logs = dict(out) if isinstance(out, dict) else {"loss": out}

@@ -15,6 +15,7 @@ METHOD_MODULES = (
     "moco",
     "byol",
     "redundancy",
+    "simsiam",
     "dino",
     "mae",
     "mlm",
