@@ -1,4 +1,4 @@
-"""BYOL avoids collapse with a predictor and a slowly moving target network. SimSiam asks which of the two matters and finds that the moving target does not: one network, a predictor, and a stop-gradient on the branch being predicted. Take the stop-gradient away and the network collapses within a few dozen steps.
+"""BYOL avoids collapse with a predictor and a slowly moving target network. SimSiam asks which of the two matters and finds that the moving target does not: one network, a predictor, and a stop-gradient on the branch being predicted. Take the stop-gradient away and the projections collapse onto a few directions within a few dozen steps, while the loss looks better than ever.
 
 Docs: https://ssl-course.github.io/ssl-course/simsiam.html.md"""
 
