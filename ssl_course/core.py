@@ -90,6 +90,12 @@ vicreg_lr = 0.001
 simsiam_steps = 100
 simsiam_batch_size = 128
 simsiam_lr = 0.001
+swav_steps = 100
+swav_batch_size = 128
+swav_lr = 0.001
+deepcluster_steps = 120
+deepcluster_batch_size = 128
+deepcluster_lr = 0.001
 dino_steps = 70
 dino_batch_size = 64
 dino_lr = 0.0002
@@ -217,6 +223,12 @@ vicreg_lr = 0.001
 simsiam_steps = 0
 simsiam_batch_size = 512
 simsiam_lr = 0.001
+swav_steps = 0
+swav_batch_size = 256
+swav_lr = 0.001
+deepcluster_steps = 0
+deepcluster_batch_size = 256
+deepcluster_lr = 0.001
 dino_steps = 0
 dino_batch_size = 256
 dino_lr = 0.0005
@@ -715,6 +727,7 @@ CHAPTERS = (
         "redundancy",
     ),
     Chapter("14b_simsiam", "SimSiam: a stop-gradient is enough", "simsiam"),
+    Chapter("14c_clustering", "Clustering: DeepCluster and SwAV", "clustering"),
     Chapter("15_dino", "DINO: self-distillation with multi-crop", "dino"),
     Chapter("16_mae", "Masked autoencoders with a small Vision Transformer", "mae"),
     Chapter("17_bert_mlm", "BERT masked language modeling", "mlm"),

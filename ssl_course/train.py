@@ -55,6 +55,12 @@ class SSLMethod(nn.Module):
     def on_step_end(self, step: int, total_steps: int) -> None:
         pass
 
+    def setup_fit(self, data, optimizer):
+        """Called by `fit` once, after the optimiser is built and a checkpoint restored; returns the
+        dataset to train on. Most methods return `data` unchanged; DeepCluster keeps it to
+        re-cluster all of it, and asks for each item's index."""
+        return data
+
 
 @dataclass
 class MethodInfo:
@@ -786,6 +792,8 @@ def fit(
         )
     if compile:
         step_module = torch.compile(step_module)
+    if hasattr(method, "setup_fit"):  # DeepCluster re-clusters the whole dataset
+        data = method.setup_fit(data, opt)
     trainer = Trainer(method, opt, total, device, history, step=start)
     for cb in callbacks:
         cb.on_fit_start(trainer)

@@ -16,6 +16,7 @@ METHOD_MODULES = (
     "byol",
     "redundancy",
     "simsiam",
+    "clustering",
     "dino",
     "mae",
     "mlm",

@@ -111,7 +111,8 @@ def test_demo_end_to_end_on_digits(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "method", ["simclr", "moco", "byol", "barlow_twins", "vicreg", "simsiam", "dino"]
+    "method",
+    ["simclr", "moco", "byol", "barlow_twins", "vicreg", "simsiam", "swav", "deepcluster", "dino"],
 )
 def test_pretrain_every_joint_embedding_method(method, tmp_path, capsys):
     out = tmp_path / method
