@@ -336,14 +336,16 @@ class DeepCluster(SSLMethod):
             raise ValueError(f"recluster_every must be >= 1 step; got {recluster_every}")
         d = feature_dim(encoder, torch.zeros(2, channels, image_size, image_size))
         self.encoder = encoder
-        # the kept layer below the classifier (AlexNet's fc6-fc7 in the paper); its output is clustered
+        # the kept layer below the classifier (AlexNet's fc6-fc7 in the paper): k-means clusters
+        # its output
         self.body = nn.Sequential(
             nn.Linear(d, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True)
         )
         self.classifier = nn.Linear(hidden_dim, k)  # the "top layer", new after every clustering
         self.k, self.pca_dim, self.kmeans_iters = k, pca_dim, kmeans_iters
         self.recluster_every, self.seed = recluster_every, seed
-        # the paper: random crops and horizontal flips (its Sobel filter removes colour; ours is grey)
+        # the paper: random crops and horizontal flips (its Sobel filter removes colour; ours is
+        # grey already)
         self.augment = BatchAugment(image_size, (0.2, 1.0), jitter_p=0.0, gray_p=0.0)
         self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
         self.register_buffer("labels", torch.zeros(0, dtype=torch.long))
@@ -351,7 +353,7 @@ class DeepCluster(SSLMethod):
         self._data, self._optimizer, self.cluster_log = None, None, []
 
     def setup_fit(self, data, optimizer):
-        "Keep the dataset (to cluster all of it) and the optimiser (to reset the new classifier's state)."
+        "Keep the dataset (to cluster all of it) and the optimiser (to reset the classifier)."
         self._data, self._optimizer = data, optimizer
         if self.labels.numel() not in (0, len(data)):
             raise ValueError(
@@ -458,7 +460,9 @@ def cluster_quality(
     y = y.cpu().numpy()
     k = k or len(set(y.tolist()))
     a = KMeans(k, n_init=n_init, random_state=seed).fit_predict(x.float().cpu().numpy())
-    hits = sum(max((y[a == c] == v).sum() for v in set(y[a == c].tolist())) for c in set(a.tolist()))
+    hits = sum(
+        max((y[a == c] == v).sum() for v in set(y[a == c].tolist())) for c in set(a.tolist())
+    )
     return {
         "nmi": float(normalized_mutual_info_score(y, a)),
         "purity": float(hits / len(y)),

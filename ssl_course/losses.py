@@ -15,6 +15,7 @@ from .moco import moco_loss
 from .byol import byol_loss
 from .redundancy import barlow_twins_loss, vicreg_loss
 from .simsiam import negative_cosine, simsiam_loss
+from .clustering import sinkhorn_knopp, swav_loss
 from .dino import dino_loss, update_center
 from .mae import mae_loss, random_masking
 from .mlm import mlm_loss, mask_tokens_for_mlm
@@ -36,6 +37,8 @@ __all__ = [
     "barlow_twins_loss",
     "vicreg_loss",
     "simsiam_loss",
+    "sinkhorn_knopp",
+    "swav_loss",
     "negative_cosine",
     "dino_loss",
     "update_center",

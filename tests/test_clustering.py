@@ -50,7 +50,10 @@ def test_sinkhorn_equals_the_official_algorithm_and_keeps_its_sums():
     s = torch.rand(64, 10, generator=g) * 2 - 1
     for iters in (1, 3, 10):
         torch.testing.assert_close(
-            sinkhorn_knopp(s, iters=iters).double(), official_sinkhorn(s, iters=iters), rtol=1e-4, atol=1e-6
+            sinkhorn_knopp(s, iters=iters).double(),
+            official_sinkhorn(s, iters=iters),
+            rtol=1e-4,
+            atol=1e-6,
         )
     q = sinkhorn_knopp(s, iters=500)
     torch.testing.assert_close(q.sum(1), torch.ones(64))
@@ -102,11 +105,15 @@ def test_swav_loss_equals_a_plain_loop():
                 continue
             x = views[v] / 0.1
             for n in range(5):
-                sub -= sum(codes[i][n, k] * (x[n, k] - torch.logsumexp(x[n], 0)) for k in range(9)) / 5
+                sub -= (
+                    sum(codes[i][n, k] * (x[n, k] - torch.logsumexp(x[n], 0)) for k in range(9)) / 5
+                )
         ref += sub / 5
     ref /= 2
     torch.testing.assert_close(swav_loss(views, codes, 0.1), torch.as_tensor(ref).float())
-    assert swav_loss([torch.zeros(3, 7)] * 2, [torch.eye(7)[:3]]).item() == pytest.approx(math.log(7))
+    assert swav_loss([torch.zeros(3, 7)] * 2, [torch.eye(7)[:3]]).item() == pytest.approx(
+        math.log(7)
+    )
 
 
 def test_swav_network_prototypes_and_registration():
@@ -175,7 +182,9 @@ def test_pca_whiten_and_kmeans_closed_forms():
 
 def test_kmeans_reassigns_empty_clusters():
     g = torch.Generator().manual_seed(0)
-    pts = torch.cat([torch.randn(50, 2, generator=g) * 0.1, torch.randn(50, 2, generator=g) * 0.1 + 5])
+    pts = torch.cat(
+        [torch.randn(50, 2, generator=g) * 0.1, torch.randn(50, 2, generator=g) * 0.1 + 5]
+    )
     init = torch.tensor([[0.0, 0.0], [5.0, 5.0], [100.0, 100.0], [-100.0, 0.0]])
     c, a, n_re = kmeans(pts, 4, iters=5, init=init)
     assert n_re >= 2 and torch.bincount(a, minlength=4).min() > 0
@@ -194,7 +203,9 @@ def _tiny(n=96):
 
 def test_deepcluster_weights_reset_and_bad_input():
     data = _tiny()
-    dc = build_deepcluster(SmallConvNet(1, width=8), k=6, hidden_dim=32, pca_dim=8, recluster_every=2)
+    dc = build_deepcluster(
+        SmallConvNet(1, width=8), k=6, hidden_dim=32, pca_dim=8, recluster_every=2
+    )
     opt = torch.optim.AdamW(dc.parameters(), lr=1e-3)
     wrapped = dc.setup_fit(data, opt)
     x, _, i = torch.utils.data.default_collate([wrapped[j] for j in range(16)])

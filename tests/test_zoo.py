@@ -203,7 +203,9 @@ def test_supervised_steps_and_targets_closed_form():
         assert zoo.image_targets(zoo.get_recipe(name), mk(0.5, 0.751, 0.8), b)[0]["met"]
     # clustering recipes: + the NMI of k-means on their features against k-means on pixels
     cl = lambda f, p: {"features": {"nmi": f}, "pixels": {"nmi": p}}
-    t = zoo.image_targets(zoo.get_recipe("swav-fmnist-cnn"), {**mk(0.5, 0.751, 0.8), "clustering": cl(0.6, 0.5)}, b)
+    t = zoo.image_targets(
+        zoo.get_recipe("swav-fmnist-cnn"), {**mk(0.5, 0.751, 0.8), "clustering": cl(0.6, 0.5)}, b
+    )
     assert [x["met"] for x in t] == [True, True] and t[0]["required"] == pytest.approx(0.75)
     m = {**mk(0.5, 0.729, 0.8), "clustering": cl(0.5, 0.5)}  # NMI equal to the pixels': not above
     t = zoo.image_targets(zoo.get_recipe("deepcluster-fmnist-cnn"), m, b)
