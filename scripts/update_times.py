@@ -3,6 +3,11 @@ notebook's "Time: N s" line from it (the times a chapter states are measured, ne
 tests/test_times.py checks them).
 
     python scripts/update_times.py build/notebook_times.json      # written by scripts/test.sh
+    python scripts/update_times.py build/notebook_times.json --only 14c_clustering
+
+`--only NAME ...` takes just those notebooks' times from the file into the existing record (a new
+chapter timed by a full run on other hardware); the record then names that run's hardware and date
+for them under "measured_elsewhere", so every number keeps the machine that measured it.
 """
 
 import json
@@ -43,10 +48,26 @@ def write_guide_times(rec: dict) -> None:
     guide.write_text(text)
 
 
-def main(path: str) -> None:
+def merge(record: dict, run: dict, names: list[str]) -> dict:
+    "The record with `names` timed by `run` (another full run), and that run's machine noted."
+    missing = [n for n in names if n not in run["seconds"]]
+    if missing:
+        sys.exit(f"the timing file has no time for {', '.join(missing)}")
+    out = {**record, "seconds": dict(record["seconds"])}
+    elsewhere = dict(record.get("measured_elsewhere", {}))
+    for n in names:
+        out["seconds"][n] = run["seconds"][n]
+        elsewhere[n] = {"hardware": run["hardware"], "date": run["date"]}
+    out["measured_elsewhere"] = elsewhere
+    return out
+
+
+def main(path: str, only: list[str] | None = None) -> None:
     rec = json.loads(Path(path).read_text())
     if not rec.get("seconds"):
         sys.exit(f"{path} holds no notebook times; run scripts/test.sh first")
+    if only:
+        rec = merge(json.loads((ROOT / RECORD).read_text()), rec, only)
     (ROOT / RECORD).write_text(json.dumps(rec, indent=1) + "\n")
     for name, secs in sorted(rec["seconds"].items()):
         nb_path = ROOT / "nbs" / f"{name}.ipynb"
@@ -70,4 +91,7 @@ def main(path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "build/notebook_times.json")
+    args = sys.argv[1:]
+    only = args[args.index("--only") + 1 :] if "--only" in args else None
+    args = args[: args.index("--only")] if "--only" in args else args
+    main(args[0] if args else "build/notebook_times.json", only)

@@ -31,6 +31,14 @@ def test_the_run_of_record_covers_every_notebook_within_budget():
     assert not over, f"over the 90 s quick-profile budget: {over}"
 
 
+def test_times_measured_on_other_hardware_name_it():
+    "A notebook timed by another full run (update_times.py --only) keeps that run's machine."
+    rec = json.loads(RECORD.read_text())
+    for name, where in rec.get("measured_elsewhere", {}).items():
+        assert name in rec["seconds"] and "cores" in where["hardware"]
+        assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", where["date"])
+
+
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_a_chapter_states_the_time_of_the_run_of_record(name):
     secs = json.loads(RECORD.read_text())["seconds"][name]
