@@ -459,8 +459,10 @@ def test_feature_encoder_gradient_is_scaled_by_0_1_by_default():
     _, g_one = _grads_with(feature_grad_mult=1.0)
     fe = [n for n in g_one if n.startswith("encoder.feature_extractor.")]
     assert fe and all(g_one[n].abs().sum() > 0 for n in fe)
-    for n in fe:  # 0.1 x, up to float rounding
-        assert torch.allclose(g_default[n], 0.1 * g_one[n], rtol=1e-4, atol=1e-9), n
+    for n in fe:  # 0.1 x, up to float rounding (relative to the tensor's scale: the order of the
+        # float operations differs between CPUs; measured up to 4e-6 of the scale on AMD EPYC)
+        scale = g_one[n].abs().max().item()
+        assert torch.allclose(g_default[n], 0.1 * g_one[n], rtol=1e-4, atol=1e-5 * scale), n
     for n in ("final_proj.weight", "quantizer.codevectors", "encoder.post_extract_proj.weight"):
         assert torch.equal(g_default[n], g_one[n]), n  # the rest of the model is untouched
     assert m.encoder.feature_grad_mult == 0.1
