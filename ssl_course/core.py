@@ -730,6 +730,7 @@ CHAPTERS = (
     Chapter("14c_clustering", "Clustering: DeepCluster and SwAV", "clustering"),
     Chapter("15_dino", "DINO: self-distillation with multi-crop", "dino"),
     Chapter("16_mae", "Masked autoencoders with a small Vision Transformer", "mae"),
+    Chapter("16a_ijepa", "I-JEPA: predict representations of hidden blocks, not pixels", "jepa"),
     Chapter("17_bert_mlm", "BERT masked language modeling", "mlm"),
     Chapter("18_wav2vec2", "wav2vec 2.0: speech representations", "wav2vec2"),
     Chapter("19_clip", "CLIP: image-text alignment and zero-shot transfer", "clip"),

@@ -105,9 +105,11 @@ class Block(nn.Module):
 
 
 class ViT(nn.Module):
-    """Vision Transformer encoder (Dosovitskiy et al., ICLR 2021): (N, C, H, W) -> [CLS] features
-    (N, dim). `pos_embed='sincos'` uses fixed 2-D sine-cosine position embeddings (MAE), 'learned'
-    trains them (DINO)."""
+    """Vision Transformer encoder (Dosovitskiy et al., ICLR 2021): (N, C, H, W) -> features
+    (N, dim). `pos_embed='sincos'` uses fixed 2-D sine-cosine position embeddings (MAE),
+    'learned' trains them (DINO). `pool='cls'` reads the [CLS] token out; `pool='mean'` runs the
+    patch tokens alone (no [CLS] in the sequence) and averages them, as I-JEPA's encoder, which
+    has no [CLS]. Pooling has no parameters: both share one state dict."""
 
     def __init__(
         self,
@@ -119,6 +121,7 @@ class ViT(nn.Module):
         heads: int = 3,
         mlp_ratio: float = 4.0,
         pos_embed: str = "learned",
+        pool: str = "cls",
     ):
         super().__init__()
         self._check_size(image_size, patch_size)
@@ -132,6 +135,9 @@ class ViT(nn.Module):
         self.num_patches = self.grid**2
         self.patch_embed = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        if pool not in ("cls", "mean"):
+            raise ValueError(f"pool must be 'cls' or 'mean', got {pool!r}")
+        self.pool = pool
         if pos_embed not in ("learned", "sincos"):
             raise ValueError(f"pos_embed must be 'learned' or 'sincos', got {pos_embed!r}")
         self.pos_embed = nn.Parameter(
@@ -199,7 +205,24 @@ class ViT(nn.Module):
             t = blk(t)
         return self.norm(t)
 
+    def forward_patches(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Patch tokens only, no [CLS] in the sequence, after the final norm: (N, L, dim); with
+        `keep` (N, K) patch indices, only those patches enter the blocks: (N, K, dim)."""
+        t = self.patchify_embed(x)
+        if keep is not None:
+            if keep.ndim != 2 or keep.shape[0] != t.shape[0]:
+                raise ValueError(
+                    f"keep must be (N, K) patch indices for N = {t.shape[0]} images, "
+                    f"got shape {tuple(keep.shape)}"
+                )
+            t = torch.gather(t, 1, keep[..., None].expand(-1, -1, t.shape[-1]))
+        for blk in self.blocks:
+            t = blk(t)
+        return self.norm(t)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pool == "mean":
+            return self.forward_patches(x).mean(1)
         return self.forward_tokens(x)[:, 0]
 
     @torch.no_grad()

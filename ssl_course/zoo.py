@@ -310,6 +310,25 @@ RECIPES: dict[str, Recipe] = {
             description="MAE, mask ratio 0.75, normalised-pixel loss, ViT-tiny (patch 4)",
         ),
         Recipe(
+            "ijepa-fmnist-vit",
+            "ijepa",
+            "jepa",
+            "16a_ijepa",
+            backbone="vit_tiny",
+            backbone_kwargs={"pos_embed": "sincos", "pool": "mean"},
+            steps=3000,
+            batch_size=256,
+            lr=1e-3,
+            weight_decay=0.04,
+            warmup=0.13,
+            description=(
+                "I-JEPA, 4 target blocks (scale 0.15-0.2) + 1 context block (0.85-1), predictor "
+                "48 wide x 3 blocks, EMA 0.996 -> 1 (linear), the same ViT-tiny, steps and batch "
+                "as MAE's recipe; features: the mean of the patch tokens (I-JEPA's ViT has no "
+                "[CLS])"
+            ),
+        ),
+        Recipe(
             "mlm-wordnet-bert",
             "mlm",
             "mlm",
@@ -1013,7 +1032,9 @@ def load_baselines(recipe: Recipe, zoo=None) -> dict | None:
     if not p.is_file():
         return None
     b = json.loads(p.read_text())
-    return b if b.get("backbone_kwargs", {}) == recipe.backbone_kwargs else None
+    # the read-out (`pool`) has no parameters: one set of baselines serves both read-outs
+    same = lambda kw: {k: v for k, v in kw.items() if k != "pool"}
+    return b if same(b.get("backbone_kwargs", {})) == same(recipe.backbone_kwargs) else None
 
 # %% ../nbs/24_zoo.ipynb #04f46e79
 def best_baseline(b: dict, k: int | str) -> float:
@@ -1096,6 +1117,18 @@ def image_targets(recipe: Recipe, m: dict, b: dict) -> list[dict]:
                     1.5 * b["random_init"]["object_attention_ratio"],
                 )
             )
+    elif recipe.method == "ijepa":
+        rnd = probe(b["random_init"], 10)
+        if "random_init_same_readout" in m:
+            rnd = max(rnd, probe(m["random_init_same_readout"], 10))
+        out.append(
+            _check(
+                "probe at 10 labels/class >= random-init ViT + 5 points (the better of its [CLS] "
+                "and mean-of-patches read-outs)",
+                probe(m, 10),
+                rnd + 0.05,
+            )
+        )
     elif recipe.method == "mae":
         out += [
             _check(
@@ -1188,7 +1221,17 @@ def evaluate_recipe(
             init=enc,
             verbose=verbose,
         )
-    if recipe.backbone.startswith("vit"):
+    readout = recipe.backbone_kwargs.get("pool", "cls")
+    if readout != b.get("backbone_kwargs", {}).get("pool", "cls"):
+        # the shared random-init baseline reads another token out: the same random weights (same
+        # seed as compute_baselines), read out as this recipe reads
+        torch.manual_seed(recipe.seed + 1)
+        rand = build_encoder(recipe, pool.channels)
+        m["random_init_same_readout"] = {
+            "readout": readout,
+            **feature_metrics(*embed(rand, pool, device=dev), *embed(rand, test, device=dev)),
+        }
+    if recipe.backbone.startswith("vit") and readout == "cls":  # the [CLS] token's attention
         m["object_attention_ratio"] = object_attention_ratio(enc, test.as_tensors(dev)[0][:1000])
     card = read_card(name, zoo)
     card["metrics"] = {
@@ -1247,6 +1290,8 @@ def comparison_rows(card: dict) -> list[dict]:
         row = {"labels/class": int(k), card["recipe"]["method"] + " probe": f(m["probe"])}
         if "finetune" in m:
             row[card["recipe"]["method"] + " fine-tuned"] = f(m["finetune"])
+        if "random_init_same_readout" in m:
+            row["random-init probe, same read-out"] = f(m["random_init_same_readout"]["probe"])
         row.update(
             {
                 "raw pixels probe": f(bl["pixels"]["probe"]),
