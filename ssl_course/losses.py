@@ -18,6 +18,7 @@ from .simsiam import negative_cosine, simsiam_loss
 from .clustering import sinkhorn_knopp, swav_loss
 from .dino import dino_loss, update_center
 from .mae import mae_loss, random_masking
+from .jepa import ijepa_loss, multiblock_masks
 from .mlm import mlm_loss, mask_tokens_for_mlm
 from ssl_course.wav2vec2 import (
     wav2vec2_contrastive_loss,
@@ -44,6 +45,8 @@ __all__ = [
     "update_center",
     "mae_loss",
     "random_masking",
+    "ijepa_loss",
+    "multiblock_masks",
     "mlm_loss",
     "mask_tokens_for_mlm",
     "wav2vec2_contrastive_loss",

@@ -19,6 +19,7 @@ METHOD_MODULES = (
     "clustering",
     "dino",
     "mae",
+    "jepa",
     "mlm",
     "wav2vec2",
     "clip",

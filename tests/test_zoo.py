@@ -169,6 +169,7 @@ def test_every_method_has_a_recipe():
         "deepcluster",
         "dino",
         "mae",
+        "ijepa",
         "mlm",
         "wav2vec2",
         "clip",
@@ -210,6 +211,26 @@ def test_supervised_steps_and_targets_closed_form():
     m = {**mk(0.5, 0.729, 0.8), "clustering": cl(0.5, 0.5)}  # NMI equal to the pixels': not above
     t = zoo.image_targets(zoo.get_recipe("deepcluster-fmnist-cnn"), m, b)
     assert [x["met"] for x in t] == [False, False] and t[0]["required"] == pytest.approx(0.73)
+    # I-JEPA: + 5 over the better of the random ViT's two read-outs ([CLS], mean of patches)
+    ij = zoo.get_recipe("ijepa-fmnist-vit")
+    t = zoo.image_targets(ij, mk(0.5, 0.709, 0.8), b)
+    assert len(t) == 1 and not t[0]["met"] and t[0]["required"] == pytest.approx(0.71)
+    m = {**mk(0.5, 0.72, 0.8), "random_init_same_readout": mk(0.4, 0.68, 0.7)}
+    t = zoo.image_targets(ij, m, b)
+    assert not t[0]["met"] and t[0]["required"] == pytest.approx(0.73)
+    m["probe"]["10"]["mean"] = 0.731
+    assert zoo.image_targets(ij, m, b)[0]["met"]
+
+
+def test_baselines_are_shared_across_read_outs_only(tmp_path):
+    "The pool (read-out) has no parameters: a [CLS] baselines file serves a mean-pooled recipe."
+    rec = zoo.get_recipe("ijepa-fmnist-vit")
+    f = zoo.baselines_path(rec.dataset, rec.backbone, tmp_path)
+    f.write_text(json.dumps({"backbone_kwargs": {"pos_embed": "sincos"}, "pixels": {}}))
+    assert zoo.load_baselines(rec, tmp_path) is not None
+    assert zoo.load_baselines(zoo.get_recipe("mae-fmnist-vit"), tmp_path) is not None
+    f.write_text(json.dumps({"backbone_kwargs": {"pos_embed": "learned"}, "pixels": {}}))
+    assert zoo.load_baselines(rec, tmp_path) is None  # another architecture: not shared
 
 
 def test_object_attention_ratio_closed_form():
