@@ -42,9 +42,9 @@ from ssl_course.evaluate import (
 __all__ = ['ZOO_FORMAT', 'ZOO_ENV', 'MAX_FILE_BYTES', 'MAX_ZOO_BYTES', 'RECIPES', 'sha256_of', 'CARD_KEYS', 'PROTOCOL', 'PROBE_C',
            'SUP_GRID', 'SUP_EPOCHS', 'AUDIO_LABELS', 'TEXT_PROTOCOL', 'TEXT_GRID', 'BOW_GRID', 'AUDIO_PROTOCOL',
            'AUDIO_GRID', 'CLIP_PROTOCOL', 'ZooError', 'Recipe', 'get_recipe', 'list_recipes', 'zoo_dir', 'atomic_write',
-           'write_json_atomic', 'card_path', 'weights_path', 'read_card', 'build_encoder', 'build_model',
-           'train_recipe', 'verify_weights', 'load_pretrained', 'load_card', 'supervised_steps', 'probe_curve',
-           'feature_metrics', 'choose_supervised_hparams', 'supervised_curve', 'object_attention_ratio',
+           'write_json_atomic', 'card_path', 'weights_path', 'read_card', 'build_encoder', 'random_init_encoder',
+           'build_model', 'train_recipe', 'verify_weights', 'load_pretrained', 'load_card', 'supervised_steps',
+           'probe_curve', 'feature_metrics', 'choose_supervised_hparams', 'supervised_curve', 'object_attention_ratio',
            'baselines_path', 'compute_baselines', 'load_baselines', 'best_baseline', 'image_targets', 'subset_figures',
            'evaluate_recipe', 'comparison_rows', 'card_curves', 'plot_card', 'compare_cards', 'plot_cards',
            'format_comparison', 'tokenizer_path', 'load_tokenizer', 'text_data', 'evaluate_text_recipe',
@@ -524,6 +524,13 @@ def build_encoder(recipe: Recipe, channels: int = 1) -> nn.Module:
     return build_backbone(recipe.backbone, in_channels=channels, **kw)
 
 
+def random_init_encoder(recipe: Recipe, channels: int = 1) -> nn.Module:
+    """The random-init baseline's encoder: the recipe's architecture from seed `recipe.seed + 1`, so
+    every read-out of it measures the same random weights."""
+    torch.manual_seed(recipe.seed + 1)
+    return build_encoder(recipe, channels)
+
+
 def build_model(
     recipe: Recipe, data=None, channels: int = 1, total_steps: int | None = None
 ) -> nn.Module:
@@ -997,8 +1004,7 @@ def compute_baselines(
     say = print if verbose else (lambda *a, **k: None)
     say(f"baselines for {recipe.backbone} on {recipe.dataset}: raw pixels")
     px = feature_metrics(_pixels(pool), pool.labels, _pixels(test), test.labels)
-    torch.manual_seed(recipe.seed + 1)
-    rand = build_encoder(recipe, pool.channels)
+    rand = random_init_encoder(recipe, pool.channels)
     say("random-init encoder")
     rnd = feature_metrics(*embed(rand, pool, device=dev), *embed(rand, test, device=dev))
     make = lambda: build_encoder(recipe, pool.channels)
@@ -1223,10 +1229,9 @@ def evaluate_recipe(
         )
     readout = recipe.backbone_kwargs.get("pool", "cls")
     if readout != b.get("backbone_kwargs", {}).get("pool", "cls"):
-        # the shared random-init baseline reads another token out: the same random weights (same
-        # seed as compute_baselines), read out as this recipe reads
-        torch.manual_seed(recipe.seed + 1)
-        rand = build_encoder(recipe, pool.channels)
+        # the shared random-init baseline reads another token out: the same random weights,
+        # read out as this recipe reads
+        rand = random_init_encoder(recipe, pool.channels)
         m["random_init_same_readout"] = {
             "readout": readout,
             **feature_metrics(*embed(rand, pool, device=dev), *embed(rand, test, device=dev)),
