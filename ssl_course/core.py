@@ -96,6 +96,9 @@ swav_lr = 0.001
 deepcluster_steps = 70
 deepcluster_batch_size = 128
 deepcluster_lr = 0.001
+infomax_steps = 150
+infomax_batch_size = 128
+infomax_lr = 0.001
 dino_steps = 70
 dino_batch_size = 64
 dino_lr = 0.0002
@@ -232,6 +235,10 @@ swav_lr = 0.001
 deepcluster_steps = 0
 deepcluster_batch_size = 256
 deepcluster_lr = 0.001
+infomax_steps = 0
+infomax_epochs = 100
+infomax_batch_size = 256
+infomax_lr = 0.001
 dino_steps = 0
 dino_batch_size = 256
 dino_lr = 0.0005
@@ -735,6 +742,11 @@ CHAPTERS = (
     ),
     Chapter("14b_simsiam", "SimSiam: a stop-gradient is enough", "simsiam"),
     Chapter("14c_clustering", "Clustering: DeepCluster and SwAV", "clustering"),
+    Chapter(
+        "14d_infomax",
+        "Deep InfoMax: mutual information between local and global features",
+        "infomax",
+    ),
     Chapter("15_dino", "DINO: self-distillation with multi-crop", "dino"),
     Chapter("16_mae", "Masked autoencoders with a small Vision Transformer", "mae"),
     Chapter("16a_ijepa", "I-JEPA: predict representations of hidden blocks, not pixels", "jepa"),

@@ -16,6 +16,7 @@ from .byol import byol_loss
 from .redundancy import barlow_twins_loss, vicreg_loss
 from .simsiam import negative_cosine, simsiam_loss
 from .clustering import sinkhorn_knopp, swav_loss
+from .infomax import dim_scores, infonce_mi_loss, jsd_mi_loss
 from .dino import dino_loss, update_center
 from .mae import mae_loss, random_masking
 from .jepa import ijepa_loss, multiblock_masks
@@ -41,6 +42,9 @@ __all__ = [
     "sinkhorn_knopp",
     "swav_loss",
     "negative_cosine",
+    "jsd_mi_loss",
+    "infonce_mi_loss",
+    "dim_scores",
     "dino_loss",
     "update_center",
     "mae_loss",

@@ -278,6 +278,22 @@ RECIPES: dict[str, Recipe] = {
             ),
         ),
         Recipe(
+            "infomax-fmnist-cnn",
+            "infomax",
+            "infomax",
+            "14d_infomax",
+            steps=4500,
+            batch_size=256,
+            lr=1e-3,
+            method_kwargs={"estimator": "jsd", "mi_units": 256},
+            description=(
+                "Deep InfoMax DIM(L): JSD estimator, local map = the last conv layer (7 x 7), "
+                "global = the encoder's output, dot-product critic of width 256 "
+                "(the paper: 2,048), "
+                "4,500 steps (about 19 epochs: the CPU budget of 30 min)"
+            ),
+        ),
+        Recipe(
             "dino-fmnist-vit",
             "dino",
             "dino",

@@ -17,6 +17,7 @@ METHOD_MODULES = (
     "redundancy",
     "simsiam",
     "clustering",
+    "infomax",
     "dino",
     "mae",
     "jepa",

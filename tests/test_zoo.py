@@ -167,6 +167,7 @@ def test_every_method_has_a_recipe():
         "simsiam",
         "swav",
         "deepcluster",
+        "infomax",
         "dino",
         "mae",
         "ijepa",
