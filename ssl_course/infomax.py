@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .backbones import SmallConvNet, conv_bn_relu
-from .train import SSLMethod, register_method
+from .train import SSLMethod, all_gather_with_grad, get_rank, register_method
 
 # %% auto #0
 __all__ = ['MI_ESTIMATORS', 'dim_scores', 'jsd_mi_loss', 'infonce_mi_loss', 'MIEncoder', 'DeepInfoMax', 'build_infomax']
@@ -52,6 +52,18 @@ def dim_scores(local: torch.Tensor, glob: torch.Tensor) -> torch.Tensor:
     return torch.einsum("id,jdl->ijl", glob.float(), local.float())
 
 
+def _global_scores(local: torch.Tensor, glob: torch.Tensor, who: str):
+    """Scores of this process's globals against the locals of the whole batch, (n, N, L), and the
+    (n, N) mask of the positives. Under DDP the local features are gathered from every process
+    (with gradients), so the negatives come from the global batch, as SimCLR's keys do."""
+    _check_pair(local, glob, who)
+    n = local.shape[0]
+    local_all = all_gather_with_grad(local.float())
+    u = torch.einsum("id,jdl->ijl", glob.float(), local_all)
+    eye = F.one_hot(torch.arange(n, device=u.device) + get_rank() * n, u.shape[1]).bool()
+    return u, eye
+
+
 def jsd_mi_loss(local: torch.Tensor, glob: torch.Tensor) -> torch.Tensor:
     """Deep InfoMax's Jensen-Shannon estimator, as a loss to minimise (Hjelm et al. 2019, eq. 4;
     the f-GAN form of Nowozin et al. 2016): with sp the softplus,
@@ -62,10 +74,8 @@ def jsd_mi_loss(local: torch.Tensor, glob: torch.Tensor) -> torch.Tensor:
     over the N(N-1) off-diagonal pairs and all positions (as the official code's
     `fenchel_dual_loss` with measure 'JSD', which carries the same log 2 shifts). It is 0 when
     every score is 0 and falls towards -2 log 2 (the JSD's maximum) as positives score far above
-    negatives."""
-    u = dim_scores(local, glob)
-    n = u.shape[0]
-    eye = torch.eye(n, dtype=torch.bool, device=u.device)
+    negatives. Under DDP the negatives come from every process's images."""
+    u, eye = _global_scores(local, glob, "jsd_mi_loss")
     e_pos = (math.log(2.0) - F.softplus(-u[eye])).mean()
     e_neg = (F.softplus(u[~eye]) - math.log(2.0)).mean()
     return e_neg - e_pos
@@ -78,12 +88,11 @@ def infonce_mi_loss(local: torch.Tensor, glob: torch.Tensor) -> torch.Tensor:
     l' (the official `infonce_loss`'s candidate set). The loss is the mean cross-entropy; with
     K = 1 + (N-1) L candidates, log K - loss is the InfoNCE lower bound on the mutual
     information, and equal scores give loss = log K. The official code pushes the excluded
-    same-image entries down by 10 before the softmax; here they are left out exactly."""
-    u = dim_scores(local, glob)  # (N, N, L)
-    n = u.shape[0]
-    pos = torch.diagonal(u).T  # (N, L): T(i, i, l)
-    eye = torch.eye(n, dtype=torch.bool, device=u.device)
-    # the negatives of (i, l) do not depend on l: one log-sum-exp per image, (N,)
+    same-image entries down by 10 before the softmax; here they are left out exactly. Under DDP
+    the negatives come from every process's images."""
+    u, eye = _global_scores(local, glob, "infonce_mi_loss")  # (n, N, L)
+    pos = u[eye]  # (n, L): T(i, i, l)
+    # the negatives of (i, l) do not depend on l: one log-sum-exp per image, (n,)
     neg = torch.logsumexp(u.masked_fill(eye[..., None], float("-inf")).flatten(1), dim=1)
     return (torch.logaddexp(pos, neg[:, None]) - pos).mean()
 

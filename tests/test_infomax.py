@@ -4,10 +4,13 @@ losses that fall on real images."""
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+
+from _torchrun import torchrun
 
 from ssl_course.backbones import SmallConvNet
 from ssl_course.data import load_dataset
@@ -21,6 +24,8 @@ from ssl_course.infomax import (
 )
 from ssl_course.train import METHODS, fit
 from ssl_course.vit import vit_tiny
+
+HERE = Path(__file__).parent
 
 
 def _pair(n=5, d=6, L=4, seed=0, scale=1.0):
@@ -191,3 +196,23 @@ def test_cli_pretrain_infomax(tmp_path):
     assert main([*args, "--batch-size", "32", "--out", str(out), "--no-progress"]) == 0
     rep = json.loads((out / "report.json").read_text())
     assert rep["method"] == "infomax" and rep["steps"] == 3
+
+
+def test_ddp_gather_on_two_processes_equals_one_process(tmp_path):
+    """Each of 2 gloo processes holds half of the batch; with the local features gathered, the
+    losses (averaged over the processes) and the gradients (divided by the world size, which
+    DDP's averaging undoes) equal one process's on the whole batch."""
+    proc = torchrun(HERE / "_ddp_infomax.py", str(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    got = load_file(str(tmp_path / "ddp.safetensors"))
+    g = torch.Generator().manual_seed(7)
+    local, glob = torch.randn(8, 5, 3, generator=g), torch.randn(8, 5, generator=g)
+    for name, fn in (("jsd", jsd_mi_loss), ("infonce", infonce_mi_loss)):
+        a, b = local.clone().requires_grad_(), glob.clone().requires_grad_()
+        loss = fn(a, b)
+        loss.backward()
+        torch.testing.assert_close(got[f"{name}_loss"], loss.detach().reshape(1))
+        torch.testing.assert_close(got[f"{name}_grad_local"], a.grad, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(got[f"{name}_grad_global"], b.grad, rtol=1e-4, atol=1e-6)
