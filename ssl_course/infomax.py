@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .backbones import SmallConvNet, conv_bn_relu
+from .core import check_images
 from .train import SSLMethod, all_gather_with_grad, get_rank, register_method
 
 # %% auto #0
@@ -129,15 +130,33 @@ class MIEncoder(nn.Module):
         return self.norm(h.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 # %% ../nbs/14d_infomax.ipynb #e6af3a83
+def _stages(encoder: nn.Module):
+    """The encoder as a list of feature stages and its pooling: the course's `SmallConvNet` (its
+    5 feature modules) or a torchvision ResNet such as `resnet18_cifar` (stem, layer1-4)."""
+    if isinstance(encoder, SmallConvNet):
+        return list(encoder.features), [encoder.pool]
+    if all(hasattr(encoder, a) for a in ("conv1", "layer1", "layer4", "avgpool")):
+        stem = nn.Sequential(encoder.conv1, encoder.bn1, encoder.relu, encoder.maxpool)
+        return [stem, encoder.layer1, encoder.layer2, encoder.layer3, encoder.layer4], [
+            encoder.avgpool
+        ]
+    raise TypeError(
+        f"DeepInfoMax reads a local feature map inside the encoder and supports the course's "
+        f"convolutional backbones ('small_cnn', 'resnet18_cifar'); got {type(encoder).__name__}"
+    )
+
+
 class DeepInfoMax(SSLMethod):
     """Deep InfoMax (Hjelm, Fedorov, Lavoie-Marchildon, Grewal, Bachman, Trischler & Bengio,
     ICLR 2019, arXiv:1808.06670): maximise a lower bound on the mutual information between the
     encoder's global feature vector and (local DIM) each position of a feature map, and/or
     (global DIM) the whole map.
 
-    The encoder is the course's `SmallConvNet`. The local map is the output of its first
-    `local_layer` feature modules (default 5, all of them: the last conv layer's 7 x 7 map of
-    128 channels for 28 px images, as the official MNIST setting takes its last conv layer); the
+    The encoder is the course's `SmallConvNet` or `resnet18_cifar`. The local map is the output of
+    its first `local_layer` feature stages (default: for the small CNN all 5 modules, the last
+    conv layer's 7 x 7 map of 128 channels for 28 px images, as the official MNIST setting takes
+    its last conv layer; for the ResNet the stem and layer1-3, 256 channels at 8 x 8 for 32 px
+    images, an intermediate layer as the official CIFAR setting); the
     global feature y is the encoder's own output — the vector the probes evaluate. Each side is
     encoded by an `MIEncoder` of width `mi_units` (the official default is 2,048) and scored by a
     dot product (`dim_scores`). `beta` weighs the local objective and `alpha` the global one (the
@@ -155,7 +174,7 @@ class DeepInfoMax(SSLMethod):
         self,
         encoder: nn.Module,
         image_size: int = 28,
-        local_layer: int = 5,
+        local_layer: int | None = None,
         mi_units: int = 256,
         estimator: str = "jsd",
         alpha: float = 0.0,
@@ -168,15 +187,13 @@ class DeepInfoMax(SSLMethod):
             raise ValueError(
                 f"views is 1 (Deep InfoMax) or 2 (across two augmented views); got {views}"
             )
-        if not isinstance(encoder, SmallConvNet):
-            raise TypeError(
-                f"DeepInfoMax reads a local feature map inside the encoder and supports the "
-                f"course's SmallConvNet (backbone 'small_cnn'); got {type(encoder).__name__}"
-            )
-        n = len(encoder.features)
+        stages, pool = _stages(encoder)
+        n = len(stages)
+        if local_layer is None:
+            local_layer = n if isinstance(encoder, SmallConvNet) else n - 1
         if not 1 <= local_layer <= n:
             raise ValueError(
-                f"local_layer counts the encoder's feature modules that make the local map: "
+                f"local_layer counts the encoder's feature stages that make the local map: "
                 f"1..{n}; got {local_layer}"
             )
         if estimator not in MI_ESTIMATORS:
@@ -189,14 +206,15 @@ class DeepInfoMax(SSLMethod):
                 f"got {alpha}, {beta}"
             )
         self.encoder, self.local_layer, self.estimator = encoder, int(local_layer), estimator
+        self._stages, self._pool = stages, pool  # plain lists: the modules stay the encoder's
         self.alpha, self.beta, self.augment, self.views = float(alpha), float(beta), augment, views
         if views == 2 and augment is None:
             raise ValueError("views=2 compares two augmented views: pass an `augment` module")
-        c_local, _ = self._shape(encoder.features[:local_layer], encoder.in_channels, image_size)
+        head = nn.Sequential(*stages[:local_layer])
+        c_local, cells = self._shape(head, encoder.in_channels, image_size)
         self.local_net = MIEncoder(c_local, mi_units)
         self.global_net = MIEncoder(encoder.out_dim, mi_units)
         if self.alpha > 0:  # global DIM: the whole map -> conv, flatten (keeps positions), linear
-            cells = self._shape(encoder.features[:local_layer], encoder.in_channels, image_size)[1]
             self.map_critic = nn.Sequential(
                 conv_bn_relu(c_local, c_local), nn.Flatten(), nn.Linear(c_local * cells, mi_units)
             )
@@ -218,11 +236,14 @@ class DeepInfoMax(SSLMethod):
                 f"Deep InfoMax needs at least 2 images per batch (the others are the negatives); "
                 f"got {x.shape[0]}. Raise the batch size"
             )
-        enc = self.encoder
-        enc.forward_features(x[:0])  # the encoder's own input checks, on an empty batch
-        local = enc.features[: self.local_layer](x)
-        y = enc.pool(enc.features[self.local_layer :](local)).flatten(1)
-        return local, y
+        check_images(x, self.encoder.in_channels, "DeepInfoMax")
+        local = x
+        for stage in self._stages[: self.local_layer]:
+            local = stage(local)
+        h = local
+        for stage in self._stages[self.local_layer :]:
+            h = stage(h)
+        return local, self._pool[0](h).flatten(1)
 
     def mi_losses(self, x: torch.Tensor, x_local: torch.Tensor | None = None) -> dict:
         """The local and global MI losses (lower means a larger MI bound) and y. With `x_local`

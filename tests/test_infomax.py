@@ -150,7 +150,7 @@ def test_method_feeds_the_encoder_output_as_global_and_refuses_bad_setups():
     loss.backward()
     assert enc.features[0][0].weight.grad.abs().sum() > 0
     assert m.map_critic[-1].weight.grad.abs().sum() > 0
-    with pytest.raises(TypeError, match="SmallConvNet"):
+    with pytest.raises(TypeError, match="small_cnn"):
         DeepInfoMax(vit_tiny())
     with pytest.raises(ValueError, match="1..5"):
         DeepInfoMax(SmallConvNet(1), local_layer=6)
@@ -216,3 +216,17 @@ def test_ddp_gather_on_two_processes_equals_one_process(tmp_path):
         torch.testing.assert_close(got[f"{name}_loss"], loss.detach().reshape(1))
         torch.testing.assert_close(got[f"{name}_grad_local"], a.grad, rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(got[f"{name}_grad_global"], b.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_resnet_encoder_reads_an_intermediate_map():
+    from ssl_course.backbones import resnet18_cifar
+
+    torch.manual_seed(0)
+    enc = resnet18_cifar(3)
+    m = DeepInfoMax(enc, image_size=32).eval()
+    x = torch.rand(2, 3, 32, 32)
+    local, y = m(x)
+    assert local.shape == (2, 256, 8, 8)  # stem + layer1-3: the official CIFAR setting's middle
+    torch.testing.assert_close(y, enc(x))
+    assert set(m.state_dict()) >= {f"encoder.{k}" for k in enc.state_dict()}
+    assert not any(k.startswith("_stages") for k in m.state_dict())
