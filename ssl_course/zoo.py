@@ -290,7 +290,7 @@ RECIPES: dict[str, Recipe] = {
                 "Deep InfoMax DIM(L): JSD estimator, local map = the last conv layer (7 x 7), "
                 "global = the encoder's output, dot-product critic of width 256 "
                 "(the paper: 2,048), "
-                "4,500 steps (about 19 epochs: the CPU budget of 30 min)"
+                "4,500 steps (about 19 epochs)"
             ),
         ),
         Recipe(
