@@ -10,28 +10,19 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
+from _torchrun import sharded_loss_and_grads
+
 from ssl_course.redundancy import barlow_twins_loss, vicreg_loss
 
 dist.init_process_group("gloo")
-rank, world = dist.get_rank(), dist.get_world_size()
+rank = dist.get_rank()
 g = torch.Generator().manual_seed(7)
 z1, z2 = torch.randn(12, 5, generator=g), torch.randn(12, 5, generator=g)
-n = 12 // world
 out = {}
 for name, fn in (("barlow", barlow_twins_loss), ("vicreg", vicreg_loss)):
-    a = z1[rank * n : (rank + 1) * n].clone().requires_grad_()
-    b = z2[rank * n : (rank + 1) * n].clone().requires_grad_()
-    loss = fn(a, b)
-    loss.backward()
-    mean_loss = loss.detach().clone().reshape(1)
-    dist.all_reduce(mean_loss)
-    grads = []
-    for t in (a.grad, b.grad):
-        parts = [torch.zeros_like(t) for _ in range(world)]
-        dist.all_gather(parts, t.contiguous())
-        grads.append(torch.cat(parts) / world)
-    out[f"{name}_loss"] = mean_loss / world
-    out[f"{name}_grad1"], out[f"{name}_grad2"] = grads
+    out[f"{name}_loss"], (out[f"{name}_grad1"], out[f"{name}_grad2"]) = sharded_loss_and_grads(
+        fn, z1, z2
+    )
 if rank == 0:
     save_file(out, str(Path(sys.argv[1]) / "ddp.safetensors"))
 dist.destroy_process_group()
